@@ -1,0 +1,90 @@
+"""The architecture table: where each decoder family keeps its blocks, final norm and output head.
+
+This is the only place in earlyexit that knows about model families. Everything else asks
+:func:`spec_for` and walks the dotted paths it returns, so adding a family is one row here
+(plus a tiny config in ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from earlyexit.errors import EarlyExitError
+
+_LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the exit-relevant parts of one decoder family live.
+
+    Paths are dotted attribute paths from the ``*ForCausalLM`` module (the peft base model when wrapped).
+    """
+
+    layers: str
+    """The ``nn.ModuleList`` of decoder blocks."""
+    norm: str
+    """The final norm applied after the last block."""
+    head: str
+    """The output projection to the vocabulary."""
+    lora_targets: tuple[str, ...]
+    """Names of the linear layers LoRA adapts by default (all linear layers of attention and MLP)."""
+    softcap_attr: str | None = None
+    """Config attribute holding a final-logit soft-capping value (``tanh(x / c) * c``), if the family has one."""
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA),
+    "mistral": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA),
+    "qwen2": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA),
+    "gemma": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA),
+    "gemma2": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA, softcap_attr="final_logit_softcapping"),
+    "phi": ArchSpec("model.layers", "model.final_layernorm", "lm_head", ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
+    "phi3": ArchSpec("model.layers", "model.norm", "lm_head", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "gpt2": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", ("c_attn", "c_proj", "c_fc")),
+    "gpt_neox": ArchSpec(
+        "gpt_neox.layers",
+        "gpt_neox.final_layer_norm",
+        "lm_head",
+        ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    ),
+}
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    """Return the table row for ``config.model_type``; an unknown family names the supported ones."""
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise EarlyExitError(
+            f"unsupported architecture {model_type!r}; supported model types: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    """``root.a.b.c`` for ``path == "a.b.c"``."""
+    module = root
+    for name in path.split("."):
+        if name not in module._modules:
+            raise EarlyExitError(f"{type(root).__name__} has no submodule {path!r}; the architecture table is out of date")
+        module = module._modules[name]
+    return module
+
+
+def set_submodule(root: nn.Module, path: str, value: nn.Module) -> None:
+    """Replace the module at ``path`` (used to swap in a shortened block list)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = get_submodule(root, parent_path) if parent_path else root
+    setattr(parent, name, value)
+
+
+def post_head(logits: torch.Tensor, config) -> torch.Tensor:
+    """Apply the family's transform after the output head (Gemma-2 soft-capping); identity otherwise."""
+    attr = spec_for(config.model_type).softcap_attr
+    cap = getattr(config, attr, None) if attr else None
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap

@@ -1,0 +1,272 @@
+"""Stanford Alpaca as a LightningDataModule: loading, validation, prompt rendering, tokenisation, batching.
+
+Records are ``{"instruction", "input", "output"}`` (Taori et al., 2023). Prompts use the original Alpaca
+template or the tokenizer's chat template. Training examples are prompt + answer + EOS with the prompt
+masked out of the labels; generation batches are prompts only, left-padded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from earlyexit.errors import EarlyExitError
+
+log = logging.getLogger(__name__)
+
+HUB_ID = "tatsu-lab/alpaca"
+IGNORE_INDEX = -100
+FIELDS = ("instruction", "input", "output")
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+Template = Literal["auto", "alpaca", "chat"]
+
+
+@dataclass
+class Records:
+    """Valid records with their index in the source, and what was dropped."""
+
+    records: list[dict] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    bad: dict[int, str] = field(default_factory=dict)
+
+
+def read_records(source: str) -> list:
+    """Read a local ``.json`` (list) / ``.jsonl`` file, or the hub dataset ``source``."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise EarlyExitError(f"data source {source!r} is a directory; expected an alpaca_data.json file")
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix == ".jsonl":
+                return [json.loads(line) for line in text.splitlines() if line.strip()]
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise EarlyExitError(f"{source}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+        if not isinstance(data, list):
+            raise EarlyExitError(f"{source}: expected a JSON list of records, found {type(data).__name__}")
+        return data
+    if path.suffix in (".json", ".jsonl") or source.startswith(("/", ".", "~")):
+        raise EarlyExitError(f"data file {source!r} not found")
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(source, split="train"))
+    except Exception as err:  # the hub raises many types: offline, missing, gated …
+        raise EarlyExitError(
+            f"could not load {source!r} from the Hugging Face hub ({type(err).__name__}); "
+            "pass a local alpaca_data.json with --data.source PATH"
+        ) from None
+
+
+def validate(raw: list, strict: bool = False) -> Records:
+    """Keep records with string fields and a non-empty instruction and output; count the rest."""
+    out = Records()
+    for index, record in enumerate(raw):
+        problem = _problem(record)
+        if problem is None:
+            out.records.append({name: record[name] for name in FIELDS})
+            out.ids.append(index)
+        elif strict:
+            raise EarlyExitError(f"record {index}: {problem}")
+        else:
+            out.bad[index] = problem
+    if out.bad:
+        first = next(iter(out.bad.items()))
+        log.warning("skipped %d bad record(s) of %d; first: record %d: %s", len(out.bad), len(raw), *first)
+    return out
+
+
+def _problem(record) -> str | None:
+    if not isinstance(record, dict):
+        return f"expected an object, found {type(record).__name__}"
+    for name in FIELDS:
+        if name not in record:
+            return f"missing field {name!r}"
+        if not isinstance(record[name], str):
+            return f"field {name!r} is {type(record[name]).__name__}, not a string"
+    for name in ("instruction", "output"):
+        if not record[name].strip():
+            return f"empty {name!r}"
+    return None
+
+
+def render_prompt(record: dict, tokenizer, template: Template = "auto") -> str:
+    """The prompt text for one record (the answer is not part of it)."""
+    if template == "auto":
+        template = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise EarlyExitError("template 'chat' was asked for, but the tokenizer has no chat template")
+        content = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+    form = ALPACA_PROMPT if record["input"] else ALPACA_PROMPT_NO_INPUT
+    return form.format(**record)
+
+
+def uses_chat(tokenizer, template: Template) -> bool:
+    return template == "chat" or (template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+
+
+def encode_prompt(record: dict, tokenizer, template: Template = "auto") -> list[int]:
+    # A chat template already writes the special tokens (BOS …); the plain template needs the tokenizer's.
+    text = render_prompt(record, tokenizer, template)
+    return tokenizer(text, add_special_tokens=not uses_chat(tokenizer, template))["input_ids"]
+
+
+def encode_example(record: dict, tokenizer, template: Template = "auto", max_length: int = 512) -> dict:
+    """Prompt + answer + EOS, labels -100 on the prompt; truncated on the right to ``max_length``."""
+    prompt = encode_prompt(record, tokenizer, template)
+    answer = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt + answer)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def pad(sequences: list[list[int]], value: int, side: Literal["left", "right"]) -> torch.Tensor:
+    """``[B, T_max]`` tensor of the sequences padded with ``value`` on ``side``."""
+    width = max(len(seq) for seq in sequences)
+    rows = [
+        ([value] * (width - len(seq)) + list(seq)) if side == "left" else (list(seq) + [value] * (width - len(seq)))
+        for seq in sequences
+    ]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class AlpacaDataModule(L.LightningDataModule):
+    """Alpaca records for early-exit training (``fit``) and per-layer generation (``predict``).
+
+    The first ``eval_size`` valid records (in source order) form the evaluation split, never trained on;
+    the remaining records are shuffled with ``seed`` and ``val_size`` of them are kept for validation.
+
+    Args:
+        source: a local ``alpaca_data.json`` / ``.jsonl`` path, or a hub dataset id.
+        template: prompt format: ``alpaca`` (the original template), ``chat`` (the tokenizer's chat template),
+            or ``auto`` (chat when the tokenizer has a template).
+        eval_size: records at the head of the source held out for evaluation.
+        offset: first record of the evaluation split used by ``predict``.
+        limit: number of evaluation records used by ``predict`` (all of the split when None).
+        val_size: training records held out for validation loss.
+        max_length: tokens per training example (prompt + answer), and per prompt for generation.
+        batch_size: examples per batch.
+        num_workers: DataLoader workers.
+        seed: seed of the train/validation split and of training order.
+        strict: fail on the first bad record instead of skipping and counting it.
+    """
+
+    def __init__(
+        self,
+        source: str = HUB_ID,
+        template: Template = "auto",
+        eval_size: int = 200,
+        offset: int = 0,
+        limit: int | None = None,
+        val_size: int = 100,
+        max_length: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        strict: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.train_set: list[dict] = []
+        self.val_set: list[dict] = []
+        self.predict_set: list[dict] = []
+        self._loaded: Records | None = None
+
+    def attach_tokenizer(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def load(self) -> Records:
+        """The validated records of the source (read once)."""
+        if self._loaded is None:
+            self._loaded = validate(read_records(self.hparams.source), strict=self.hparams.strict)
+        return self._loaded
+
+    def eval_records(self) -> list[tuple[int, dict]]:
+        """``(id, record)`` pairs of the evaluation slice; ids are indices in the source."""
+        hp = self.hparams
+        loaded = self.load()
+        pairs = list(zip(loaded.ids, loaded.records))[: hp.eval_size]
+        end = None if hp.limit is None else hp.offset + hp.limit
+        chosen = pairs[hp.offset : end]
+        if not chosen:
+            raise EarlyExitError(
+                f"empty evaluation slice: offset={hp.offset}, limit={hp.limit} of {len(pairs)} evaluation records "
+                f"({len(loaded.records)} valid records in {hp.source!r})"
+            )
+        return chosen
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("AlpacaDataModule needs attach_tokenizer() before setup()")
+        hp = self.hparams
+        if stage == "predict":
+            self.predict_set = [
+                {"id": index, "prompt_ids": self._prompt_ids(record), "reference": record["output"]}
+                for index, record in self.eval_records()
+            ]
+            return
+        loaded = self.load()
+        rest = loaded.records[hp.eval_size :]
+        random.Random(hp.seed).shuffle(rest)
+        if len(rest) <= hp.val_size:
+            raise EarlyExitError(f"{len(rest)} training records left after holding out {hp.eval_size} for evaluation")
+        encoded = [encode_example(r, self.tokenizer, hp.template, hp.max_length) for r in rest]
+        self.val_set, self.train_set = encoded[: hp.val_size], encoded[hp.val_size :]
+
+    def _prompt_ids(self, record: dict) -> list[int]:
+        ids = encode_prompt(record, self.tokenizer, self.hparams.template)
+        return ids[-self.hparams.max_length :]
+
+    def collate_train(self, batch: list[dict]) -> dict:
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = pad([b["input_ids"] for b in batch], pad_id, "right")
+        attention_mask = pad([[1] * len(b["input_ids"]) for b in batch], 0, "right")
+        labels = pad([b["labels"] for b in batch], IGNORE_INDEX, "right")
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def collate_predict(self, batch: list[dict]) -> dict:
+        pad_id = self.tokenizer.pad_token_id
+        return {
+            "ids": [b["id"] for b in batch],
+            "input_ids": pad([b["prompt_ids"] for b in batch], pad_id, "left"),
+            "attention_mask": pad([[1] * len(b["prompt_ids"]) for b in batch], 0, "left"),
+            "references": [b["reference"] for b in batch],
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator,
+            collate_fn=self.collate_train, num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, collate_fn=self.collate_train, num_workers=self.hparams.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.predict_set, batch_size=self.hparams.batch_size, collate_fn=self.collate_predict, num_workers=self.hparams.num_workers)

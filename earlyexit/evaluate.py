@@ -1,0 +1,287 @@
+"""Per-layer generation quality: decode Alpaca prompts from each exit layer and score the answers.
+
+Each exit layer L generates with blocks 1..L only (a true early exit, never a read-out of a full run),
+through Lightning's predict loop; answers are appended to ``generations.jsonl`` batch by batch, so a
+killed run resumes where it stopped. BLEU, ROUGE-L and BERTScore per layer equal their reference
+libraries (see :mod:`earlyexit.metrics`), with paired-bootstrap 95% intervals.
+
+    python -m earlyexit.evaluate                                   # SmolLM2, quarters, hub Alpaca
+    python -m earlyexit.evaluate --config configs/smollm2_eval.yaml
+    python -m earlyexit.evaluate --compare results/base results/finetuned
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+
+import lightning as L
+import numpy as np
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from earlyexit.data import AlpacaDataModule
+from earlyexit.errors import EarlyExitError, report_errors
+from earlyexit.loading import ModelArgs, resolve_device, resolve_dtype
+from earlyexit.metrics import (
+    METRICS,
+    BERTScoreModel,
+    CorpusBLEU,
+    bootstrap_ci,
+    bootstrap_counts,
+    build_metric,
+    check_metric_names,
+    resolve_bertscore_model,
+)
+from earlyexit.module import EarlyExitModule, GenerationArgs
+from earlyexit.results import ResultsDir
+
+HEADERS = {"bleu": "BLEU", "rougeL": "ROUGE-L", "bertscore": "BERTScore"}
+
+
+@dataclass
+class MetricArgs:
+    """What to score and how.
+
+    Args:
+        names: Metrics to compute: any of bleu, rougeL, bertscore.
+        bertscore_model: BERTScore encoder: ``auto`` (roberta-large if cached locally, else the offline all-MiniLM-L6-v2), ``minilm``, or any HF id / path.
+        bertscore_layer: Encoder layer for BERTScore; the model's usual layer when None.
+        rouge_stemmer: Porter stemming in ROUGE-L (as rouge_score's use_stemmer).
+        bootstrap: Bootstrap resamples for the 95% confidence intervals (0 turns intervals off).
+        seed: Seed of the bootstrap resampling.
+    """
+
+    names: list[str] = field(default_factory=lambda: list(METRICS))
+    bertscore_model: str = "auto"
+    bertscore_layer: int | None = None
+    rouge_stemmer: bool = True
+    bootstrap: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class TrainerArgs:
+    """Where the predict loop runs (Lightning Trainer options).
+
+    Args:
+        accelerator: ``cpu``, ``gpu`` or ``auto`` (follows --model.device).
+        devices: Devices per node.
+    """
+
+    accelerator: str = "auto"
+    devices: int = 1
+
+
+class GenerationWriter(BasePredictionWriter):
+    """Appends each batch's generations to the results directory as soon as the batch ends."""
+
+    def __init__(self, results: ResultsDir):
+        super().__init__(write_interval="batch")
+        self.results = results
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.results.append(prediction)
+
+
+def score(rows: list[dict], references: dict[int, str], exit_layers: list[int], metrics: MetricArgs,
+          bertscore: BERTScoreModel | None = None) -> dict:
+    """Per-layer metrics and answer statistics of the generations ``rows`` on examples ``references``.
+
+    Every layer is scored on the same examples (those with an answer at every layer), so layers and
+    their paired bootstrap intervals are comparable.
+    """
+    by_layer = {layer: {} for layer in exit_layers}
+    for row in rows:
+        if row["layer"] in by_layer and row["id"] in references:
+            by_layer[row["layer"]][row["id"]] = row
+    ids = sorted(set.intersection(*(set(g) for g in by_layer.values())) if by_layer else set())
+    if not ids:
+        raise EarlyExitError("no example has an answer at every exit layer: nothing to score")
+    refs = [references[i] for i in ids]
+    counts = bootstrap_counts(len(ids), metrics.bootstrap, metrics.seed) if metrics.bootstrap else None
+    final = by_layer.get(max(exit_layers)) if max(exit_layers) == max(by_layer) else None
+    table = []
+    for layer in exit_layers:
+        gens = [by_layer[layer][i] for i in ids]
+        hyps = [g["text"] for g in gens]
+        entry = {"layer": layer}
+        for name in metrics.names:
+            metric = build_metric(name, bertscore=bertscore, use_stemmer=metrics.rouge_stemmer)
+            for start in range(0, len(hyps), 64):
+                metric.update(hyps[start : start + 64], refs[start : start + 64])
+            values = metric.values()
+            entry[name] = metric.aggregate(values)
+            if counts is not None:
+                entry[f"{name}_ci"] = list(bootstrap_ci(values, metric.aggregate, counts))
+        entry["mean_tokens"] = float(np.mean([g["n_tokens"] for g in gens]))
+        entry["hit_limit"] = float(np.mean([not g["finished"] for g in gens]))
+        entry["empty"] = float(np.mean([not g["text"].strip() for g in gens]))
+        entry["agreement_with_final"] = (
+            float(np.mean([agreement(g["tokens"], final[i]["tokens"]) for g, i in zip(gens, ids)])) if final else None
+        )
+        table.append(entry)
+    return {"n_examples": len(ids), "example_ids": ids, "layers": table}
+
+
+def agreement(tokens: list[int], final: list[int]) -> float:
+    """Share of positions where two answers have the same token, over the longer answer (1 if both empty)."""
+    longest = max(len(tokens), len(final))
+    if longest == 0:
+        return 1.0
+    return sum(a == b for a, b in zip(tokens, final)) / longest
+
+
+def format_table(report: dict, names: list[str]) -> str:
+    """The seed's table, ``| Layer | BLEU | ROUGE-L | BERTScore |``, with 95% intervals, then answer statistics."""
+    lines = ["| Layer | " + " | ".join(HEADERS[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for entry in report["layers"]:
+        cells = [str(entry["layer"])]
+        for name in names:
+            digits = 2 if name == "bleu" else 3
+            cell = f"{entry[name]:.{digits}f}"
+            if f"{name}_ci" in entry:
+                low, high = entry[f"{name}_ci"]
+                cell += f" [{low:.{digits}f}, {high:.{digits}f}]"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| Layer | mean tokens | hit length limit | empty | token agreement with final layer |", "|---|---|---|---|---|"]
+    for e in report["layers"]:
+        agree = "n/a" if e["agreement_with_final"] is None else f"{e['agreement_with_final']:.3f}"
+        lines.append(f"| {e['layer']} | {e['mean_tokens']:.1f} | {e['hit_limit']:.1%} | {e['empty']:.1%} | {agree} |")
+    return "\n".join(lines)
+
+
+def format_comparison(base: dict, tuned: dict, names: list[str], labels=("A", "B")) -> str:
+    """Two runs side by side per layer, with B − A."""
+    a_rows = {e["layer"]: e for e in base["layers"]}
+    b_rows = {e["layer"]: e for e in tuned["layers"]}
+    layers = sorted(set(a_rows) & set(b_rows))
+    if not layers:
+        raise EarlyExitError("the two results have no exit layer in common")
+    header = ["Layer"] + [f"{HEADERS[n]} {lab}" for n in names for lab in labels] + [f"Δ {HEADERS[n]}" for n in names]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for layer in layers:
+        a, b = a_rows[layer], b_rows[layer]
+        digits = {n: 2 if n == "bleu" else 3 for n in names}
+        cells = [str(layer)] + [f"{r[n]:.{digits[n]}f}" for n in names for r in (a, b)]
+        cells += [f"{b[n] - a[n]:+.{digits[n]}f}" for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m earlyexit.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with model:, data:, generation:, metrics: keys")
+    parser.add_class_arguments(ModelArgs, "model")
+    parser.add_class_arguments(AlpacaDataModule, "data")
+    parser.add_class_arguments(GenerationArgs, "generation")
+    parser.add_class_arguments(MetricArgs, "metrics")
+    parser.add_class_arguments(TrainerArgs, "trainer")
+    parser.add_argument("--exit_layers", type=str, default="quarters",
+                        help="quarters (N/4, N/2, 3N/4, N), all, everyK (every K-th from the top), or a list like 8,16,24,32")
+    parser.add_argument("--out_dir", type=str, default="results/evaluate", help="results directory (resumed if it exists)")
+    parser.add_argument("--compare", type=list[str] | None, default=None,
+                        help="two results directories to print side by side (no evaluation runs)")
+    return parser
+
+
+def run(cfg, parser: ArgumentParser) -> dict:
+    model_args = ModelArgs(**cfg.model)
+    generation = GenerationArgs(**cfg.generation)
+    metrics = MetricArgs(**cfg.metrics)
+    trainer_args = TrainerArgs(**cfg.trainer)
+    check_metric_names(metrics.names)
+    data = AlpacaDataModule(**cfg.data)
+    examples = data.eval_records()  # bad data fails here, before any model is loaded
+    device = resolve_device(model_args.device)
+    fingerprint = {
+        "model": model_args.name,
+        "adapter": model_args.adapter,
+        "dtype": str(resolve_dtype(model_args.dtype, device)),
+        "data": cfg.data.source,
+        "template": cfg.data.template,
+        "max_length": cfg.data.max_length,
+        "generation": asdict(generation),
+    }
+    bertscore = resolve_bertscore_model(metrics.bertscore_model, metrics.bertscore_layer) if "bertscore" in metrics.names else None
+    module = EarlyExitModule(model_args, generation, cfg.exit_layers)  # a bad model or layer fails before any write
+    results = ResultsDir(cfg.out_dir, fingerprint)
+    results.write_text("config.yaml", parser.dump(cfg))
+    module.done = {}
+    for row in results.generations():
+        module.done.setdefault(row["id"], set()).add(row["layer"])
+    todo = {i for i, _ in examples if not set(module.exit_layers) <= module.done.get(i, set())}
+    data.attach_tokenizer(module.tokenizer)
+    data.setup("predict")
+    data.predict_set = [ex for ex in data.predict_set if ex["id"] in todo]
+    print(f"{len(examples)} examples × {len(module.exit_layers)} exit layers {module.exit_layers}; "
+          f"{len(examples) - len(todo)} examples already done in {results.path}", file=sys.stderr)
+    if data.predict_set:
+        trainer = L.Trainer(
+            accelerator="gpu" if device.type == "cuda" and trainer_args.accelerator == "auto" else trainer_args.accelerator,
+            devices=trainer_args.devices, logger=False, enable_checkpointing=False, enable_model_summary=False,
+            callbacks=[GenerationWriter(results)],
+        )
+        trainer.predict(module, dataloaders=data.predict_dataloader(), return_predictions=False)
+    references = {i: r["output"] for i, r in examples}
+    report = score(results.generations(), references, module.exit_layers, metrics, bertscore)
+    report.update({
+        "model": model_args.name,
+        "adapter": model_args.adapter,
+        "n_layers": module.ee.n_layers,
+        "data": cfg.data.source,
+        "generation": asdict(generation),
+        "bleu_signature": CorpusBLEU.signature(),
+        "rouge": {"variant": "rougeL", "use_stemmer": metrics.rouge_stemmer, "aggregate": "mean F-measure"},
+        "bertscore": asdict(bertscore) if bertscore else None,
+        "bootstrap": {"resamples": metrics.bootstrap, "seed": metrics.seed, "level": 0.95, "paired": True},
+    })
+    results.write_metrics(report)
+    table = format_table(report, metrics.names)
+    results.write_text("table.md", table + "\n")
+    write_plot(results, report, metrics.names)
+    print(table)
+    print(f"\nresults: {results.path}", file=sys.stderr)
+    return report
+
+
+def write_plot(results: ResultsDir, report: dict, names: list[str]) -> None:
+    from earlyexit.plotting import metrics_by_layer
+
+    layers = [e["layer"] for e in report["layers"]]
+    series = {n: [e[n] for e in report["layers"]] for n in names}
+    intervals = {n: [tuple(e[f"{n}_ci"]) for e in report["layers"]] for n in names if f"{n}_ci" in report["layers"][0]}
+    fig = metrics_by_layer(layers, series, intervals, title=f"{report['model']} — {report['n_examples']} examples")
+    fig.savefig(results.path / "metrics.png", dpi=120)
+
+
+def compare(dirs: list[str]) -> str:
+    if len(dirs) != 2:
+        raise EarlyExitError(f"--compare takes two results directories, got {len(dirs)}")
+    reports = []
+    for d in dirs:
+        try:
+            with open(f"{d}/metrics.json") as f:
+                reports.append(json.load(f))
+        except FileNotFoundError:
+            raise EarlyExitError(f"{d}/metrics.json not found: run the evaluation into {d} first") from None
+    names = [n for n in METRICS if all(n in r["layers"][0] for r in reports)]
+    table = format_comparison(reports[0], reports[1], names, labels=("A", "B"))
+    return f"A = {dirs[0]}\nB = {dirs[1]}\n\n{table}"
+
+
+@report_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    if cfg.compare:
+        print(compare(cfg.compare))
+        return
+    run(cfg, parser)
+
+
+if __name__ == "__main__":
+    main()

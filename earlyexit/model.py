@@ -1,0 +1,296 @@
+"""The exit-aware model: decode or read out a causal LM at any exit layer.
+
+Exit layer ``L`` (1..N) is the output of decoder block ``L``; its logits are
+``post_head(head(final_norm(h_L)))`` with the model's *own* final norm and head, so ``L = N`` is
+the model's own output. An early exit at ``L`` runs blocks 1..L only (:meth:`EarlyExitHead.truncated`);
+the blocks above are never computed and get no KV cache. This is the "logit lens" readout of
+nostalgebraist (2020) used as an early exit, as in LayerSkip (Elhoushi et al., 2024).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+
+from earlyexit.arch import ArchSpec, get_submodule, post_head, set_submodule, spec_for
+from earlyexit.errors import EarlyExitError
+
+
+def quarter_layers(n_layers: int) -> list[int]:
+    """The default exit set: quarters of depth (N/4, N/2, 3N/4, N), rounded, without repeats."""
+    return sorted({max(1, round(n_layers * q / 4)) for q in (1, 2, 3, 4)})
+
+
+def parse_exit_layers(spec: str | int | Iterable[int], n_layers: int) -> list[int]:
+    """Turn ``"quarters"``, ``"all"``, ``"every3"``, ``"8,16"``, an int or a list into sorted, checked layers.
+
+    ``"everyK"`` is every K-th layer counted from the top (so N is always included).
+    """
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "quarters":
+            return quarter_layers(n_layers)
+        if text == "all":
+            return list(range(1, n_layers + 1))
+        if text.startswith("every") and text[5:].isdigit() and int(text[5:]) > 0:
+            return sorted(range(n_layers, 0, -int(text[5:])))
+        try:
+            layers = [int(part) for part in text.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise EarlyExitError(
+                f"exit layers {spec!r}: expected 'quarters', 'all', 'everyK' or a comma-separated list of integers"
+            ) from None
+    elif isinstance(spec, int):
+        layers = [spec]
+    else:
+        layers = [int(layer) for layer in spec]
+    if not layers:
+        raise EarlyExitError("no exit layers given")
+    for layer in layers:
+        check_layer(layer, n_layers)
+    return sorted(set(layers))
+
+
+def check_layer(layer: int, n_layers: int) -> int:
+    """Return ``layer`` if it is a valid exit (1..N), else raise a clear error."""
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 1 <= layer <= n_layers:
+        raise EarlyExitError(f"exit layer {layer!r} is out of range: this model has layers 1..{n_layers}")
+    return layer
+
+
+@dataclass
+class Generation:
+    """What one batched generation returns.
+
+    Attributes:
+        tokens: ``[B, max_new_tokens]`` new token ids only (the prompt is never part of it), padded after
+            EOS with the pad id.
+        n_tokens: ``[B]`` tokens generated before EOS (EOS itself is not counted).
+        finished: ``[B]`` whether the row emitted EOS (False means it hit the length limit).
+    """
+
+    tokens: torch.Tensor
+    n_tokens: torch.Tensor
+    finished: torch.Tensor
+
+
+class EarlyExitHead(nn.Module):
+    """Exit-aware view of a Hugging Face causal LM (plain or peft-wrapped).
+
+    The wrapper holds references, never copies: the final norm and head it applies are the model's own
+    modules (through peft's base model when wrapped), so gradients at any exit reach the shared head.
+
+    Args:
+        lm: a ``*ForCausalLM`` model of a family in :data:`earlyexit.arch.ARCHITECTURES`, or a peft model of one.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.spec: ArchSpec = spec_for(self.base.config.model_type)
+        self.n_layers: int = len(self.blocks)
+        self._truncated = False
+
+    @property
+    def base(self) -> PreTrainedModel:
+        """The underlying ``*ForCausalLM`` (peft's base model when wrapped)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return get_submodule(self.base, self.spec.layers)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The module that owns the blocks (embeddings → blocks → final norm, no head)."""
+        return get_submodule(self.base, self.spec.layers.rpartition(".")[0])
+
+    @property
+    def norm(self) -> nn.Module:
+        return get_submodule(self.base, self.spec.norm)
+
+    @property
+    def head(self) -> nn.Module:
+        return get_submodule(self.base, self.spec.head)
+
+    def check_layer(self, layer: int) -> int:
+        return check_layer(layer, self.n_layers)
+
+    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of an exit from the raw (un-normalised) output of a block.
+
+        Args:
+            hidden: ``[..., D]`` output of decoder block L, before any final norm.
+
+        Returns:
+            ``[..., V]`` logits, equal to the model's own logits when the block is the last one.
+        """
+        return post_head(self.head(self.norm(hidden)), self.config)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        exit_layers: Iterable[int] | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Block outputs at several exits from one teacher-forced pass.
+
+        Only blocks up to the deepest requested exit run. Outputs are captured with forward hooks on the
+        blocks themselves, so every layer, the last included, is the *raw* block output: apply
+        :meth:`exit_logits` to get logits (never normalise HF's ``hidden_states[-1]`` again).
+
+        Args:
+            input_ids: ``[B, T]``.
+            attention_mask: ``[B, T]``, 1 for real tokens.
+            exit_layers: layers 1..N; all layers when None.
+
+        Returns:
+            ``{layer: hidden [B, T, D]}``.
+        """
+        layers = list(range(1, self.n_layers + 1)) if exit_layers is None else [self.check_layer(l) for l in exit_layers]
+        captured: dict[int, torch.Tensor] = {}
+        blocks = self.blocks
+
+        def capture(layer: int):
+            def hook(_module, _inputs, output):
+                captured[layer] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        handles = [blocks[layer - 1].register_forward_hook(capture(layer)) for layer in layers]
+        try:
+            with self.truncated(max(layers)):
+                self.decoder(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=positions(attention_mask),
+                    use_cache=False,
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {layer: captured[layer] for layer in layers}
+
+    @contextmanager
+    def truncated(self, exit_layer: int) -> Iterator[None]:
+        """Within this context the model *is* its first ``exit_layer`` blocks.
+
+        The block list is swapped for a shorter one holding the same modules and the config's layer count
+        follows, so the model's own forward, KV cache and ``generate`` run blocks 1..L only, then the final
+        norm and head: its logits are the exit-L logits. Everything is restored on leaving.
+        """
+        layer = self.check_layer(exit_layer)
+        if self._truncated:
+            raise RuntimeError("EarlyExitHead.truncated() does not nest")
+        if layer == self.n_layers:
+            yield
+            return
+        base, config, blocks = self.base, self.base.config, self.blocks
+        n_layers = config.num_hidden_layers
+        self._truncated = True
+        set_submodule(base, self.spec.layers, nn.ModuleList(list(blocks)[:layer]))
+        config.num_hidden_layers = layer
+        try:
+            yield
+        finally:
+            set_submodule(base, self.spec.layers, blocks)
+            config.num_hidden_layers = n_layers
+            self._truncated = False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, exit_layer: int | None = None):
+        """Logits ``[B, T, V]`` at ``exit_layer`` (default N), computing blocks 1..L only."""
+        with self.truncated(self.n_layers if exit_layer is None else exit_layer):
+            return self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions(attention_mask),
+                use_cache=False,
+            ).logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        exit_layer: int,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        ignore_eos: bool = False,
+    ) -> Generation:
+        """Decode from exit ``exit_layer`` with a KV cache for blocks 1..L only.
+
+        Args:
+            input_ids: ``[B, T]`` left-padded prompts.
+            attention_mask: ``[B, T]``.
+            exit_layer: L in 1..N.
+            max_new_tokens: length limit.
+            do_sample: sample instead of greedy decoding (seed with ``torch.manual_seed`` beforehand).
+            temperature: sampling temperature (sampling only).
+            top_p: nucleus sampling mass (sampling only).
+            eos_token_id: stop token(s); the model's generation config when None.
+            pad_token_id: filler after EOS; the model's generation config (or the first EOS) when None.
+            ignore_eos: never stop: EOS is masked out until ``max_new_tokens`` (fixed-length benchmarks).
+        """
+        own = self.base.generation_config
+        eos = eos_token_id if eos_token_id is not None else own.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = pad_token_id if pad_token_id is not None else own.pad_token_id
+        if pad is None:
+            pad = eos_ids[0] if eos_ids else 0
+        # A fresh config, so a checkpoint's own sampling defaults (Llama-2's temperature 0.6 …) never leak in.
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if ignore_eos else 0,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            top_k=None,
+            eos_token_id=eos_ids or None,
+            pad_token_id=pad,
+            bos_token_id=own.bos_token_id,
+        )
+        prompt_len = input_ids.shape[1]
+        with self.truncated(exit_layer):
+            out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        tokens = out[:, prompt_len:]
+        return finish(tokens, [] if ignore_eos else eos_ids, pad, max_new_tokens)
+
+
+def positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``[B, T]`` position ids that start at 0 on each row's first real token (as ``generate`` does).
+
+    Without them, left-padded rows of absolute-position families (GPT-2) would see shifted positions.
+    """
+    if attention_mask is None:
+        return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def finish(tokens: torch.Tensor, eos_ids: list[int], pad: int, max_new_tokens: int) -> Generation:
+    """Pad ``tokens`` [B, t] to ``max_new_tokens`` and find each row's EOS."""
+    batch, length = tokens.shape
+    if length < max_new_tokens:
+        filler = tokens.new_full((batch, max_new_tokens - length), pad)
+        tokens = torch.cat([tokens, filler], dim=1)
+    if eos_ids:
+        is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+    else:
+        is_eos = torch.zeros_like(tokens, dtype=torch.bool)
+    finished = is_eos.any(dim=1)
+    first_eos = torch.where(finished, is_eos.int().argmax(dim=1), torch.full_like(finished, max_new_tokens, dtype=torch.long))
+    positions = torch.arange(max_new_tokens, device=tokens.device)
+    tokens = torch.where(positions[None, :] < first_eos[:, None], tokens, torch.full_like(tokens, pad))
+    return Generation(tokens=tokens, n_tokens=first_eos, finished=finished)

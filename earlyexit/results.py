@@ -1,0 +1,101 @@
+"""A results directory: the run's identity, the append-only generations, and the metric files.
+
+Layout: ``run.json`` (what the generations depend on), ``config.yaml`` (the resolved config),
+``generations.jsonl`` (one line per example × layer, appended batch by batch), ``metrics.json``,
+``metrics.csv``, ``table.md`` and ``metrics.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from earlyexit.errors import EarlyExitError
+
+GENERATIONS = "generations.jsonl"
+RUN = "run.json"
+
+
+class ResultsDir:
+    """Open (or create) a results directory for a run identified by ``fingerprint``.
+
+    Refuses a directory made by a run whose generations depended on different settings, so results are
+    never mixed; an identical fingerprint resumes.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: dict):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise EarlyExitError(f"results directory {str(self.path)!r} is not writable: {err.strerror}") from None
+        run = self.path / RUN
+        if run.is_file():
+            before = json.loads(run.read_text())
+            if before != fingerprint:
+                changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
+                raise EarlyExitError(
+                    f"results directory {str(self.path)!r} holds a run with a different config "
+                    f"(differs in: {', '.join(changed)}); choose another --out_dir or remove that directory"
+                )
+        else:
+            run.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+        self.generations_path = self.path / GENERATIONS
+        self._drop_torn_tail()
+
+    def _drop_torn_tail(self) -> None:
+        """A run killed mid-write can leave a partial last line: cut it so appends start on a clean line."""
+        path = self.generations_path
+        if not path.is_file():
+            return
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def generations(self) -> list[dict]:
+        """All generation rows so far, the last one per (id, layer) winning."""
+        if not self.generations_path.is_file():
+            return []
+        rows = {}
+        for line in self.generations_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[(row["id"], row["layer"])] = row
+        return list(rows.values())
+
+    def append(self, rows: list[dict]) -> None:
+        """Append rows and make them durable before returning (a later kill loses nothing written)."""
+        if not rows:
+            return
+        with self.generations_path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_text(self, name: str, text: str) -> Path:
+        target = self.path / name
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+        return target
+
+    def write_metrics(self, report: dict) -> None:
+        self.write_text("metrics.json", json.dumps(report, indent=2) + "\n")
+        columns = list(report["layers"][0]) if report["layers"] else []
+        tmp = self.path / "metrics.csv.tmp"
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for row in report["layers"]:
+                writer.writerow([_flat(row[c]) for c in columns])
+        os.replace(tmp, self.path / "metrics.csv")
+
+
+def _flat(value):
+    return ";".join(f"{v:.6g}" for v in value) if isinstance(value, (list, tuple)) else value

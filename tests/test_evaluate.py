@@ -1,0 +1,170 @@
+"""The evaluation job end to end on a tiny model: outputs, reference generation, resume, refusals."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from earlyexit.evaluate import agreement, format_table, main
+from tiny import save_tiny
+
+RECORDS = [{"instruction": f"Say the number {i}.", "input": "" if i % 3 else "context", "output": f"The number is {i}."}
+           for i in range(40)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "alpaca_data.json"
+    path.write_text(json.dumps(RECORDS))
+    return str(path)
+
+
+def args(tiny_dir, data_file, out_dir, *extra):
+    return ["--model.name", tiny_dir, "--model.device", "cpu", "--data.source", data_file, "--data.limit", "6",
+            "--data.batch_size", "4", "--generation.max_new_tokens", "6", "--metrics.names", "[bleu, rougeL]",
+            "--metrics.bootstrap", "200", "--exit_layers", "all", "--out_dir", str(out_dir), *extra]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_outputs_and_the_seed_table(tiny_dir, data_file, tmp_path, capsys):
+    main(args(tiny_dir, data_file, tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "| Layer | BLEU | ROUGE-L |\n|---|---|---|\n| 1 | " in out
+    run = tmp_path / "run"
+    for name in ("config.yaml", "run.json", "generations.jsonl", "metrics.json", "metrics.csv", "table.md", "metrics.png"):
+        assert (run / name).stat().st_size > 0, name
+    rows = read_jsonl(run / "generations.jsonl")
+    assert sorted((r["id"], r["layer"]) for r in rows) == [(i, l) for i in range(6) for l in range(1, 5)]
+    report = json.loads((run / "metrics.json").read_text())
+    assert [e["layer"] for e in report["layers"]] == [1, 2, 3, 4] and report["n_examples"] == 6
+    assert report["layers"][-1]["agreement_with_final"] == 1.0
+    assert report["bleu_signature"].startswith("nrefs:1|case:mixed")
+    for entry in report["layers"]:
+        low, high = entry["rougeL_ci"]
+        assert low <= entry["rougeL"] <= high
+    assert (run / "metrics.csv").read_text().splitlines()[0].startswith("layer,bleu,bleu_ci,rougeL,rougeL_ci,mean_tokens")
+
+
+def test_last_layer_answers_equal_hf_generate(tiny_dir, data_file, tmp_path):
+    main(args(tiny_dir, data_file, tmp_path / "run", "--exit_layers", "4"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    from earlyexit.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+
+    for row in read_jsonl(tmp_path / "run" / "generations.jsonl"):
+        record = RECORDS[row["id"]]
+        prompt = (ALPACA_PROMPT if record["input"] else ALPACA_PROMPT_NO_INPUT).format(**record)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        if 1 in out:
+            out = out[: out.index(1)]
+        assert row["tokens"] == out and row["text"] == tok.decode(out, skip_special_tokens=True).strip()
+
+
+def test_resume_after_an_interrupted_run_gives_identical_metrics(tiny_dir, data_file, tmp_path, capsys):
+    main(args(tiny_dir, data_file, tmp_path / "full"))
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    # An interrupted run: the first batch's lines, then half a line torn by the kill.
+    (tmp_path / "cut").mkdir()
+    shutil.copy(tmp_path / "full" / "run.json", tmp_path / "cut" / "run.json")
+    lines = (tmp_path / "full" / "generations.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "cut" / "generations.jsonl").write_text("".join(lines[:16]) + lines[16][:20])
+    main(args(tiny_dir, data_file, tmp_path / "cut"))
+    assert "4 examples already done" in capsys.readouterr().err
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert resumed == full
+    assert len(read_jsonl(tmp_path / "cut" / "generations.jsonl")) == 24  # nothing generated twice
+
+
+def test_kill_9_loses_at_most_one_batch(tiny_dir, data_file, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "earlyexit.evaluate", *args(tiny_dir, data_file, out, "--data.limit", "40",
+           "--data.eval_size", "40", "--data.batch_size", "2", "--generation.max_new_tokens", "40")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gens = out / "generations.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not gens.exists() or len(gens.read_text().splitlines()) < 16):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = len(gens.read_text().splitlines())
+    assert 16 <= kept < 160, "the run finished before it could be killed"
+    main(cmd[3:])
+    reference = tmp_path / "reference"
+    main([*cmd[3:], "--out_dir", str(reference)])
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
+
+
+def test_refuses_to_mix_configs(tiny_dir, data_file, tmp_path, capsys):
+    main(args(tiny_dir, data_file, tmp_path / "run"))
+    before = (tmp_path / "run" / "generations.jsonl").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args(tiny_dir, data_file, tmp_path / "run", "--generation.max_new_tokens", "9"))
+    assert exit_info.value.code == 2
+    assert "different config (differs in: generation)" in capsys.readouterr().err
+    assert (tmp_path / "run" / "generations.jsonl").read_text() == before  # nothing lost
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--metrics.names", "[bleu, meteor]"], "unknown metric 'meteor'"),
+    (["--exit_layers", "0"], r"exit layer 0 is out of range: this model has layers 1\.\.4"),
+    (["--exit_layers", "5"], "exit layer 5 is out of range"),
+    (["--data.offset", "100"], "empty evaluation slice"),
+    (["--data.source", "missing/alpaca_data.json"], "not found"),
+    (["--model.name", "./no/such/model"], "does not exist"),
+])
+def test_bad_input_is_one_clear_error(tiny_dir, data_file, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args(tiny_dir, data_file, tmp_path / "run") + extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ")
+    assert pytest.approx(0) == 0 and __import__("re").search(message, err[-1])
+
+
+def test_unwritable_results_directory(tiny_dir, data_file, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):
+        main(args(tiny_dir, data_file, blocker / "run"))
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_compare(tiny_dir, data_file, tmp_path, capsys):
+    main(args(tiny_dir, data_file, tmp_path / "a"))
+    main(args(tiny_dir, data_file, tmp_path / "b", "--data.template", "alpaca", "--generation.max_new_tokens", "3"))
+    capsys.readouterr()
+    main(["--compare", f"[{tmp_path / 'a'}, {tmp_path / 'b'}]"])
+    out = capsys.readouterr().out
+    assert "| Layer | BLEU A | BLEU B | ROUGE-L A | ROUGE-L B | Δ BLEU | Δ ROUGE-L |" in out
+
+
+def test_agreement():
+    assert agreement([], []) == 1.0
+    assert agreement([1, 2, 3], [1, 2, 3]) == 1.0
+    assert agreement([1, 2], [1, 5, 3, 4]) == 0.25
+
+
+def test_table_renders():
+    report = {"layers": [{"layer": 8, "bleu": 1.234, "bleu_ci": [0.5, 2.0], "rougeL": 0.1, "mean_tokens": 3.0,
+                          "hit_limit": 0.5, "empty": 0.0, "agreement_with_final": None}]}
+    table = format_table(report, ["bleu", "rougeL"])
+    assert table.splitlines()[:3] == ["| Layer | BLEU | ROUGE-L |", "|---|---|---|", "| 8 | 1.23 [0.50, 2.00] | 0.100 |"]
+    assert "| 8 | 3.0 | 50.0% | 0.0% | n/a |" in table
