@@ -9,22 +9,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-LABELS = {"bleu": "BLEU (0-100)", "rougeL": "ROUGE-L F1", "bertscore": "BERTScore F1"}
+LABELS = {
+    "bleu": "BLEU (0-100)", "rougeL": "ROUGE-L F1", "bertscore": "BERTScore F1",
+    "mean_prob": "mean p(generated token)", "mean_kl": "KL(final ‖ layer), nats", "top1_agreement": "top-1 = final top-1",
+    "mean_entropy": "entropy, nats", "cross_entropy": "cross-entropy of reference, nats", "kl_to_final": "KL(final ‖ layer), nats",
+    "entropy": "entropy, nats",
+}
 
 
 def metrics_by_layer(layers: list[int], series: dict[str, list[float]], intervals: dict[str, list[tuple]] | None = None,
-                     title: str = "") -> Figure:
+                     title: str = "", label: str | None = None, overlay: dict[str, dict[str, list[float]]] | None = None) -> Figure:
     """One panel per metric: the score at each exit layer with its confidence band.
 
     Args:
         layers: exit layers, ascending.
         series: metric name → one value per layer.
         intervals: metric name → ``(low, high)`` per layer.
+        label: legend label of ``series`` (shown when there is an overlay).
+        overlay: further labelled runs drawn on the same panels (e.g. ``{"tuned lens": {...}}``).
     """
     names = list(series)
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        ax.plot(layers, series[name], marker="o")
+        ax.plot(layers, series[name], marker="o", markersize=3, label=label)
+        for run, other in (overlay or {}).items():
+            ax.plot(layers, other[name], marker="s", markersize=3, label=run)
+        if overlay:
+            ax.legend(fontsize=7)
         if intervals and name in intervals:
             low, high = zip(*intervals[name])
             ax.fill_between(layers, low, high, alpha=0.25)
@@ -37,3 +48,45 @@ def metrics_by_layer(layers: list[int], series: dict[str, list[float]], interval
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def lens_heatmap(tokens: list[str], values, layers: list[int], annotations: list[list[str]] | None = None,
+                 title: str = "", label: str = "probability of the generated token") -> Figure:
+    """Layers (y, first at the bottom) × generated tokens (x), coloured by ``values [len(layers), T]`` in [0, 1].
+
+    Args:
+        tokens: x tick labels, one per generated token.
+        values: one row per layer in ``layers``.
+        annotations: optional text per cell (each layer's own top-1 token, logit-lens style).
+    """
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    width = max(6.0, 0.42 * len(tokens) + 2.0)
+    height = max(3.0, 0.24 * len(layers) + 1.6)
+    fig, ax = plt.subplots(figsize=(width, height))
+    image = ax.imshow(values, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks(range(len(tokens)))
+    ax.set_xticklabels([_show(t) for t in tokens], rotation=70, ha="right", fontsize=7)
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels([str(l) for l in layers], fontsize=7)
+    ax.set_xlabel("generated token")
+    ax.set_ylabel("exit layer")
+    if annotations is not None:
+        for row, texts in enumerate(annotations):
+            for col, text in enumerate(texts):
+                ax.text(col, row, _show(text)[:6], ha="center", va="center", fontsize=4.5,
+                        color="white" if values[row, col] < 0.5 else "black")
+    fig.colorbar(image, ax=ax, label=label, fraction=0.03, pad=0.01)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _show(token: str) -> str:
+    """A token as a readable tick label: whitespace made visible, never empty."""
+    text = token.replace("\n", "\\n").replace("\t", "\\t")
+    if text.strip() == "":
+        return "␣" * max(len(text), 1)
+    return text
