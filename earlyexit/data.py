@@ -16,7 +16,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from earlyexit.errors import EarlyExitError
 
@@ -154,6 +154,27 @@ def pad(sequences: list[list[int]], value: int, side: Literal["left", "right"]) 
     return torch.tensor(rows, dtype=torch.long)
 
 
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start part-way through one, for exact resume.
+
+    Lightning calls :meth:`set_epoch`; ``start`` (examples already consumed this epoch) is read once.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).tolist()
+        start, self.start = self.start, 0
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class AlpacaDataModule(L.LightningDataModule):
     """Alpaca records for early-exit training (``fit``) and per-layer generation (``predict``).
 
@@ -259,9 +280,15 @@ class AlpacaDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
+        sampler = EpochSampler(len(self.train_set), self.hparams.seed)
+        trainer = self.trainer
+        if trainer is not None:  # resuming mid-epoch: skip the batches the checkpoint already trained on
+            sampler.set_epoch(trainer.current_epoch)
+            # `ready` counts the batches a mid-epoch checkpoint already took (it is saved before `completed` moves)
+            start = trainer.fit_loop.epoch_loop.batch_progress.current.ready * self.hparams.batch_size
+            sampler.start = start if start < len(self.train_set) else 0
         return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator,
+            self.train_set, batch_size=self.hparams.batch_size, sampler=sampler,
             collate_fn=self.collate_train, num_workers=self.hparams.num_workers,
         )
 

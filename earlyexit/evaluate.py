@@ -208,7 +208,7 @@ def run(cfg, parser: ArgumentParser) -> dict:
         "generation": asdict(generation),
     }
     bertscore = resolve_bertscore_model(metrics.bertscore_model, metrics.bertscore_layer) if "bertscore" in metrics.names else None
-    module = EarlyExitModule(model_args, generation, cfg.exit_layers)  # a bad model or layer fails before any write
+    module = EarlyExitModule(base=model_args, generation=generation, exit_layers=cfg.exit_layers)  # a bad model or layer fails before any write
     results = ResultsDir(cfg.out_dir, fingerprint)
     results.write_text("config.yaml", parser.dump(cfg))
     module.done = {}

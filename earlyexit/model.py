@@ -94,7 +94,7 @@ class EarlyExitHead(nn.Module):
         self.lm = lm
         self.spec: ArchSpec = spec_for(self.base.config.model_type)
         self.n_layers: int = len(self.blocks)
-        self._truncated = False
+        self._swapped = False
 
     @property
     def base(self) -> PreTrainedModel:
@@ -141,6 +141,7 @@ class EarlyExitHead(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         exit_layers: Iterable[int] | None = None,
+        skip: Iterable[int] = (),
     ) -> dict[int, torch.Tensor]:
         """Block outputs at several exits from one teacher-forced pass.
 
@@ -152,11 +153,15 @@ class EarlyExitHead(nn.Module):
             input_ids: ``[B, T]``.
             attention_mask: ``[B, T]``, 1 for real tokens.
             exit_layers: layers 1..N; all layers when None.
+            skip: blocks not run at all (layer dropout); a skipped block passes its input through, so its
+                exit reads the output of the nearest block below it that ran. Block 1 always runs.
 
         Returns:
             ``{layer: hidden [B, T, D]}``.
         """
         layers = list(range(1, self.n_layers + 1)) if exit_layers is None else [self.check_layer(l) for l in exit_layers]
+        skip = set(skip) - {1}
+        run = [layer for layer in range(1, max(layers) + 1) if layer not in skip]
         captured: dict[int, torch.Tensor] = {}
         blocks = self.blocks
 
@@ -166,9 +171,9 @@ class EarlyExitHead(nn.Module):
 
             return hook
 
-        handles = [blocks[layer - 1].register_forward_hook(capture(layer)) for layer in layers]
+        handles = [blocks[layer - 1].register_forward_hook(capture(layer)) for layer in run]
         try:
-            with self.truncated(max(layers)):
+            with self.running(run):
                 self.decoder(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
@@ -178,33 +183,40 @@ class EarlyExitHead(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        return {layer: captured[layer] for layer in layers}
+        return {layer: captured[max(r for r in run if r <= layer)] for layer in layers}
 
-    @contextmanager
-    def truncated(self, exit_layer: int) -> Iterator[None]:
+    def truncated(self, exit_layer: int):
         """Within this context the model *is* its first ``exit_layer`` blocks.
 
-        The block list is swapped for a shorter one holding the same modules and the config's layer count
-        follows, so the model's own forward, KV cache and ``generate`` run blocks 1..L only, then the final
+        The model's own forward, KV cache and ``generate`` then run blocks 1..L only, followed by the final
         norm and head: its logits are the exit-L logits. Everything is restored on leaving.
         """
-        layer = self.check_layer(exit_layer)
-        if self._truncated:
-            raise RuntimeError("EarlyExitHead.truncated() does not nest")
-        if layer == self.n_layers:
+        return self.running(range(1, self.check_layer(exit_layer) + 1))
+
+    @contextmanager
+    def running(self, layers: Iterable[int]) -> Iterator[None]:
+        """Within this context the model's block list holds only ``layers`` (ascending, 1-based).
+
+        The list is swapped for a shorter one holding the same modules and the config's layer count
+        follows, so the model's own forward (and cache) runs exactly those blocks.
+        """
+        layers = [self.check_layer(layer) for layer in layers]
+        if self._swapped:
+            raise RuntimeError("EarlyExitHead block swapping does not nest")
+        if layers == list(range(1, self.n_layers + 1)):
             yield
             return
         base, config, blocks = self.base, self.base.config, self.blocks
         n_layers = config.num_hidden_layers
-        self._truncated = True
-        set_submodule(base, self.spec.layers, nn.ModuleList(list(blocks)[:layer]))
-        config.num_hidden_layers = layer
+        self._swapped = True
+        set_submodule(base, self.spec.layers, nn.ModuleList([blocks[layer - 1] for layer in layers]))
+        config.num_hidden_layers = len(layers)
         try:
             yield
         finally:
             set_submodule(base, self.spec.layers, blocks)
             config.num_hidden_layers = n_layers
-            self._truncated = False
+            self._swapped = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, exit_layer: int | None = None):
         """Logits ``[B, T, V]`` at ``exit_layer`` (default N), computing blocks 1..L only."""

@@ -1,13 +1,26 @@
-"""The LightningModule: wires an exit-aware causal LM into Lightning's loops. The maths live elsewhere."""
+"""The LightningModule: wires an exit-aware causal LM into Lightning's loops. The maths live elsewhere:
+the loss and curricula in :mod:`earlyexit.loss`, decoding in :mod:`earlyexit.model`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import lightning as L
 import torch
 
+from earlyexit.errors import EarlyExitError
 from earlyexit.loading import ModelArgs, load_model
+from earlyexit.loss import (
+    Curriculum,
+    WeightScheme,
+    active_exits,
+    dropped_layers,
+    early_exit_loss,
+    exit_weights,
+    layer_dropout_rates,
+)
 from earlyexit.model import EarlyExitHead, parse_exit_layers
 
 
@@ -30,24 +43,188 @@ class GenerationArgs:
     seed: int = 0
 
 
-class EarlyExitModule(L.LightningModule):
-    """A causal LM with exits; ``predict_step`` decodes every batch from every exit layer.
+@dataclass
+class LoraArgs:
+    """peft LoRA on the decoder (Hu et al., 2021).
 
     Args:
-        model: which model to load.
-        generation: decoding options.
-        exit_layers: ``quarters``, ``all``, ``everyK`` or a comma-separated list of layers 1..N.
+        r: rank.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter input (unseeded: a resumed run then differs in its masks).
+        target_modules: linear layers to adapt; the architecture table's (all attention and MLP projections) when None.
     """
 
-    def __init__(self, model: ModelArgs | None = None, generation: GenerationArgs | None = None, exit_layers: str = "quarters"):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class ExitLossArgs:
+    """The early-exit loss (LayerSkip) and its curriculum.
+
+    Args:
+        exit_layers: exits trained: quarters, all, everyK or a list; the last layer is always included.
+        weights: per-exit weight: uniform, linear (l) or sum_l (1+…+l, LayerSkip's cumulative scale).
+        e_scale: multiplier of every early exit's weight (below 1 protects the last layer).
+        curriculum: none (all exits every step), rotational (every k-th exit, rotating each step) or gradual
+            (exits enabled from the deepest to the shallowest).
+        rotation: k of the rotational curriculum.
+        gradual_interval: steps between two exits switched on by the gradual curriculum.
+        distill: share α of self-distillation: each exit also matches the base model's final-layer
+            distribution (adapters off), KL(base ‖ exit); 0 disables it.
+        chunk_size: answer tokens per logits block (memory bound of the loss).
+    """
+
+    exit_layers: str = "all"
+    weights: WeightScheme = "sum_l"
+    e_scale: float = 1.0
+    curriculum: Curriculum = "none"
+    rotation: int = 2
+    gradual_interval: int = 100
+    distill: float = 0.0
+    chunk_size: int = 1024
+
+
+@dataclass
+class LayerDropoutArgs:
+    """LayerSkip's layer dropout: block l is skipped in training with probability p_max · D(l).
+
+    Args:
+        p_max: skip probability of the last block (0 disables layer dropout).
+        scale: how D rises with depth: exp, linear or uniform. Block 1 is never skipped.
+        seed: seed of the per-step draws.
+    """
+
+    p_max: float = 0.0
+    scale: Literal["exp", "linear", "uniform"] = "exp"
+    seed: int = 0
+
+
+@dataclass
+class OptimArgs:
+    """AdamW with linear warm-up and cosine decay.
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: steps of linear warm-up from 0.
+        min_lr_ratio: final learning rate as a share of the peak.
+    """
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+
+class EarlyExitModule(L.LightningModule):
+    """A causal LM with exits: early-exit LoRA training, and per-exit generation in ``predict_step``.
+
+    Args:
+        base: which model to load (HF id, local directory, or the embedded SmolLM2).
+        lora: the adapters that train (only they do); None loads the model without adapters (prediction).
+        loss: the early-exit loss and curriculum.
+        layer_dropout: LayerSkip layer dropout.
+        optim: optimiser and schedule.
+        gradient_checkpointing: recompute block activations in the backward pass (less memory, ~30% slower).
+        generation: decoding options for ``predict``.
+        exit_layers: exits decoded by ``predict``: quarters, all, everyK or a list.
+    """
+
+    def __init__(
+        self,
+        base: ModelArgs = ModelArgs(),
+        lora: LoraArgs | None = None,
+        loss: ExitLossArgs = ExitLossArgs(),
+        layer_dropout: LayerDropoutArgs = LayerDropoutArgs(),
+        optim: OptimArgs = OptimArgs(),
+        gradient_checkpointing: bool = False,
+        generation: GenerationArgs = GenerationArgs(),
+        exit_layers: str = "quarters",
+    ):
         super().__init__()
-        self.save_hyperparameters()
-        self.lm, self.tokenizer = load_model(model or ModelArgs())
+        base, lora, loss, layer_dropout, optim, generation = (
+            _coerce(cls, value) for cls, value in ((ModelArgs, base), (LoraArgs, lora), (ExitLossArgs, loss),
+                                                   (LayerDropoutArgs, layer_dropout), (OptimArgs, optim), (GenerationArgs, generation))
+        )
+        # plain dicts, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({
+            "base": asdict(base), "lora": asdict(lora) if lora else None, "loss": asdict(loss), "layer_dropout": asdict(layer_dropout),
+            "optim": asdict(optim), "gradient_checkpointing": gradient_checkpointing, "generation": asdict(generation),
+            "exit_layers": exit_layers,
+        })
+        self.lm, self.tokenizer = load_model(base)
+        if lora is not None:
+            self.lm = wrap_lora(self.lm, lora)
+        if loss.distill > 0 and not hasattr(self.lm, "disable_adapter"):
+            raise EarlyExitError("loss.distill needs LoRA adapters (model.lora): the teacher is the model without them")
+        if gradient_checkpointing:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ee = EarlyExitHead(self.lm)
-        self.generation = generation or GenerationArgs()
-        self.exit_layers = parse_exit_layers(exit_layers, self.ee.n_layers)
+        n = self.ee.n_layers
+        self.generation = generation
+        self.exit_layers = parse_exit_layers(exit_layers, n)
+        self.train_exits = sorted(set(parse_exit_layers(loss.exit_layers, n)) | {n})
+        self.dropout_rates = layer_dropout_rates(n, layer_dropout.p_max, layer_dropout.scale)
+        self.loss_args, self.dropout_args, self.optim_args = loss, layer_dropout, optim
+        self.strict_loading = False  # checkpoints hold the trainable (adapter) weights only
         self.done: dict[int, set[int]] = {}
-        """Example id → layers already generated (a resumed run skips them)."""
+        """Example id → layers already generated (a resumed prediction skips them)."""
+
+    # --- training -------------------------------------------------------------------------------------
+
+    def _loss(self, batch: dict, step: int, train: bool):
+        n = self.ee.n_layers
+        la = self.loss_args
+        exits = active_exits(step, self.train_exits, n, la.curriculum, la.rotation, la.gradual_interval) if train else self.train_exits
+        skip = dropped_layers(step, self.dropout_rates, self.dropout_args.seed) if train else set()
+        hidden = self.ee.hidden_states(batch["input_ids"], batch["attention_mask"], exit_layers=exits, skip=skip)
+        teacher = self._teacher(batch) if la.distill > 0 else None
+        weights = exit_weights(exits, n, la.weights, la.e_scale)
+        return early_exit_loss(hidden, batch["labels"], self.ee.exit_logits, weights, teacher, la.distill, la.chunk_size)
+
+    @torch.no_grad()
+    def _teacher(self, batch: dict) -> torch.Tensor:
+        """``[M, V]`` log-probabilities of the base model (adapters off) at the answer positions."""
+        keep = batch["labels"][:, 1:] != -100
+        with self.lm.disable_adapter():
+            hidden = self.ee.hidden_states(batch["input_ids"], batch["attention_mask"], exit_layers=[self.ee.n_layers])
+            logits = self.ee.exit_logits(hidden[self.ee.n_layers][:, :-1][keep])
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self._loss(batch, self.global_step, train=True)
+        if not torch.isfinite(out.total):
+            raise EarlyExitError(f"the training loss is {out.total.item()} at step {self.global_step} "
+                                 "(lower optim.lr, or check the data); the last checkpoint is intact")
+        self.log("train/loss", out.total, prog_bar=True)
+        for layer, ce in out.per_exit.items():
+            self.log(f"train/ce_exit_{layer}", ce)
+        return out.total
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self._loss(batch, self.global_step, train=False)
+        self.log("val/loss", out.total, prog_bar=True)
+        for layer, ce in out.per_exit.items():
+            self.log(f"val/ce_exit_{layer}", ce)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise EarlyExitError("nothing to train: configure LoRA adapters (model.lora)")
+        oa = self.optim_args
+        optimizer = torch.optim.AdamW(params, lr=oa.lr, weight_decay=oa.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, oa.warmup_steps, oa.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    # --- prediction -----------------------------------------------------------------------------------
 
     def predict_step(self, batch: dict, batch_idx: int = 0) -> list[dict]:
         """One row per (example, exit layer) not yet done: id, layer, text, tokens, n_tokens, finished."""
@@ -78,3 +255,34 @@ class EarlyExitModule(L.LightningModule):
                     "tokens": tokens,
                 })
         return rows
+
+
+def _coerce(cls, value):
+    """A dataclass argument given as a dict (a checkpoint's hyperparameters) becomes the dataclass."""
+    if value is None and cls is not LoraArgs:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def wrap_lora(model, lora: LoraArgs):
+    """Wrap ``model`` with peft LoRA; a target name the model does not have is a clear error."""
+    from peft import LoraConfig, get_peft_model
+
+    from earlyexit.arch import spec_for
+
+    targets = list(lora.target_modules or spec_for(model.config.model_type).lora_targets)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise EarlyExitError(f"LoRA target {missing[0]!r} is not a module of this {model.config.model_type} model; "
+                             f"the table's targets are {', '.join(spec_for(model.config.model_type).lora_targets)}")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -44,8 +44,8 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     args = parser.parse_args()
 
-    module = EarlyExitModule(ModelArgs(args.model, dtype=args.dtype, device=args.device),
-                             GenerationArgs(max_new_tokens=args.max_new_tokens), "quarters")
+    module = EarlyExitModule(base=ModelArgs(args.model, dtype=args.dtype, device=args.device),
+                             generation=GenerationArgs(max_new_tokens=args.max_new_tokens), exit_layers="quarters")
     device = next(module.lm.parameters()).device
     data = AlpacaDataModule(args.data, limit=args.limit, eval_size=args.limit, batch_size=args.batch_size)
     data.attach_tokenizer(module.tokenizer)

@@ -17,3 +17,22 @@ def test_there_are_configs():
 def test_evaluation_configs_parse(path):
     cfg = build_parser().parse_args(["--config", str(path)])
     assert cfg.model.name and cfg.exit_layers and cfg.out_dir
+
+
+@pytest.mark.parametrize("path", [c for c in CONFIGS if "lora" in c.name or "debug" in c.name], ids=lambda p: p.name)
+def test_training_configs_parse(path):
+    """Parsed by the training CLI itself, without building the model (no network, no weights)."""
+    from earlyexit.data import AlpacaDataModule
+    from earlyexit.module import EarlyExitModule
+    from earlyexit.train import EarlyExitCLI
+
+    class ParseOnly(EarlyExitCLI):
+        def instantiate_classes(self):
+            pass
+
+    cli = ParseOnly(EarlyExitModule, AlpacaDataModule, run=False, args=["--config", str(path)])
+    assert cli.config.model.base.name and cli.config.data.source and cli.config.trainer
+
+
+def test_the_lora_configs_exist():
+    assert {"smollm2_lora.yaml", "llama2_lora.yaml", "mistral_lora.yaml", "phi2_lora.yaml", "debug.yaml"} <= {c.name for c in CONFIGS}

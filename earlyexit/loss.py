@@ -1,0 +1,142 @@
+"""Early-exit training loss and curricula (LayerSkip, Elhoushi et al., 2024; as in torchtune's recipe).
+
+total = Σ_{l ∈ active} w_l · [ (1 − α) · CE(exit_l, labels) + α · KL(teacher ‖ exit_l) ] / Σ w_l
+
+Everything here is a pure function of tensors and of the step, so a resumed run needs no extra state.
+Exit logits are computed per exit and per chunk of answer tokens under activation checkpointing, so at
+most one ``[chunk, V]`` block of logits is alive at a time, in the forward and the backward pass; the
+``[exits, batch, seq, vocab]`` tensor never exists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from earlyexit.data import IGNORE_INDEX
+
+WeightScheme = Literal["uniform", "linear", "sum_l"]
+Curriculum = Literal["none", "rotational", "gradual"]
+
+
+def exit_weights(exit_layers: list[int], n_layers: int, scheme: WeightScheme = "sum_l", e_scale: float = 1.0) -> dict[int, float]:
+    """Weights of the exits, normalised to sum to 1.
+
+    ``uniform``: 1; ``linear``: l; ``sum_l``: 1 + 2 + … + l (LayerSkip's cumulative scale). ``e_scale``
+    multiplies every exit below the last, so the last layer's share can be protected (``e_scale < 1``).
+    """
+    raw = {}
+    for layer in exit_layers:
+        w = {"uniform": 1.0, "linear": float(layer), "sum_l": layer * (layer + 1) / 2.0}[scheme]
+        raw[layer] = w * (e_scale if layer < n_layers else 1.0)
+    total = sum(raw.values())
+    return {layer: w / total for layer, w in raw.items()}
+
+
+def active_exits(step: int, exit_layers: list[int], n_layers: int, curriculum: Curriculum = "none",
+                 rotation: int = 2, gradual_interval: int = 100) -> list[int]:
+    """Exits trained at ``step``; the last layer is always among them.
+
+    ``rotational``: every ``rotation``-th early exit, the offset advancing by one each step.
+    ``gradual``: early exits are switched on from the deepest to the shallowest, one more every
+    ``gradual_interval`` steps.
+    """
+    early = [layer for layer in exit_layers if layer < n_layers]
+    if curriculum == "rotational":
+        early = [layer for i, layer in enumerate(early) if (i - step) % rotation == 0]
+    elif curriculum == "gradual":
+        enabled = min(len(early), step // gradual_interval)
+        early = early[len(early) - enabled :] if enabled else []
+    return early + [n_layers]
+
+
+@dataclass
+class LossOutput:
+    """The weighted total and, per exit, its unweighted cross-entropy (nats/token, detached)."""
+
+    total: torch.Tensor
+    per_exit: dict[int, torch.Tensor]
+
+
+def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, target: torch.Tensor,
+                teacher: torch.Tensor | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and summed distillation KL of one chunk. hidden: [M, D]; target: [M]; teacher: [M, V] log-probs."""
+    logp = F.log_softmax(head(hidden).float(), dim=-1)  # [M, V]
+    ce = F.nll_loss(logp, target, reduction="sum")
+    kl = (teacher.exp() * (teacher - logp)).sum() if teacher is not None and alpha > 0 else logp.new_zeros(())
+    return ce, kl
+
+
+def early_exit_loss(
+    hidden: dict[int, torch.Tensor],
+    labels: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    weights: dict[int, float],
+    teacher: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    chunk_size: int = 1024,
+) -> LossOutput:
+    """Weighted early-exit loss over the answer tokens.
+
+    Args:
+        hidden: ``{layer: [B, T, D]}`` raw block outputs (see ``EarlyExitHead.hidden_states``).
+        labels: ``[B, T]`` token ids, -100 where no loss is taken (the prompt, padding).
+        head: raw hidden ``[M, D]`` → logits ``[M, V]`` (the model's own final norm and head).
+        weights: ``{layer: w}`` over the active exits (renormalised here).
+        teacher: optional ``[M, V]`` log-probabilities at the answer positions (e.g. the base model's final
+            layer), for self-distillation.
+        alpha: share of the distillation term, 0..1.
+        chunk_size: answer tokens per logits block.
+    """
+    target = labels[:, 1:]  # [B, T-1]: position t predicts token t + 1
+    keep = target != IGNORE_INDEX
+    tgt = target[keep]  # [M]
+    count = max(int(tgt.numel()), 1)
+    norm = sum(weights.values())
+    total = None
+    per_exit = {}
+    for layer, weight in weights.items():
+        states = hidden[layer][:, :-1][keep]  # [M, D]
+        ce_sum = kl_sum = None
+        for start in range(0, states.shape[0], chunk_size):
+            piece = slice(start, start + chunk_size)
+            t_piece = teacher[piece] if teacher is not None else None
+            if torch.is_grad_enabled() and states.requires_grad:
+                ce, kl = checkpoint(_chunk_loss, head, states[piece], tgt[piece], t_piece, alpha, use_reentrant=False)
+            else:
+                ce, kl = _chunk_loss(head, states[piece], tgt[piece], t_piece, alpha)
+            ce_sum = ce if ce_sum is None else ce_sum + ce
+            kl_sum = kl if kl_sum is None else kl_sum + kl
+        if ce_sum is None:  # no answer token in this batch
+            ce_sum = kl_sum = states.sum() * 0.0
+        loss = ((1 - alpha) * ce_sum + alpha * kl_sum) / count
+        per_exit[layer] = (ce_sum / count).detach()
+        total = weight / norm * loss if total is None else total + weight / norm * loss
+    return LossOutput(total=total, per_exit=per_exit)
+
+
+def layer_dropout_rates(n_layers: int, p_max: float, scale: Literal["exp", "linear", "uniform"] = "exp") -> list[float]:
+    """Skip probability of blocks 1..N: ``p_max · D(l)``, D rising from 0 at the first block to 1 at the last.
+
+    ``exp``: D(l) = 2^((l−1)/(N−1)) − 1 (LayerSkip's exponential); ``linear``: (l−1)/(N−1); ``uniform``: 1.
+    """
+    rates = []
+    for layer in range(1, n_layers + 1):
+        x = (layer - 1) / max(n_layers - 1, 1)
+        d = {"exp": math.pow(2.0, x) - 1.0, "linear": x, "uniform": 1.0}[scale]
+        rates.append(p_max * d)
+    return rates
+
+
+def dropped_layers(step: int, rates: list[float], seed: int = 0) -> set[int]:
+    """Blocks (1..N) skipped at ``step``: a seeded draw per step, so a resumed run drops the same blocks."""
+    if not any(rates):
+        return set()
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    draws = torch.rand(len(rates), generator=gen)
+    return {layer for layer, (u, p) in enumerate(zip(draws.tolist(), rates), start=1) if u < p}

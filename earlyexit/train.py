@@ -1,0 +1,62 @@
+"""Early-exit LoRA fine-tuning on the Lightning Trainer (LayerSkip's loss, curricula and layer dropout).
+
+    python -m earlyexit.train --config configs/smollm2_lora.yaml
+    python -m earlyexit.train --config configs/llama2_lora.yaml --trainer.devices 4
+    python -m earlyexit.train --config configs/debug.yaml --ckpt_path checkpoints/debug/last.ckpt   # resume
+
+The YAML's ``model:``, ``data:`` and ``trainer:`` keys are the ``__init__`` arguments of
+:class:`~earlyexit.module.EarlyExitModule`, :class:`~earlyexit.data.AlpacaDataModule` and
+``lightning.Trainer``. The resolved config is saved beside the checkpoints, and the peft adapter is
+exported to ``<default_root_dir>/adapter`` at the end, ready for ``evaluate --model.adapter``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningCLI
+
+from earlyexit.data import AlpacaDataModule
+from earlyexit.errors import report_errors
+from earlyexit.module import EarlyExitModule
+
+
+class AdapterExport(Callback):
+    """Saves the peft adapter (and the tokenizer) to ``<default_root_dir>/adapter`` when training ends."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and hasattr(pl_module.lm, "save_pretrained"):
+            target = Path(trainer.default_root_dir) / "adapter"
+            pl_module.lm.save_pretrained(target)
+            print(f"adapter saved to {target}", file=sys.stderr)
+
+
+class EarlyExitCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from (exact resume)")
+
+
+@report_errors
+def main(args: list[str] | None = None) -> None:
+    cli = EarlyExitCLI(
+        EarlyExitModule,
+        AlpacaDataModule,
+        run=False,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [AdapterExport()]},
+        parser_kwargs={"prog": "python -m earlyexit.train", "description": __doc__.split("\n\n")[0]},
+    )
+    cli.datamodule.attach_tokenizer(cli.model.tokenizer)
+    ckpt = cli.config.get("ckpt_path")
+    if ckpt and not Path(ckpt).is_file():
+        from earlyexit.errors import EarlyExitError
+
+        raise EarlyExitError(f"checkpoint {ckpt!r} not found")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+
+
+if __name__ == "__main__":
+    main()

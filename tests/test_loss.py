@@ -1,0 +1,110 @@
+"""The early-exit loss against a naive per-layer loop; weights, curricula and layer dropout tables."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from earlyexit.loss import active_exits, dropped_layers, early_exit_loss, exit_weights, layer_dropout_rates
+from earlyexit.model import EarlyExitHead
+from tiny import tiny_model
+
+
+def naive(hidden, labels, head, weights, teacher=None, alpha=0.0):
+    """Reference: full [B, T, V] logits per layer, F.cross_entropy, explicit KL, weighted mean."""
+    total = 0.0
+    norm = sum(weights.values())
+    keep = labels[:, 1:] != -100
+    for layer, w in weights.items():
+        logits = head(hidden[layer])[:, :-1].float()  # [B, T-1, V]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss = ce
+        if teacher is not None:
+            logp = F.log_softmax(logits[keep], -1)
+            kl = F.kl_div(logp, teacher, log_target=True, reduction="batchmean")
+            loss = (1 - alpha) * ce + alpha * kl
+        total = total + w / norm * loss
+    return total
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_chunked_loss_equals_naive_loop_and_gradients(tiny, chunk, alpha):
+    ee = EarlyExitHead(tiny)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (3, 9), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[2, 6:] = -100
+    weights = exit_weights([1, 3, 4], 4, "sum_l", e_scale=0.5)
+    teacher = None
+    if alpha:
+        m = int((labels[:, 1:] != -100).sum())
+        teacher = F.log_softmax(torch.randn(m, 128, generator=g), -1)
+
+    def run(fn):
+        tiny.zero_grad()
+        hidden = ee.hidden_states(ids, exit_layers=[1, 3, 4])
+        loss = fn(hidden)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in tiny.parameters() if p.grad is not None]
+
+    ours, ours_grad = run(lambda h: early_exit_loss(h, labels, ee.exit_logits, weights, teacher, alpha, chunk).total)
+    ref, ref_grad = run(lambda h: naive(h, labels, ee.exit_logits, weights, teacher, alpha))
+    assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours_grad, ref_grad):
+        assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_per_exit_cross_entropy_is_reported():
+    ee = EarlyExitHead(tiny_model("llama"))
+    ids = torch.randint(3, 128, (2, 6))
+    out = early_exit_loss(ee.hidden_states(ids), ids, ee.exit_logits, exit_weights([2, 4], 4, "uniform"))
+    assert set(out.per_exit) == {2, 4}
+    full = F.cross_entropy(ee(ids)[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+    assert_close(out.per_exit[4], full)
+
+
+def test_weight_schemes():
+    assert exit_weights([1, 2, 4], 4, "uniform") == pytest.approx({1: 1 / 3, 2: 1 / 3, 4: 1 / 3})
+    assert exit_weights([1, 2, 4], 4, "linear") == pytest.approx({1: 1 / 7, 2: 2 / 7, 4: 4 / 7})
+    assert exit_weights([1, 2, 4], 4, "sum_l") == pytest.approx({1: 1 / 14, 2: 3 / 14, 4: 10 / 14})
+    assert exit_weights([2, 4], 4, "uniform", e_scale=0.5) == pytest.approx({2: 1 / 3, 4: 2 / 3})
+
+
+def test_curricula():
+    exits = [2, 4, 6, 8]
+    assert active_exits(7, exits, 8, "none") == [2, 4, 6, 8]
+    assert [active_exits(s, exits, 8, "rotational", rotation=2) for s in range(3)] == [[2, 6, 8], [4, 8], [2, 6, 8]]
+    assert [active_exits(s, exits, 8, "rotational", rotation=3) for s in range(3)] == [[2, 8], [4, 8], [6, 8]]
+    assert [active_exits(s, exits, 8, "gradual", gradual_interval=10) for s in (0, 9, 10, 25, 30, 99)] == [
+        [8], [8], [6, 8], [4, 6, 8], [2, 4, 6, 8], [2, 4, 6, 8]]
+
+
+def test_layer_dropout_rates_and_frequencies():
+    rates = layer_dropout_rates(5, 0.4, "linear")
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    exp = layer_dropout_rates(5, 0.4, "exp")
+    assert exp[0] == 0 and exp[-1] == pytest.approx(0.4) and all(a < b for a, b in zip(exp, exp[1:]))
+    assert layer_dropout_rates(3, 0.2, "uniform") == pytest.approx([0.2] * 3)
+    counts = torch.zeros(5)
+    steps = 4000
+    for step in range(steps):
+        for layer in dropped_layers(step, rates, seed=1):
+            counts[layer - 1] += 1
+    assert counts[0] == 0
+    assert_close(counts / steps, torch.tensor(rates), atol=0.03, rtol=0)
+    assert dropped_layers(17, rates, seed=1) == dropped_layers(17, rates, seed=1)  # a pure function of the step
+    assert dropped_layers(3, [0.0] * 5) == set()
+
+
+def test_skipped_blocks_are_not_run_and_pass_their_input_through(tiny):
+    ee = EarlyExitHead(tiny)
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(ee.blocks, 1)]
+    ids = torch.randint(3, 128, (2, 5))
+    hidden = ee.hidden_states(ids, skip={2, 3})
+    for h in hooks:
+        h.remove()
+    assert ran == [1, 4]
+    assert torch.equal(hidden[2], hidden[1]) and torch.equal(hidden[3], hidden[1])

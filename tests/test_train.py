@@ -1,0 +1,132 @@
+"""Early-exit LoRA training: smoke run, adapter export and reload, exact resume, refusals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.testing import assert_close
+
+from earlyexit.data import AlpacaDataModule
+from earlyexit.errors import EarlyExitError
+from earlyexit.loading import ModelArgs, load_model
+from earlyexit.model import EarlyExitHead
+from earlyexit.module import EarlyExitModule, ExitLossArgs, LayerDropoutArgs, LoraArgs, OptimArgs
+from earlyexit.train import main
+from tiny import save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = [{"instruction": f"Repeat {i}.", "input": "", "output": f"{i} {i} {i}."} for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("train-model"))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train-data") / "alpaca_data.json"
+    path.write_text(json.dumps(RECORDS))
+    return str(path)
+
+
+def cli_args(tiny_dir, data_file, root, *extra):
+    return ["--config", str(ROOT / "configs" / "debug.yaml"), "--model.base.name", tiny_dir,
+            "--data.source", data_file, "--trainer.default_root_dir", str(root), *extra]
+
+
+def test_two_step_smoke_run_exports_an_adapter_that_reloads_to_identical_logits(tiny_dir, data_file, tmp_path):
+    main(cli_args(tiny_dir, data_file, tmp_path))
+    assert (tmp_path / "config.yaml").is_file()
+    ckpts = list((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert ckpts and all(p.stat().st_size < 200_000 for p in ckpts)  # adapter weights only
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2 and all("lora" in k for k in state["state_dict"])
+    module = EarlyExitModule.load_from_checkpoint(ckpts[0], map_location="cpu")
+    loaded, _ = load_model(ModelArgs(name=tiny_dir, device="cpu", adapter=str(tmp_path / "adapter")))
+    ids = torch.randint(3, 100, (2, 9))
+    module.eval()
+    for layer in (1, 4):
+        assert_close(EarlyExitHead(loaded)(ids, exit_layer=layer), module.ee(ids, exit_layer=layer))
+    base, _ = load_model(ModelArgs(name=tiny_dir, device="cpu"))
+    assert not torch.allclose(EarlyExitHead(base)(ids, exit_layer=1), module.ee(ids, exit_layer=1))  # it trained
+
+
+class Losses(Callback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def fit(tiny_dir, data_file, root, max_steps, ckpt_path=None):
+    torch.manual_seed(0)
+    module = EarlyExitModule(
+        base=ModelArgs(name=tiny_dir, device="cpu"), lora=LoraArgs(r=4, alpha=8),
+        loss=ExitLossArgs(exit_layers="all", curriculum="rotational", distill=0.3),
+        layer_dropout=LayerDropoutArgs(p_max=0.3, seed=1), optim=OptimArgs(lr=3e-3, warmup_steps=2),
+    )
+    data = AlpacaDataModule(data_file, template="alpaca", eval_size=4, val_size=4, batch_size=4, max_length=200)
+    data.attach_tokenizer(module.tokenizer)
+    losses = Losses()
+    every = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[losses, every], default_root_dir=root)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return losses.losses
+
+
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_next_losses(tiny_dir, data_file, tmp_path):
+    # 32 training records / batch 4 = 8 batches an epoch: the checkpoint at step 3 is mid-epoch, and the
+    # run goes on into a second epoch.
+    full = fit(tiny_dir, data_file, tmp_path / "full", max_steps=11)
+    resumed = fit(tiny_dir, data_file, tmp_path / "resumed", max_steps=11, ckpt_path=str(tmp_path / "full" / "step=3.ckpt"))
+    assert sorted(resumed) == list(range(4, 12))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6), step
+
+
+def test_layer_dropout_only_in_training(tiny_dir):
+    module = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), lora=LoraArgs(r=2),
+                             layer_dropout=LayerDropoutArgs(p_max=1.0, scale="uniform"))
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(module.ee.blocks, 1)]
+    ids = torch.randint(3, 100, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    module._loss(batch, step=0, train=True)
+    assert ran == [1]  # p = 1 everywhere: every block but the first is skipped
+    ran.clear()
+    module.validation_step(batch, 0) if False else module._loss(batch, step=0, train=False)
+    assert ran == [1, 2, 3, 4]
+    for h in hooks:
+        h.remove()
+
+
+def test_nan_loss_stops_with_the_step(tiny_dir, monkeypatch):
+    module = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), lora=LoraArgs(r=2))
+    ids = torch.randint(3, 100, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        module.ee.head.weight.fill_(float("nan"))
+    with pytest.raises(EarlyExitError, match="the training loss is nan at step 0"):
+        module.training_step(batch, 0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.lora.nonexistent", "1"], "nonexistent"),
+    (["--model.lora.target_modules", "[q_proj, w_gate]"], "LoRA target 'w_gate' is not a module"),
+    (["--model.loss.exit_layers", "2,9"], "exit layer 9 is out of range"),
+    (["--ckpt_path", "/no/such.ckpt"], "checkpoint '/no/such.ckpt' not found"),
+])
+def test_bad_input(tiny_dir, data_file, tmp_path, extra, message):
+    cmd = [sys.executable, "-m", "earlyexit.train", *cli_args(tiny_dir, data_file, tmp_path, *extra)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert message in proc.stderr, proc.stderr[-2000:]
