@@ -185,7 +185,8 @@ def build_parser() -> ArgumentParser:
                         help="quarters (N/4, N/2, 3N/4, N), all, everyK (every K-th from the top), or a list like 8,16,24,32")
     parser.add_argument("--out_dir", type=str, default="results/evaluate", help="results directory (resumed if it exists)")
     parser.add_argument("--compare", type=list[str] | None, default=None,
-                        help="two results directories to print side by side (no evaluation runs)")
+                        help="results directories to compare with the first, per layer (no evaluation runs)")
+    parser.add_argument("--compare_plot", type=str | None, default=None, help="with --compare: save an overlaid figure here")
     return parser
 
 
@@ -259,9 +260,10 @@ def write_plot(results: ResultsDir, report: dict, names: list[str]) -> None:
     fig.savefig(results.path / "metrics.png", dpi=120)
 
 
-def compare(dirs: list[str]) -> str:
-    if len(dirs) != 2:
-        raise EarlyExitError(f"--compare takes two results directories, got {len(dirs)}")
+def compare(dirs: list[str], plot: str | None = None) -> str:
+    """Tables of each run against the first (e.g. base vs fine-tuned), and optionally one overlaid figure."""
+    if len(dirs) < 2:
+        raise EarlyExitError(f"--compare takes at least two results directories, got {len(dirs)}")
     reports = []
     for d in dirs:
         try:
@@ -270,8 +272,17 @@ def compare(dirs: list[str]) -> str:
         except FileNotFoundError:
             raise EarlyExitError(f"{d}/metrics.json not found: run the evaluation into {d} first") from None
     names = [n for n in METRICS if all(n in r["layers"][0] for r in reports)]
-    table = format_comparison(reports[0], reports[1], names, labels=("A", "B"))
-    return f"A = {dirs[0]}\nB = {dirs[1]}\n\n{table}"
+    parts = [f"A = {dirs[0]}"]
+    for d, report in zip(dirs[1:], reports[1:]):
+        parts += ["", f"B = {d}", "", format_comparison(reports[0], report, names, labels=("A", "B"))]
+    if plot:
+        from earlyexit.plotting import metrics_by_layer
+
+        layers = sorted(set.intersection(*({e["layer"] for e in r["layers"]} for r in reports)))
+        series = [{n: [next(e[n] for e in r["layers"] if e["layer"] == l) for l in layers] for n in names} for r in reports]
+        fig = metrics_by_layer(layers, series[0], label=dirs[0], overlay=dict(zip(dirs[1:], series[1:])))
+        fig.savefig(plot, dpi=120)
+    return "\n".join(parts)
 
 
 @report_errors
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     cfg = parser.parse_args(argv)
     if cfg.compare:
-        print(compare(cfg.compare))
+        print(compare(cfg.compare, cfg.compare_plot))
         return
     run(cfg, parser)
 

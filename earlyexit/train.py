@@ -2,12 +2,14 @@
 
     python -m earlyexit.train --config configs/smollm2_lora.yaml
     python -m earlyexit.train --config configs/llama2_lora.yaml --trainer.devices 4
-    python -m earlyexit.train --config configs/debug.yaml --ckpt_path checkpoints/debug/last.ckpt   # resume
+    python -m earlyexit.train --config configs/debug.yaml --ckpt_path checkpoints/debug/checkpoints/last.ckpt   # resume
 
 The YAML's ``model:``, ``data:`` and ``trainer:`` keys are the ``__init__`` arguments of
 :class:`~earlyexit.module.EarlyExitModule`, :class:`~earlyexit.data.AlpacaDataModule` and
 ``lightning.Trainer``. The resolved config is saved beside the checkpoints, and the peft adapter is
-exported to ``<default_root_dir>/adapter`` at the end, ready for ``evaluate --model.adapter``.
+exported to ``<default_root_dir>/adapter`` at the end, ready for ``evaluate --model.adapter``. Checkpoints
+(adapter weights, optimiser, schedule, loop state) go to ``<default_root_dir>/checkpoints``: every 100 steps
+and ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from earlyexit.data import AlpacaDataModule
@@ -46,10 +48,13 @@ def main(args: list[str] | None = None) -> None:
         run=False,
         args=args,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [AdapterExport()]},
+        trainer_defaults={"callbacks": [AdapterExport(), ModelCheckpoint(save_last=True, every_n_train_steps=100)]},
         parser_kwargs={"prog": "python -m earlyexit.train", "description": __doc__.split("\n\n")[0]},
     )
     cli.datamodule.attach_tokenizer(cli.model.tokenizer)
+    for callback in cli.trainer.checkpoint_callbacks:  # one predictable place: <default_root_dir>/checkpoints/last.ckpt
+        if callback.dirpath is None:
+            callback.dirpath = str(Path(cli.trainer.default_root_dir) / "checkpoints")
     ckpt = cli.config.get("ckpt_path")
     if ckpt and not Path(ckpt).is_file():
         from earlyexit.errors import EarlyExitError

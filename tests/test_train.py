@@ -43,6 +43,7 @@ def cli_args(tiny_dir, data_file, root, *extra):
 def test_two_step_smoke_run_exports_an_adapter_that_reloads_to_identical_logits(tiny_dir, data_file, tmp_path):
     main(cli_args(tiny_dir, data_file, tmp_path))
     assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     ckpts = list((tmp_path / "checkpoints").glob("*.ckpt"))
     assert ckpts and all(p.stat().st_size < 200_000 for p in ckpts)  # adapter weights only
     state = torch.load(ckpts[0], map_location="cpu", weights_only=False)
