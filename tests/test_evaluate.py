@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from earlyexit.evaluate import agreement, format_table, main
-from tiny import save_tiny
+from tiny import records_file
 
 RECORDS = [{"instruction": f"Say the number {i}.", "input": "" if i % 3 else "context", "output": f"The number is {i}."}
            for i in range(40)]
@@ -22,15 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "alpaca_data.json"
-    path.write_text(json.dumps(RECORDS))
-    return str(path)
+    return records_file(tmp_path_factory, RECORDS)
 
 
 def args(tiny_dir, data_file, out_dir, *extra):
@@ -154,6 +146,12 @@ def test_compare(tiny_dir, data_file, tmp_path, capsys):
     main(["--compare", f"[{tmp_path / 'a'}, {tmp_path / 'b'}]"])
     out = capsys.readouterr().out
     assert "| Layer | BLEU A | BLEU B | ROUGE-L A | ROUGE-L B | Δ BLEU | Δ ROUGE-L |" in out
+
+
+def test_agreement_needs_the_last_layer(tiny_dir, data_file, tmp_path):
+    main(args(tiny_dir, data_file, tmp_path / "run", "--exit_layers", "1,3"))
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [e["agreement_with_final"] for e in report["layers"]] == [None, None]
 
 
 def test_agreement():

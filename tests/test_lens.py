@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from earlyexit.data import AlpacaDataModule
 from earlyexit.lens import TunedLens, dataset_lens, main, token_lens, train_tuned_lens
 from earlyexit.model import EarlyExitHead
-from tiny import char_tokenizer, save_tiny, tiny_model
+from tiny import char_tokenizer, records_file, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, ANSWER = [2, 40, 41, 42, 43, 44], [50, 51, 52, 53, 54, 55, 56]
@@ -104,15 +104,8 @@ def test_tuned_lens_save_and_load(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("lens-model"))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lens-data") / "alpaca_data.json"
-    path.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"It is {i}."} for i in range(30)]))
-    return str(path)
+    return records_file(tmp_path_factory, [{"instruction": f"Say {i}.", "input": "", "output": f"It is {i}."} for i in range(30)])
 
 
 def test_figures_and_numbers_without_a_display(tiny_dir, data_file, tmp_path):

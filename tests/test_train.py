@@ -1,6 +1,5 @@
 """Early-exit LoRA training: smoke run, adapter export and reload, exact resume, refusals."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,22 +16,15 @@ from earlyexit.loading import ModelArgs, load_model
 from earlyexit.model import EarlyExitHead
 from earlyexit.module import EarlyExitModule, ExitLossArgs, LayerDropoutArgs, LoraArgs, OptimArgs
 from earlyexit.train import main
-from tiny import save_tiny
+from tiny import records_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [{"instruction": f"Repeat {i}.", "input": "", "output": f"{i} {i} {i}."} for i in range(40)]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("train-model"))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("train-data") / "alpaca_data.json"
-    path.write_text(json.dumps(RECORDS))
-    return str(path)
+    return records_file(tmp_path_factory, RECORDS)
 
 
 def cli_args(tiny_dir, data_file, root, *extra):

@@ -59,3 +59,12 @@ def save_tiny(directory, model_type: str = "llama", seed: int = 0) -> str:
     model.save_pretrained(directory)
     char_tokenizer().save_pretrained(directory)
     return str(directory)
+
+
+def records_file(tmp_path_factory, records: list[dict]) -> str:
+    """Write Alpaca records to a fresh ``alpaca_data.json`` and return its path."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "alpaca_data.json"
+    path.write_text(json.dumps(records))
+    return str(path)
