@@ -6,8 +6,8 @@ killed run resumes where it stopped. BLEU, ROUGE-L and BERTScore per layer equal
 libraries (see :mod:`earlyexit.metrics`), with paired-bootstrap 95% intervals.
 
     python -m earlyexit.evaluate                                   # SmolLM2, quarters, hub Alpaca
-    python -m earlyexit.evaluate --config configs/smollm2_eval.yaml
-    python -m earlyexit.evaluate --compare results/base results/finetuned
+    python -m earlyexit.evaluate --config configs/smollm2_layers.yaml
+    python -m earlyexit.evaluate --compare '[results/base, results/finetuned]' 
 """
 
 from __future__ import annotations
