@@ -108,6 +108,28 @@ def materialize_default(root: Path | None = None) -> Path:
     return target
 
 
+TINY_PREFIX = "tiny-random-"
+
+
+def materialize_tiny(name: str) -> str:
+    """``tiny-random-<model_type>``: a seeded 4-layer random model (< 1M parameters), saved once to the cache."""
+    from earlyexit.tiny import TINY_CONFIGS, save_tiny
+
+    model_type = name[len(TINY_PREFIX) :]
+    if model_type not in TINY_CONFIGS:
+        raise EarlyExitError(f"no tiny model {name!r}; choose from {', '.join(TINY_PREFIX + t for t in sorted(TINY_CONFIGS))}")
+    target = cache_root() / name
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        try:
+            save_tiny(staging, model_type)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
 def _looks_like_path(name: str) -> bool:
     """HF ids are ``name`` or ``org/name``; anything else that does not exist is a missing local path."""
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/")
@@ -117,6 +139,8 @@ def resolve_model_path(name: str) -> str:
     """Map ``name`` to something ``from_pretrained`` takes; fail clearly for a missing local path."""
     if name == DEFAULT_MODEL:
         return str(materialize_default())
+    if name.startswith(TINY_PREFIX):
+        return materialize_tiny(name)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -28,6 +28,14 @@ def test_missing_paths(name, message):
         resolve_model_path(name)
 
 
+def test_tiny_random_models_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path))
+    model, tok = load_model(ModelArgs(name="tiny-random-gpt2", device="cpu"))
+    assert model.config.model_type == "gpt2" and sum(p.numel() for p in model.parameters()) < 1_000_000
+    with pytest.raises(EarlyExitError, match="no tiny model 'tiny-random-bert'"):
+        resolve_model_path("tiny-random-bert")
+
+
 def test_directory_without_config(tmp_path):
     with pytest.raises(EarlyExitError, match="has no config.json"):
         resolve_model_path(str(tmp_path))

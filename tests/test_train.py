@@ -50,6 +50,14 @@ def test_two_step_smoke_run_exports_an_adapter_that_reloads_to_identical_logits(
     assert not torch.allclose(EarlyExitHead(base)(ids, exit_layer=1), module.ee(ids, exit_layer=1))  # it trained
 
 
+def test_debug_config_runs_as_shipped(tmp_path, monkeypatch, alpaca_path):
+    monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    main(["--config", str(ROOT / "configs" / "debug.yaml"), "--data.source", alpaca_path,
+          "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert (tmp_path / "cache" / "tiny-random-llama" / "config.json").is_file()
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
 class Losses(Callback):
     def __init__(self):
         self.losses = {}

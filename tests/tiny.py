@@ -1,64 +1,8 @@
-"""Tiny random models of every family in the architecture table, built from configs (no network)."""
+"""Test helpers: the package's tiny models (earlyexit.tiny) and a records writer."""
 
-from __future__ import annotations
+from earlyexit.tiny import BOS, EOS, PAD, TINY_CONFIGS, VOCAB, char_tokenizer, save_tiny, tiny_model
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-
-VOCAB = 128
-EOS, PAD, BOS = 1, 0, 2
-_COMMON = dict(vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=BOS, tie_word_embeddings=False)
-_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256)
-
-TINY_CONFIGS: dict[str, dict] = {
-    "llama": dict(**_DECODER, num_key_value_heads=2),
-    "mistral": dict(**_DECODER, num_key_value_heads=2, sliding_window=8),
-    "qwen2": dict(**_DECODER, num_key_value_heads=2),
-    "gemma": dict(**_DECODER, num_key_value_heads=2, head_dim=8),
-    "gemma2": dict(**_DECODER, num_key_value_heads=2, head_dim=8, sliding_window=8, final_logit_softcapping=2.0),
-    "phi": dict(**_DECODER, partial_rotary_factor=0.5),
-    "phi3": dict(**_DECODER, num_key_value_heads=2),
-    "gpt2": dict(n_embd=32, n_inner=64, n_layer=4, n_head=4, n_positions=256),
-    "gpt_neox": dict(**_DECODER, rotary_pct=0.5),
-}
-
-
-def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """A seeded random ``*ForCausalLM`` of ``model_type`` with 4 layers and < 1M parameters, in eval mode."""
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **_COMMON, **TINY_CONFIGS[model_type])
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    assert n_params < 1_000_000, f"tiny {model_type} has {n_params} parameters"
-    assert model.config.num_hidden_layers == 4
-    return model
-
-
-def char_tokenizer():
-    """A real character-level fast tokenizer (ids match the tiny models' EOS/PAD/BOS), built offline."""
-    import string
-
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": PAD, "</s>": EOS, "<s>": BOS, **{c: i + 3 for i, c in enumerate(string.printable)}}
-    assert len(vocab) <= VOCAB
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
-    tok.padding_side = "left"
-    return tok
-
-
-def save_tiny(directory, model_type: str = "llama", seed: int = 0) -> str:
-    """Save a tiny model with the character tokenizer as a loadable model directory."""
-    model = tiny_model(model_type, seed)
-    model.generation_config.eos_token_id = EOS
-    model.generation_config.pad_token_id = PAD
-    model.save_pretrained(directory)
-    char_tokenizer().save_pretrained(directory)
-    return str(directory)
+__all__ = ["BOS", "EOS", "PAD", "TINY_CONFIGS", "VOCAB", "char_tokenizer", "records_file", "save_tiny", "tiny_model"]
 
 
 def records_file(tmp_path_factory, records: list[dict]) -> str:
