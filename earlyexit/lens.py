@@ -377,7 +377,6 @@ def run(cfg) -> None:
         from earlyexit.plotting import metrics_by_layer
 
         data.hparams.limit = cfg.limit
-        data.setup("predict")
         records = [r for _, r in data.eval_records()]
         from earlyexit.data import encode_example
 
