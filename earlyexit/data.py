@@ -247,7 +247,7 @@ class AlpacaDataModule(L.LightningDataModule):
         hp = self.hparams
         if stage == "predict":
             self.predict_set = [
-                {"id": index, "prompt_ids": self._prompt_ids(record), "reference": record["output"]}
+                {"id": index, "prompt_ids": self.prompt_ids(record), "reference": record["output"]}
                 for index, record in self.eval_records()
             ]
             return
@@ -259,7 +259,8 @@ class AlpacaDataModule(L.LightningDataModule):
         encoded = [encode_example(r, self.tokenizer, hp.template, hp.max_length) for r in rest]
         self.val_set, self.train_set = encoded[: hp.val_size], encoded[hp.val_size :]
 
-    def _prompt_ids(self, record: dict) -> list[int]:
+    def prompt_ids(self, record: dict) -> list[int]:
+        """The prompt of ``record``, tokenised, keeping its last ``max_length`` tokens."""
         ids = encode_prompt(record, self.tokenizer, self.hparams.template)
         return ids[-self.hparams.max_length :]
 

@@ -198,35 +198,12 @@ def run(cfg, parser: ArgumentParser) -> dict:
     data = AlpacaDataModule(**cfg.data)
     examples = data.eval_records()  # bad data fails here, before any model is loaded
     device = resolve_device(model_args.device)
-    fingerprint = {
-        "model": model_args.name,
-        "adapter": model_args.adapter,
-        "dtype": str(resolve_dtype(model_args.dtype, device)),
-        "data": cfg.data.source,
-        "template": cfg.data.template,
-        "max_length": cfg.data.max_length,
-        "generation": asdict(generation),
-    }
+    fingerprint = generation_fingerprint(model_args, data, generation, device)
     bertscore = resolve_bertscore_model(metrics.bertscore_model, metrics.bertscore_layer) if "bertscore" in metrics.names else None
     module = EarlyExitModule(base=model_args, generation=generation, exit_layers=cfg.exit_layers)  # a bad model or layer fails before any write
     results = ResultsDir(cfg.out_dir, fingerprint)
     results.write_text("config.yaml", parser.dump(cfg))
-    module.done = {}
-    for row in results.generations():
-        module.done.setdefault(row["id"], set()).add(row["layer"])
-    todo = {i for i, _ in examples if not set(module.exit_layers) <= module.done.get(i, set())}
-    data.attach_tokenizer(module.tokenizer)
-    data.setup("predict")
-    data.predict_set = [ex for ex in data.predict_set if ex["id"] in todo]
-    print(f"{len(examples)} examples × {len(module.exit_layers)} exit layers {module.exit_layers}; "
-          f"{len(examples) - len(todo)} examples already done in {results.path}", file=sys.stderr)
-    if data.predict_set:
-        trainer = L.Trainer(
-            accelerator="gpu" if device.type == "cuda" and trainer_args.accelerator == "auto" else trainer_args.accelerator,
-            devices=trainer_args.devices, logger=False, enable_checkpointing=False, enable_model_summary=False,
-            callbacks=[GenerationWriter(results)],
-        )
-        trainer.predict(module, dataloaders=data.predict_dataloader(), return_predictions=False)
+    generate_answers(module, results, data, examples, trainer_args, device)
     references = {i: r["output"] for i, r in examples}
     report = score(results.generations(), references, module.exit_layers, module.ee.n_layers, metrics, bertscore)
     report.update({
@@ -235,7 +212,7 @@ def run(cfg, parser: ArgumentParser) -> dict:
         "n_layers": module.ee.n_layers,
         "data": cfg.data.source,
         "generation": asdict(generation),
-        "bleu_signature": CorpusBLEU.signature(),
+        "bleu_signature": CorpusBLEU.signature() if "bleu" in metrics.names else None,
         "rouge": {"variant": "rougeL", "use_stemmer": metrics.rouge_stemmer, "aggregate": "mean F-measure"},
         "bertscore": asdict(bertscore) if bertscore else None,
         "bootstrap": {"resamples": metrics.bootstrap, "seed": metrics.seed, "level": 0.95, "paired": True},
@@ -247,6 +224,46 @@ def run(cfg, parser: ArgumentParser) -> dict:
     print(table)
     print(f"\nresults: {results.path}", file=sys.stderr)
     return report
+
+
+def generation_fingerprint(model_args: ModelArgs, data: AlpacaDataModule, generation: GenerationArgs, device,
+                           **extra) -> dict:
+    """What the generations of a results directory depend on (a directory never mixes two of them)."""
+    hp = data.hparams
+    return {
+        "model": model_args.name,
+        "adapter": model_args.adapter,
+        "dtype": str(resolve_dtype(model_args.dtype, device)),
+        "data": hp.source,
+        "template": hp.template,
+        "max_length": hp.max_length,
+        "generation": asdict(generation),
+        **extra,
+    }
+
+
+def generate_answers(module: EarlyExitModule, results: ResultsDir, data: AlpacaDataModule,
+                     examples: list[tuple[int, dict]], trainer_args: TrainerArgs, device) -> None:
+    """Generate every (example, exit layer) answer that ``results`` does not hold yet, through the predict loop.
+
+    ``examples`` are ``(id, record)`` pairs of Alpaca-shaped records; the prompt is rendered by ``data``.
+    """
+    module.done = {}
+    for row in results.generations():
+        module.done.setdefault(row["id"], set()).add(row["layer"])
+    todo = [(i, r) for i, r in examples if not set(module.exit_layers) <= module.done.get(i, set())]
+    data.attach_tokenizer(module.tokenizer)
+    data.predict_set = [{"id": i, "prompt_ids": data.prompt_ids(r), "reference": r["output"]} for i, r in todo]
+    print(f"{len(examples)} examples × {len(module.exit_layers)} exit layers {module.exit_layers}; "
+          f"{len(examples) - len(todo)} examples already done in {results.path}", file=sys.stderr)
+    if not todo:
+        return
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" and trainer_args.accelerator == "auto" else trainer_args.accelerator,
+        devices=trainer_args.devices, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[GenerationWriter(results)],
+    )
+    trainer.predict(module, dataloaders=data.predict_dataloader(), return_predictions=False)
 
 
 def write_plot(results: ResultsDir, report: dict, names: list[str]) -> None:

@@ -241,6 +241,7 @@ class EarlyExitHead(nn.Module):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         ignore_eos: bool = False,
+        streamer=None,
     ) -> Generation:
         """Decode from exit ``exit_layer`` with a KV cache for blocks 1..L only.
 
@@ -255,6 +256,7 @@ class EarlyExitHead(nn.Module):
             eos_token_id: stop token(s); the model's generation config when None.
             pad_token_id: filler after EOS; the model's generation config (or the first EOS) when None.
             ignore_eos: never stop: EOS is masked out until ``max_new_tokens`` (fixed-length benchmarks).
+            streamer: an HF streamer (batch 1) that receives tokens as they are decoded.
         """
         own = self.base.generation_config
         eos = eos_token_id if eos_token_id is not None else own.eos_token_id
@@ -276,7 +278,7 @@ class EarlyExitHead(nn.Module):
         )
         prompt_len = input_ids.shape[1]
         with self.truncated(exit_layer):
-            out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer)
         tokens = out[:, prompt_len:]
         return finish(tokens, [] if ignore_eos else eos_ids, pad, max_new_tokens)
 

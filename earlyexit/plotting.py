@@ -13,7 +13,7 @@ LABELS = {
     "bleu": "BLEU (0-100)", "rougeL": "ROUGE-L F1", "bertscore": "BERTScore F1",
     "mean_prob": "mean p(generated token)", "mean_kl": "KL(final ‖ layer), nats", "top1_agreement": "top-1 = final top-1",
     "mean_entropy": "entropy, nats", "cross_entropy": "cross-entropy of reference, nats", "kl_to_final": "KL(final ‖ layer), nats",
-    "entropy": "entropy, nats",
+    "entropy": "entropy, nats", "correct": "share judged correct",
 }
 
 

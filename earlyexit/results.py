@@ -46,17 +46,7 @@ class ResultsDir:
         else:
             run.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
         self.generations_path = self.path / GENERATIONS
-        self._drop_torn_tail()
-
-    def _drop_torn_tail(self) -> None:
-        """A run killed mid-write can leave a partial last line: cut it so appends start on a clean line."""
-        path = self.generations_path
-        if not path.is_file():
-            return
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with path.open("r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+        drop_torn_tail(self.generations_path)
 
     def generations(self) -> list[dict]:
         """All generation rows so far, the last one per (id, layer) winning."""
@@ -71,12 +61,7 @@ class ResultsDir:
 
     def append(self, rows: list[dict]) -> None:
         """Append rows and make them durable before returning (a later kill loses nothing written)."""
-        if not rows:
-            return
-        with self.generations_path.open("a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.generations_path, rows)
 
     def write_text(self, name: str, text: str) -> Path:
         target = self.path / name
@@ -95,6 +80,26 @@ class ResultsDir:
             for row in report["layers"]:
                 writer.writerow([_flat(row[c]) for c in columns])
         os.replace(tmp, self.path / "metrics.csv")
+
+
+def drop_torn_tail(path: Path) -> None:
+    """A run killed mid-write can leave a partial last line: cut it so appends start on a clean line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` as JSON lines and fsync before returning."""
+    if not rows:
+        return
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _flat(value):

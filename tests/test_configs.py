@@ -13,10 +13,22 @@ def test_there_are_configs():
     assert {"demo.yaml", "smollm2_layers.yaml", "llama2_eval.yaml", "mistral_eval.yaml", "phi2_eval.yaml"} <= {c.name for c in CONFIGS}
 
 
-@pytest.mark.parametrize("path", [c for c in CONFIGS if "lora" not in c.name and "debug" not in c.name], ids=lambda p: p.name)
+def is_eval(path) -> bool:
+    return not any(kind in path.name for kind in ("lora", "debug", "judge"))
+
+
+@pytest.mark.parametrize("path", [c for c in CONFIGS if is_eval(c)], ids=lambda p: p.name)
 def test_evaluation_configs_parse(path):
     cfg = build_parser().parse_args(["--config", str(path)])
     assert cfg.model.name and cfg.exit_layers and cfg.out_dir
+
+
+@pytest.mark.parametrize("path", [c for c in CONFIGS if "judge" in c.name], ids=lambda p: p.name)
+def test_judge_configs_parse(path):
+    from earlyexit.judge import build_parser as judge_parser
+
+    cfg = judge_parser().parse_args(["--config", str(path)])
+    assert cfg.judge.kind and cfg.data.context_field and cfg.out_dir
 
 
 @pytest.mark.parametrize("path", [c for c in CONFIGS if "lora" in c.name or "debug" in c.name], ids=lambda p: p.name)

@@ -1,0 +1,575 @@
+"""Context-grounded correctness per exit layer: a judge decides whether each layer's answer is correct.
+
+Each record carries a question, a context (e.g. retrieved passages) and a reference answer; by default,
+Alpaca records with a non-empty ``input``, which is the context. Each exit layer's answer comes from an
+evaluation results directory (``--answers``; answers missing there are generated into it, with the
+context in the prompt). A judge then grades every (example, layer) answer:
+
+- ``openai``: any OpenAI-compatible chat-completions endpoint (``--judge.base_url``, ``--judge.model``),
+  through the official ``openai`` client, temperature 0, bounded retries with backoff, a concurrency
+  limit; the API key is read from the environment variable ``--judge.api_key_env`` only;
+- ``local``: a Hugging Face model at full depth (default: the evaluated model itself);
+- ``reference``: no LLM, for fully offline runs: normalised exact match or token F1 against the
+  reference answer above a threshold. Reported as such, never as an LLM verdict.
+
+LLM judges get the fixed prompt :data:`JUDGE_PROMPT` and must reply ``{"correct": true|false}``;
+anything that does not parse counts as *unparsable* (and so not correct). Verdicts are cached in a
+JSONL file keyed by a hash of (judge, prompt): reruns ask nothing twice and a killed run resumes.
+
+    python -m earlyexit.judge --config configs/smollm2_judge.yaml
+    python -m earlyexit.judge --judge.kind openai --judge.model gpt-4o-mini --answers results/smollm2_layers
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import string
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from earlyexit.data import HUB_ID, AlpacaDataModule, Template, read_records
+from earlyexit.errors import EarlyExitError, report_errors
+from earlyexit.evaluate import TrainerArgs, generate_answers, generation_fingerprint
+from earlyexit.loading import ModelArgs, resolve_device, resolve_model_path
+from earlyexit.model import parse_exit_layers
+from earlyexit.module import EarlyExitModule, GenerationArgs
+from earlyexit.results import ResultsDir, append_jsonl, drop_torn_tail
+
+Verdict = Literal["correct", "incorrect", "unparsable"]
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+JUDGE_SYSTEM = "You are a strict grader. Decide whether an answer is correct, using the context and the reference answer. Reply with JSON only."
+JUDGE_PROMPT = """Context:
+{context}
+
+Question:
+{question}
+
+Reference answer:
+{reference}
+
+Answer to grade:
+{answer}
+
+Is the answer to grade correct and consistent with the context? An empty, off-topic, repetitive or contradicting answer is not correct. Reply with exactly one JSON object: {{"correct": true}} or {{"correct": false}}."""
+
+
+@dataclass
+class JudgeData:
+    """Records with a question, a context and a reference answer.
+
+    Args:
+        source: a local JSON list / JSONL file, or a hub dataset id (Alpaca's by default).
+        question_field: field holding the question (Alpaca: ``instruction``).
+        context_field: field holding the context (Alpaca: ``input``); records whose context is empty are skipped.
+        answer_field: field holding the reference answer (Alpaca: ``output``).
+        eval_size: records at the head of the source considered (the evaluation split, as in ``evaluate``).
+        offset: first record with a context used.
+        limit: number of records with a context used (all when None).
+        template: prompt format for generation: alpaca, chat or auto (as ``evaluate``).
+        max_length: prompt tokens kept for generation.
+        batch_size: prompts per generation batch.
+    """
+
+    source: str = HUB_ID
+    question_field: str = "instruction"
+    context_field: str = "input"
+    answer_field: str = "output"
+    eval_size: int = 200
+    offset: int = 0
+    limit: int | None = None
+    template: Template = "auto"
+    max_length: int = 512
+    batch_size: int = 8
+
+    @property
+    def fields(self) -> tuple[str, str, str]:
+        return self.question_field, self.context_field, self.answer_field
+
+
+@dataclass
+class JudgeArgs:
+    """Who judges, and how.
+
+    Args:
+        kind: ``local`` (an HF model at full depth), ``openai`` (an OpenAI-compatible endpoint) or
+            ``reference`` (exact match / token F1 against the reference: not an LLM judge).
+        model: openai: the endpoint's model name (required); local: an HF id or path (default: the evaluated model, adapter included).
+        base_url: openai: the endpoint (default https://api.openai.com/v1).
+        api_key_env: openai: environment variable holding the API key (required unless the endpoint is on this machine).
+        concurrency: openai: requests in flight at once.
+        max_retries: openai: retries of a request after a 429, a 5xx, a timeout, a lost connection or a malformed body.
+        timeout: openai: seconds before a request times out.
+        backoff: openai: seconds before the first retry; doubles each retry.
+        max_tokens: LLM judges: tokens of the verdict reply.
+        batch_size: local: prompts judged per batch.
+        metric: reference: ``f1`` (token F1, SQuAD normalisation) or ``exact`` (normalised exact match).
+        threshold: reference: the F1 at or above which an answer counts as correct.
+    """
+
+    kind: Literal["local", "openai", "reference"] = "local"
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 4
+    max_retries: int = 3
+    timeout: float = 60.0
+    backoff: float = 1.0
+    max_tokens: int = 32
+    batch_size: int = 16
+    metric: Literal["f1", "exact"] = "f1"
+    threshold: float = 0.5
+
+
+@dataclass
+class Case:
+    """One answer to grade: example ``id`` at exit ``layer``, and the judge's messages for it."""
+
+    id: int
+    layer: int
+    question: str
+    context: str
+    reference: str
+    answer: str
+
+    def messages(self) -> list[dict]:
+        user = JUDGE_PROMPT.format(context=self.context, question=self.question, reference=self.reference, answer=self.answer)
+        return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+# --- records -----------------------------------------------------------------------------------------
+
+
+def load_items(data: JudgeData) -> list[tuple[int, dict]]:
+    """``(id, record)`` pairs, records in Alpaca's shape (instruction = question, input = context, output = reference).
+
+    A record missing one of the three fields (or holding a non-string) is an error naming it; records with an
+    empty context are skipped, since there is nothing to ground the answer in.
+    """
+    raw = read_records(data.source)[: data.eval_size]
+    items = []
+    for index, record in enumerate(raw):
+        if not isinstance(record, dict):
+            raise EarlyExitError(f"{data.source}: record {index} is a {type(record).__name__}, not an object")
+        for role, name in zip(("question", "context", "answer"), data.fields):
+            if not isinstance(record.get(name), str):
+                problem = "missing" if name not in record else f"a {type(record[name]).__name__}, not a string,"
+                raise EarlyExitError(f"{data.source}: record {index}: the {role} field {name!r} is {problem} "
+                                     f"(set --data.{role}_field to the field that holds it)")
+        question, context, answer = (record[name] for name in data.fields)
+        if context.strip() and question.strip():
+            items.append((index, {"instruction": question, "input": context, "output": answer}))
+    end = None if data.limit is None else data.offset + data.limit
+    chosen = items[data.offset : end]
+    if not chosen:
+        raise EarlyExitError(f"no record with a non-empty {data.context_field!r} in the first {data.eval_size} records of "
+                             f"{data.source!r} (offset {data.offset}, limit {data.limit})")
+    return chosen
+
+
+# --- verdicts ----------------------------------------------------------------------------------------
+
+
+def parse_verdict(text: str) -> Verdict:
+    """A judge's reply → verdict: a JSON ``{"correct": bool}`` anywhere, else a leading yes/no/correct/incorrect.
+
+    A JSON object whose ``correct`` is not a boolean, or any other reply, is ``unparsable``: never read as correct.
+    """
+    for match in re.finditer(r"\{[^{}]*\}", text):
+        try:
+            obj = json.loads(match.group())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and "correct" in obj:
+            return ("correct" if obj["correct"] else "incorrect") if isinstance(obj["correct"], bool) else "unparsable"
+    word = re.match(r"[\s*_`'\"#>-]*(yes|no|correct|incorrect|true|false)\b(?![\"'])", text, re.IGNORECASE)
+    if word:
+        return "correct" if word.group(1).lower() in ("yes", "correct", "true") else "incorrect"
+    return "unparsable"
+
+
+def normalize(text: str) -> list[str]:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces; as tokens."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def token_f1(answer: str, reference: str) -> float:
+    pred, gold = normalize(answer), normalize(reference)
+    if not pred or not gold:
+        return float(pred == gold)
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+class VerdictCache:
+    """Verdicts on disk, one JSON line each, keyed by a hash of (judge, prompt); appended and fsynced one by one."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(self.path)
+        self.entries: dict[str, dict] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(judge: str, messages: list[dict]) -> str:
+        return hashlib.sha256(json.dumps([judge, messages], ensure_ascii=False).encode()).hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def add(self, key: str, judge: str, verdict: Verdict, reply: str) -> None:
+        entry = {"key": key, "judge": judge, "verdict": verdict, "reply": reply}
+        with self.lock:
+            append_jsonl(self.path, [entry])
+            self.entries[key] = entry
+
+
+# --- judges ------------------------------------------------------------------------------------------
+
+
+class ReferenceJudge:
+    """Not an LLM: an answer is correct when its token F1 (or normalised exact match) with the reference passes a threshold."""
+
+    def __init__(self, metric: str = "f1", threshold: float = 0.5):
+        self.metric, self.threshold = metric, threshold
+        self.name = f"reference:{metric}" + (f">={threshold:g}" if metric == "f1" else "")
+        self.label = (f"reference-based (token F1 ≥ {threshold:g} against the reference answer; not an LLM judge)"
+                      if metric == "f1" else "reference-based (normalised exact match; not an LLM judge)")
+
+    def replies(self, cases: list[Case], done) -> None:
+        for case in cases:
+            if self.metric == "exact":
+                score = float(normalize(case.answer) == normalize(case.reference))
+                correct = score == 1.0
+            else:
+                score = token_f1(case.answer, case.reference)
+                correct = score >= self.threshold
+            done(case, "correct" if correct else "incorrect", f"{self.metric}={score:.4f}")
+
+
+class LocalJudge:
+    """An HF model, greedy at full depth, reading :data:`JUDGE_PROMPT` through its chat template."""
+
+    def __init__(self, lm, tokenizer, name: str, max_tokens: int = 32, batch_size: int = 16):
+        from earlyexit.model import EarlyExitHead
+
+        self.ee, self.tokenizer = EarlyExitHead(lm), tokenizer
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.name = f"local:{name}"
+        self.label = f"LLM judge: {name} (local, greedy, full depth)"
+
+    def replies(self, cases: list[Case], done) -> None:
+        from earlyexit.data import pad
+
+        tok = self.tokenizer
+        device = next(self.ee.lm.parameters()).device
+        for start in range(0, len(cases), self.batch_size):
+            chunk = cases[start : start + self.batch_size]
+            prompts = [self._encode(case.messages()) for case in chunk]
+            ids = pad(prompts, tok.pad_token_id, "left").to(device)
+            mask = pad([[1] * len(p) for p in prompts], 0, "left").to(device)
+            out = self.ee.generate(ids, mask, self.ee.n_layers, max_new_tokens=self.max_tokens, pad_token_id=tok.pad_token_id)
+            for row, case in enumerate(chunk):
+                reply = tok.decode(out.tokens[row, : int(out.n_tokens[row])].tolist(), skip_special_tokens=True)
+                done(case, parse_verdict(reply), reply)
+
+    def _encode(self, messages: list[dict]) -> list[int]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        return tok("\n\n".join(m["content"] for m in messages) + "\n\nVerdict:")["input_ids"]
+
+
+class JudgeEndpointError(EarlyExitError):
+    pass
+
+
+class OpenAIJudge:
+    """An OpenAI-compatible chat-completions endpoint, through the official client; retries are ours (bounded, with backoff)."""
+
+    def __init__(self, args: JudgeArgs):
+        import openai
+
+        if not args.model:
+            raise EarlyExitError("--judge.model is required with --judge.kind openai (the endpoint's model name)")
+        self.base_url = args.base_url or DEFAULT_BASE_URL
+        parsed = urlparse(self.base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise EarlyExitError(f"--judge.base_url {self.base_url!r} is not an http(s) URL")
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            if not _is_local(parsed.hostname):
+                raise EarlyExitError(f"the judge endpoint {self.base_url} needs an API key: set the environment variable "
+                                     f"{args.api_key_env} (--judge.api_key_env); keys are read from the environment only")
+            key = "unused"  # an endpoint on this machine may need none; the client insists on some value
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=args.timeout, max_retries=0)
+        self.args = args
+        self.name = f"openai:{self.base_url}:{args.model}"
+        self.label = f"LLM judge: {args.model} at {self.base_url} (temperature 0)"
+
+    def ask(self, messages: list[dict]) -> str:
+        """The judge's reply, retried on transient failures; a :class:`JudgeEndpointError` once retries run out."""
+        import openai
+
+        args, problem = self.args, ""
+        for attempt in range(args.max_retries + 1):
+            if attempt:
+                time.sleep(min(args.backoff * 2 ** (attempt - 1), 30.0))
+            try:
+                response = self.client.chat.completions.create(
+                    model=args.model, messages=messages, temperature=0, max_tokens=args.max_tokens)
+                content = response.choices[0].message.content
+                if not isinstance(content, str):
+                    raise TypeError("no message content")
+                return content
+            except openai.APITimeoutError:
+                problem = f"timed out after {args.timeout:g} s"
+            except openai.APIConnectionError as err:
+                problem = f"could not connect ({_cause(err)})"
+            except openai.APIStatusError as err:
+                if err.status_code != 429 and err.status_code < 500:  # the request itself is wrong: retrying cannot help
+                    hint = f" (check {args.api_key_env})" if err.status_code in (401, 403) else ""
+                    raise JudgeEndpointError(f"the judge endpoint {self.base_url} refused the request: HTTP {err.status_code}: "
+                                             f"{_message(err)}{hint}") from None
+                problem = f"HTTP {err.status_code}: {_message(err)}"
+            except (ValueError, TypeError, AttributeError, IndexError, openai.APIResponseValidationError) as err:
+                problem = f"malformed response ({type(err).__name__}: {err})"
+        raise JudgeEndpointError(f"the judge endpoint {self.base_url} failed {args.max_retries + 1} times; last: {problem}")
+
+    def replies(self, cases: list[Case], done) -> None:
+        stop = threading.Event()
+        errors: list[JudgeEndpointError] = []
+
+        def one(case: Case) -> None:
+            if stop.is_set():
+                return
+            try:
+                reply = self.ask(case.messages())
+            except JudgeEndpointError as err:
+                errors.append(err)
+                stop.set()
+                return
+            done(case, parse_verdict(reply), reply)
+
+        with ThreadPoolExecutor(max_workers=max(1, self.args.concurrency)) as pool:
+            list(pool.map(one, cases))
+        if errors:
+            raise errors[0]
+
+
+def _is_local(host: str) -> bool:
+    from earlyexit.serve import is_loopback
+
+    return is_loopback(host)
+
+
+def _cause(err: Exception) -> str:
+    cause = err.__cause__ or err.__context__
+    return f"{type(cause).__name__}: {cause}" if cause else str(err)
+
+
+def _message(err) -> str:
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(err.message if hasattr(err, "message") else err)[:200]
+
+
+# --- running -----------------------------------------------------------------------------------------
+
+
+def judge_cases(judge, cases: list[Case], cache: VerdictCache) -> dict[tuple[int, int], dict]:
+    """Verdicts for all ``cases``: cached ones are reused, the rest asked and cached one by one.
+
+    Returns ``{(id, layer): {"verdict", "reply"}}``. If the judge fails, every verdict obtained so far is
+    already in the cache and the error says so.
+    """
+    out, todo = {}, {}
+    for case in cases:
+        key = VerdictCache.key(judge.name, case.messages())
+        hit = cache.get(key)
+        if hit:
+            out[(case.id, case.layer)] = {"verdict": hit["verdict"], "reply": hit["reply"]}
+        else:
+            todo.setdefault(key, []).append(case)  # identical prompts (two layers, same answer) are asked once
+    keys = {id(group[0]): key for key, group in todo.items()}
+    lock = threading.Lock()
+
+    def done(case: Case, verdict: Verdict, reply: str) -> None:
+        key = keys[id(case)]
+        cache.add(key, judge.name, verdict, reply)
+        with lock:
+            for same in todo[key]:
+                out[(same.id, same.layer)] = {"verdict": verdict, "reply": reply}
+
+    print(f"{len(cases)} answers to judge; {len(out)} verdicts cached in {cache.path}", file=sys.stderr)
+    try:
+        judge.replies([group[0] for group in todo.values()], done)
+    except EarlyExitError as err:
+        got = len(out)
+        raise EarlyExitError(f"{err}; {got} of {len(cases)} verdicts are kept in {cache.path} (a rerun resumes from there)") from None
+    return out
+
+
+def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def tally(verdicts: dict[tuple[int, int], dict], exit_layers: list[int]) -> list[dict]:
+    """Per layer: counts of each verdict, the share judged correct (unparsable counts as not correct), its interval."""
+    rows = []
+    for layer in exit_layers:
+        counts = Counter(v["verdict"] for (i, l), v in verdicts.items() if l == layer)
+        n = sum(counts.values())
+        rows.append({
+            "layer": layer, "n": n, "correct": counts["correct"], "incorrect": counts["incorrect"],
+            "unparsable": counts["unparsable"], "accuracy": counts["correct"] / n if n else 0.0,
+            "accuracy_ci": list(wilson(counts["correct"], n)),
+        })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The seed's ``| Layer | Correct |`` table (share with its 95% interval), then the counts."""
+    lines = ["| Layer | Correct |", "|---|---|"]
+    for r in rows:
+        low, high = r["accuracy_ci"]
+        lines.append(f"| {r['layer']} | {r['accuracy']:.1%} [{low:.1%}, {high:.1%}] |")
+    lines += ["", "| Layer | judged | correct | incorrect | unparsable |", "|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['n']} | {r['correct']} | {r['incorrect']} | {r['unparsable']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m earlyexit.judge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with model:, data:, generation:, judge: keys")
+    parser.add_class_arguments(ModelArgs, "model")
+    parser.add_class_arguments(JudgeData, "data")
+    parser.add_class_arguments(GenerationArgs, "generation")
+    parser.add_class_arguments(JudgeArgs, "judge")
+    parser.add_class_arguments(TrainerArgs, "trainer")
+    parser.add_argument("--exit_layers", type=str, default="quarters", help="quarters, all, everyK, or a list like 8,16,24,32")
+    parser.add_argument("--answers", type=str | None, default=None,
+                        help="an evaluation results directory whose answers are reused; missing ones are generated into it "
+                             "(default: <out_dir>/answers)")
+    parser.add_argument("--cache", type=str | None, default=None, help="verdict cache file (default: <out_dir>/verdicts.jsonl)")
+    parser.add_argument("--out_dir", type=str, default="results/judge", help="where the table, metrics and figure go")
+    return parser
+
+
+def n_layers_of(model: ModelArgs) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_path(model.name)).num_hidden_layers
+
+
+def make_judge(args: JudgeArgs, model: ModelArgs, module: EarlyExitModule | None):
+    if args.kind == "reference":
+        return ReferenceJudge(args.metric, args.threshold)
+    if args.kind == "openai":
+        return OpenAIJudge(args)
+    if args.model is None and module is not None:  # the evaluated model judges itself, at full depth
+        lm, tokenizer, name = module.lm, module.tokenizer, model.name + (f"+{model.adapter}" if model.adapter else "")
+    else:
+        from earlyexit.loading import load_model
+
+        judge_model = model if args.model is None else ModelArgs(name=args.model, dtype=model.dtype, device=model.device)
+        lm, tokenizer = load_model(judge_model)
+        name = judge_model.name + (f"+{judge_model.adapter}" if judge_model.adapter else "")
+    return LocalJudge(lm, tokenizer, name, args.max_tokens, args.batch_size)
+
+
+def run(cfg) -> dict:
+    model_args, generation, trainer_args = ModelArgs(**cfg.model), GenerationArgs(**cfg.generation), TrainerArgs(**cfg.trainer)
+    data_args, judge_args = JudgeData(**cfg.data), JudgeArgs(**cfg.judge)
+    items = load_items(data_args)  # bad data fails before any model loads
+    judge = make_judge(judge_args, model_args, None) if judge_args.kind != "local" else None  # a missing key fails early
+    out_dir = Path(cfg.out_dir)
+    device = resolve_device(model_args.device)
+    data = AlpacaDataModule(source=data_args.source, template=data_args.template, eval_size=data_args.eval_size,
+                            max_length=data_args.max_length, batch_size=data_args.batch_size)
+    default_fields = data_args.fields == (JudgeData.question_field, JudgeData.context_field, JudgeData.answer_field)
+    fingerprint = generation_fingerprint(model_args, data, generation, device,
+                                         **({} if default_fields else {"fields": list(data_args.fields)}))
+    answers = ResultsDir(cfg.answers or out_dir / "answers", fingerprint)
+    exit_layers = parse_exit_layers(cfg.exit_layers, n_layers_of(model_args))
+    have = {(r["id"], r["layer"]) for r in answers.generations()}
+    module = None
+    if any((i, layer) not in have for i, _ in items for layer in exit_layers):
+        module = EarlyExitModule(base=model_args, generation=generation, exit_layers=cfg.exit_layers)
+        generate_answers(module, answers, data, items, trainer_args, device)
+    if judge is None:
+        judge = make_judge(judge_args, model_args, module)
+    rows = {(r["id"], r["layer"]): r for r in answers.generations()}
+    cases = [Case(i, layer, r["instruction"], r["input"], r["output"], rows[(i, layer)]["text"])
+             for i, r in items for layer in exit_layers]
+    cache = VerdictCache(cfg.cache or out_dir / "verdicts.jsonl")
+    verdicts = judge_cases(judge, cases, cache)
+    results = ResultsDir(out_dir, {"judge": judge.name, "answers": str(answers.path)})
+    report = {
+        "judge": judge.name, "judge_label": judge.label, "model": model_args.name, "adapter": model_args.adapter,
+        "answers": str(answers.path), "data": data_args.source, "n_examples": len(items),
+        "example_ids": [i for i, _ in items], "prompt": {"system": JUDGE_SYSTEM, "user": JUDGE_PROMPT},
+        "layers": tally(verdicts, exit_layers),
+    }
+    results.write_metrics(report)
+    table = format_table(report["layers"])
+    results.write_text("table.md", f"Judge: {judge.label}; {len(items)} records with a context.\n\n{table}\n")
+    results.write_text("judgements.jsonl", "".join(
+        json.dumps({"id": c.id, "layer": c.layer, "answer": c.answer, **verdicts[(c.id, c.layer)]}, ensure_ascii=False) + "\n"
+        for c in cases))
+    write_plot(results.path / "correct.png", report)
+    print(f"Judge: {judge.label}\n\n{table}")
+    print(f"\nresults: {results.path}", file=sys.stderr)
+    return report
+
+
+def write_plot(path: Path, report: dict) -> None:
+    from earlyexit.plotting import metrics_by_layer
+
+    rows = report["layers"]
+    fig = metrics_by_layer([r["layer"] for r in rows], {"correct": [r["accuracy"] for r in rows]},
+                           {"correct": [tuple(r["accuracy_ci"]) for r in rows]},
+                           title=f"{report['model']} — {report['judge_label']}")
+    fig.savefig(path, dpi=120)
+
+
+@report_errors
+def main(argv: list[str] | None = None) -> None:
+    run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

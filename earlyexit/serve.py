@@ -1,0 +1,427 @@
+"""An OpenAI-compatible HTTP server for early-exit models: ``/v1/chat/completions`` and ``/v1/models``.
+
+Any OpenAI client can talk to any model this package loads (an HF id or directory, the embedded SmolLM2,
+optionally with a LoRA adapter). The extension field ``exit_layer`` (1..N, default N: the full model)
+picks the exit: only blocks 1..L run, exactly as :meth:`earlyexit.model.EarlyExitHead.generate`.
+
+    python -m earlyexit.serve --model smollm2-135m-instruct --port 8000
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="smollm2-135m-instruct", messages=[...], extra_body={"exit_layer": 15})
+
+Sampling follows the OpenAI API: ``temperature`` 0 is greedy decoding, otherwise sampling (``top_p``,
+``seed``); ``stop`` strings cut the answer; ``stream`` sends server-sent events as tokens are decoded.
+Requests are served one at a time (one model, one lock). The server listens on the loopback interface
+unless told otherwise; another address needs a bearer token (``--token_env``) or ``--allow_unauthenticated``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+import torch
+
+from earlyexit.errors import EarlyExitError, report_errors
+from earlyexit.model import EarlyExitHead
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class RequestError(Exception):
+    """A bad request: answered with an OpenAI-style error body and ``status``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat-completions request."""
+
+    input_ids: list[int]
+    exit_layer: int
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+
+@dataclass
+class Completion:
+    """One answer: its text (cut at a stop string), token counts and why it ended."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    exit_layer: int
+
+
+class ChatModel:
+    """One loaded model behind a lock: turns chat requests into early-exit generations.
+
+    Args:
+        lm: the causal LM (optionally peft-wrapped).
+        tokenizer: its tokenizer; its chat template renders the messages (a plain ``role: text`` transcript without one).
+        name: the model name clients send and ``/v1/models`` lists.
+        max_tokens: answer length when a request gives none.
+        max_tokens_limit: the most tokens a request may ask for.
+    """
+
+    def __init__(self, lm, tokenizer, name: str, max_tokens: int = 256, max_tokens_limit: int = 4096):
+        self.ee = EarlyExitHead(lm)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_tokens, self.max_tokens_limit = max_tokens, max_tokens_limit
+        self.created = int(time.time())
+        self.lock = threading.Lock()
+        self.device = next(lm.parameters()).device
+
+    def info(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "earlyexit",
+                "n_layers": self.ee.n_layers}
+
+    # --- validation -----------------------------------------------------------------------------------
+
+    def parse(self, body) -> ChatRequest:
+        """Validate a request body; every problem is a :class:`RequestError` naming the field."""
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        if body.get("model") != self.name:
+            raise RequestError(404, f"model {body.get('model')!r} is not served here; this server serves {self.name!r}",
+                               "model", "model_not_found")
+        if body.get("n", 1) != 1:
+            raise RequestError(400, "only n=1 is supported", "n")
+        n_layers = self.ee.n_layers
+        layer = body.get("exit_layer", n_layers)
+        if layer is None:
+            layer = n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n_layers:
+            raise RequestError(400, f"exit_layer must be an integer in 1..{n_layers}, got {layer!r}", "exit_layer")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or self.max_tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.max_tokens_limit:
+            raise RequestError(400, f"max_tokens must be an integer in 1..{self.max_tokens_limit}, got {max_tokens!r}", "max_tokens")
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        if top_p == 0:
+            raise RequestError(400, "top_p must be above 0", "top_p")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RequestError(400, f"seed must be an integer, got {seed!r}", "seed")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise RequestError(400, "stop must be a non-empty string or a list of up to 4 of them", "stop")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError(400, "stream must be true or false", "stream")
+        input_ids = self.encode(body.get("messages"))
+        window = getattr(self.ee.config, "max_position_embeddings", None)
+        if window and len(input_ids) + max_tokens > window:
+            raise RequestError(400, f"{len(input_ids)} prompt tokens + max_tokens {max_tokens} exceed the model's "
+                                    f"context window of {window} tokens", "messages", "context_length_exceeded")
+        return ChatRequest(input_ids, layer, max_tokens, temperature, top_p, seed, stop, stream)
+
+    def encode(self, messages) -> list[int]:
+        """Prompt token ids of ``messages``, rendered with the tokenizer's chat template."""
+        if not isinstance(messages, list) or not messages:
+            raise RequestError(400, "messages must be a non-empty list", "messages")
+        turns = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise RequestError(400, f"messages[{i}] needs a role in {', '.join(ROLES)}", f"messages[{i}].role")
+            content = message.get("content")
+            if isinstance(content, list):  # content parts: only text is understood
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                    raise RequestError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise RequestError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+            role = "system" if message["role"] == "developer" else message["role"]
+            turns.append({"role": role, "content": content})
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
+        return tok(text)["input_ids"]
+
+    # --- generation -----------------------------------------------------------------------------------
+
+    def complete(self, request: ChatRequest, on_text: Callable[[str], None] | None = None) -> Completion:
+        """Generate one answer; with ``on_text``, text pieces are passed on as they are decoded (streaming)."""
+        if on_text is None:
+            out = self._generate(request)
+            n = int(out.n_tokens[0])
+            text = self.tokenizer.decode(out.tokens[0, :n].tolist(), skip_special_tokens=True)
+            cut = first_stop(text, request.stop)
+            return Completion(text if cut is None else text[:cut], len(request.input_ids), n,
+                              "stop" if cut is not None or bool(out.finished[0]) else "length", request.exit_layer)
+        return self._stream(request, on_text)
+
+    def _generate(self, request: ChatRequest, streamer=None):
+        ids = torch.tensor([request.input_ids], device=self.device)
+        with self.lock:
+            if request.do_sample:
+                torch.manual_seed(request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little"))
+            return self.ee.generate(
+                ids, torch.ones_like(ids), request.exit_layer, max_new_tokens=request.max_tokens,
+                do_sample=request.do_sample, temperature=request.temperature, top_p=request.top_p,
+                pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
+            )
+
+    def _stream(self, request: ChatRequest, on_text: Callable[[str], None]) -> Completion:
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+
+        def work():
+            try:
+                result["out"] = self._generate(request, streamer)
+            except BaseException as err:  # surfaced below, in the request's thread
+                result["error"] = err
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        # Text that could still become the start of a stop string is held back until it cannot.
+        hold = max((len(s) for s in request.stop), default=1) - 1
+        text, sent, stopped = "", 0, False
+        for piece in streamer:
+            text += piece
+            cut = first_stop(text, request.stop)
+            if cut is not None:
+                text, stopped = text[:cut], True
+            ready = len(text) if stopped else len(text) - hold
+            if ready > sent:
+                on_text(text[sent:ready])
+                sent = ready
+            if stopped:
+                break
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        if len(text) > sent:
+            on_text(text[sent:])
+        out = result["out"]
+        n = int(out.n_tokens[0])
+        return Completion(text, len(request.input_ids), n, "stop" if stopped or bool(out.finished[0]) else "length",
+                          request.exit_layer)
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise RequestError(400, f"{name} must be a number in [{low:g}, {high:g}], got {value!r}", name)
+    return float(value)
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Index where the earliest stop string starts in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server: a :class:`ChatModel` and an optional bearer token."""
+
+    daemon_threads = True
+
+    def __init__(self, chat: ChatModel, host: str, port: int, token: str | None = None):
+        self.chat, self.token = chat, token
+        super().__init__((host, port), Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self._dispatch({"/v1/models": self._models, "/health": lambda: self._json(200, {"status": "ok"})})
+
+    def do_POST(self):
+        self._dispatch({"/v1/chat/completions": self._chat})
+
+    def _dispatch(self, routes: dict) -> None:
+        try:
+            route = routes.get(self.path.split("?")[0].rstrip("/"))
+            if route is None:
+                raise RequestError(404, f"no route {self.command} {self.path}")
+            if self.path != "/health":
+                self._authorize()
+            route()
+        except RequestError as err:
+            self._json(err.status, err.body())
+        except Exception as err:  # never leave a client waiting; the traceback goes to the log
+            log.exception("request failed")
+            self._json(500, {"error": {"message": f"internal error: {type(err).__name__}: {err}", "type": "server_error",
+                                       "param": None, "code": None}})
+
+    def _authorize(self) -> None:
+        token = self.server.token
+        if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
+            raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer …)", code="invalid_api_key")
+
+    def _models(self) -> None:
+        self._json(200, {"object": "list", "data": [self.server.chat.info()]})
+
+    def _chat(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "the request body is not valid JSON") from None
+        chat = self.server.chat
+        request = chat.parse(body)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": ident, "created": created, "model": chat.name}
+        if not request.stream:
+            done = chat.complete(request)
+            self._json(200, {
+                **head, "object": "chat.completion", "exit_layer": done.exit_layer,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": done.finish_reason}],
+                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                          "total_tokens": done.prompt_tokens + done.completion_tokens},
+            })
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+        def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> None:
+            chunk = {**head, "object": "chat.completion.chunk", "exit_layer": request.exit_layer,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if usage:
+                chunk["usage"] = usage
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+
+        event({"role": "assistant", "content": ""})
+        done = chat.complete(request, on_text=lambda text: event({"content": text}))
+        event({}, done.finish_reason, {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                                       "total_tokens": done.prompt_tokens + done.completion_tokens})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def _json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse to listen beyond the loopback interface without a token, unless explicitly allowed."""
+    if not is_loopback(host) and not token and not allow_unauthenticated:
+        raise EarlyExitError(
+            f"refusing to serve on {host!r} without a bearer token: anyone who can reach it could use the model; "
+            "set --token_env NAME (the token is read from that environment variable), "
+            "or pass --allow_unauthenticated true"
+        )
+
+
+def make_server(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+                allow_unauthenticated: bool = False) -> Server:
+    """A ready (not yet serving) server; ``port`` 0 picks a free port (see ``server.url``)."""
+    check_exposure(host, token, allow_unauthenticated)
+    try:
+        return Server(chat, host, port, token)
+    except OSError as err:
+        raise EarlyExitError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+
+
+def read_token(token_env: str | None) -> str | None:
+    if not token_env:
+        return None
+    token = os.environ.get(token_env)
+    if not token:
+        raise EarlyExitError(f"--token_env {token_env}: the environment variable {token_env} is not set (or empty)")
+    return token
+
+
+@report_errors
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import ArgumentParser
+
+    from earlyexit.loading import Dtype, ModelArgs, load_model
+
+    parser = ArgumentParser(prog="python -m earlyexit.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=str, default=ModelArgs.name, help="HF id, local directory, or smollm2-135m-instruct")
+    parser.add_argument("--adapter", type=str | None, default=None, help="peft LoRA adapter directory to apply")
+    parser.add_argument("--dtype", type=Dtype, default="auto", help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 …")
+    parser.add_argument("--served_name", type=str | None, default=None, help="model name clients send (default: --model)")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on (loopback by default)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    parser.add_argument("--token_env", type=str | None, default=None,
+                        help="environment variable holding a bearer token that every request must carry")
+    parser.add_argument("--allow_unauthenticated", type=bool, default=False,
+                        help="allow a non-loopback --host without a token")
+    parser.add_argument("--max_tokens", type=int, default=256, help="answer length when a request gives none")
+    parser.add_argument("--max_tokens_limit", type=int, default=4096, help="the most tokens a request may ask for")
+    cfg = parser.parse_args(argv)
+    token = read_token(cfg.token_env)
+    check_exposure(cfg.host, token, cfg.allow_unauthenticated)  # before minutes of model loading
+    lm, tokenizer = load_model(ModelArgs(name=cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device))
+    chat = ChatModel(lm, tokenizer, cfg.served_name or cfg.model, cfg.max_tokens, cfg.max_tokens_limit)
+    server = make_server(chat, cfg.host, cfg.port, token, cfg.allow_unauthenticated)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    print(f"serving {chat.name} ({chat.ee.n_layers} layers) at {server.url}"
+          f"{' (bearer token required)' if token else ''}; Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

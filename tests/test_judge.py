@@ -1,0 +1,361 @@
+"""The judge: verdict parsing, the reference and local judges, the HTTP path against earlyexit.serve and
+against a failing endpoint (retries, clear errors, verdicts kept), the cache, and the CLI end to end."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from earlyexit import judge as J
+from earlyexit.errors import EarlyExitError
+from earlyexit.evaluate import main as evaluate_main
+from earlyexit.serve import ChatModel, make_server
+from tiny import EOS, PAD, char_tokenizer, records_file, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = [{"instruction": f"What is item {i}?", "input": f"Item {i} is a red ball." if i % 3 else "",
+            "output": f"Item {i} is a red ball."} for i in range(30)]
+
+
+def cases(n: int = 6) -> list[J.Case]:
+    return [J.Case(i, layer, "What colour?", "The ball is red.", "Red.", f"answer {i} at {layer}")
+            for i in range(n // 2) for layer in (1, 2)]
+
+
+# --- pure parts ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply,verdict", [
+    ('{"correct": true}', "correct"),
+    ('Sure! {"correct": false} because ...', "incorrect"),
+    ('```json\n{"correct": true}\n```', "correct"),
+    ("Yes, it is right.", "correct"),
+    ("no.", "incorrect"),
+    ("Incorrect: the ball is red", "incorrect"),
+    ("Correct", "correct"),
+    ('{"correct": "maybe"}', "unparsable"),
+    ("The answer is not correct", "unparsable"),
+    ("", "unparsable"),
+    ("{broken json", "unparsable"),
+])
+def test_parse_verdict(reply, verdict):
+    assert J.parse_verdict(reply) == verdict
+
+
+def test_token_f1_and_normalisation():
+    assert J.normalize("The Ball, is RED!") == ["ball", "is", "red"]
+    assert J.token_f1("the red ball", "A ball that is red") == pytest.approx(2 * (2 / 2) * (2 / 4) / (1 + 2 / 4))
+    assert J.token_f1("", "") == 1.0 and J.token_f1("", "red") == 0.0 and J.token_f1("blue", "red") == 0.0
+
+
+def test_wilson_interval():
+    low, high = J.wilson(3, 6)
+    assert (round(low, 4), round(high, 4)) == (0.1876, 0.8124)
+    assert J.wilson(0, 6)[0] == 0.0 and round(J.wilson(0, 6)[1], 4) == 0.3903
+    assert J.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_tally_counts_unparsable_as_not_correct():
+    verdicts = {(0, 1): {"verdict": "correct"}, (1, 1): {"verdict": "unparsable"}, (2, 1): {"verdict": "incorrect"},
+                (0, 2): {"verdict": "correct"}}
+    rows = J.tally(verdicts, [1, 2])
+    assert rows[0] | {"accuracy_ci": None} == {"layer": 1, "n": 3, "correct": 1, "incorrect": 1, "unparsable": 1,
+                                                "accuracy": 1 / 3, "accuracy_ci": None}
+    assert rows[1]["accuracy"] == 1.0
+    assert "| Layer | Correct |\n|---|---|\n| 1 | 33.3% [" in J.format_table(rows)
+
+
+def test_reference_judge_is_deterministic():
+    judge = J.ReferenceJudge("f1", 0.5)
+    cs = [J.Case(0, 1, "q", "c", "The ball is red.", "the ball is red"), J.Case(1, 1, "q", "c", "The ball is red.", "blue sky")]
+    got = []
+    judge.replies(cs, lambda case, verdict, reply: got.append((case.id, verdict, reply)))
+    assert got == [(0, "correct", "f1=1.0000"), (1, "incorrect", "f1=0.0000")]
+    assert "not an LLM judge" in judge.label
+    exact = []
+    J.ReferenceJudge("exact").replies(cs, lambda case, verdict, reply: exact.append(verdict))
+    assert exact == ["correct", "incorrect"]
+
+
+def test_load_items_alpaca_and_custom_fields(tmp_path_factory):
+    items = J.load_items(J.JudgeData(source=records_file(tmp_path_factory, RECORDS)))
+    assert [i for i, _ in items] == [i for i in range(30) if i % 3]
+    assert items[0][1] == {"instruction": "What is item 1?", "input": "Item 1 is a red ball.", "output": "Item 1 is a red ball."}
+    path = tmp_path_factory.mktemp("qa") / "qa.jsonl"
+    path.write_text("\n".join(json.dumps({"q": f"q{i}", "passage": f"p{i}", "gold": f"a{i}"}) for i in range(5)))
+    custom = J.load_items(J.JudgeData(source=str(path), question_field="q", context_field="passage", answer_field="gold",
+                                      offset=1, limit=2))
+    assert custom == [(1, {"instruction": "q1", "input": "p1", "output": "a1"}), (2, {"instruction": "q2", "input": "p2", "output": "a2"})]
+    with pytest.raises(EarlyExitError, match="record 0: the context field 'context' is missing"):
+        J.load_items(J.JudgeData(source=str(path), question_field="q", context_field="context", answer_field="gold"))
+    with pytest.raises(EarlyExitError, match="no record with a non-empty 'input'"):
+        J.load_items(J.JudgeData(source=records_file(tmp_path_factory, [r | {"input": ""} for r in RECORDS])))
+
+
+def test_cache_survives_a_torn_line(tmp_path):
+    cache = J.VerdictCache(tmp_path / "v.jsonl")
+    key = J.VerdictCache.key("judge", [{"role": "user", "content": "x"}])
+    cache.add(key, "judge", "correct", '{"correct": true}')
+    with open(tmp_path / "v.jsonl", "a") as f:
+        f.write('{"key": "torn')
+    again = J.VerdictCache(tmp_path / "v.jsonl")
+    assert again.get(key)["verdict"] == "correct" and len(again.entries) == 1
+    assert J.VerdictCache.key("other", [{"role": "user", "content": "x"}]) != key
+
+
+# --- the HTTP path against earlyexit.serve --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_chat():
+    lm = tiny_model("llama")
+    lm.generation_config.eos_token_id, lm.generation_config.pad_token_id = EOS, PAD
+    lm.config.max_position_embeddings = 2048  # rotary positions: the judge prompt is longer than the tiny default
+    return ChatModel(lm, char_tokenizer(), "tiny")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_chat):
+    server = make_server(tiny_chat, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_judge_against_the_server_and_the_cache(served, tiny_chat, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a loopback endpoint needs no key
+    calls = []
+    complete = tiny_chat.complete
+    monkeypatch.setattr(tiny_chat, "complete", lambda request, on_text=None: calls.append(1) or complete(request, on_text))
+    judge = J.OpenAIJudge(J.JudgeArgs(kind="openai", model="tiny", base_url=served.url, max_tokens=8, concurrency=3))
+    cache = J.VerdictCache(tmp_path / "v.jsonl")
+    first = J.judge_cases(judge, cases(), cache)
+    assert len(calls) == 6 and len(cache.entries) == 6
+    for case in cases():  # each verdict is what the served model says at temperature 0, parsed
+        request = tiny_chat.parse({"model": "tiny", "messages": case.messages(), "temperature": 0, "max_tokens": 8})
+        reply = complete(request).text
+        assert first[(case.id, case.layer)]["reply"] == reply
+        assert first[(case.id, case.layer)]["verdict"] == J.parse_verdict(reply)
+    again = J.judge_cases(judge, cases(), J.VerdictCache(tmp_path / "v.jsonl"))
+    assert again == first and len(calls) == 6  # cache hits never reach the endpoint
+    twins = [J.Case(9, layer, "q", "c", "r", "same answer") for layer in (1, 2, 3)]
+    assert len(J.judge_cases(judge, twins, cache)) == 3 and len(calls) == 7  # one prompt, asked once
+
+
+# --- a failing endpoint ---------------------------------------------------------------------------------
+
+
+class Flaky(ThreadingHTTPServer):
+    """Answers per a plan of modes (then ``default``): ok, 500, 429, 401, slow, malformed, shape."""
+
+    daemon_threads = True
+
+    def __init__(self, plan: list[str], default: str):
+        self.plan, self.default, self.requests = list(plan), default, 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), FlakyHandler)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class FlakyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.server.lock:
+            self.server.requests += 1
+            mode = self.server.plan.pop(0) if self.server.plan else self.server.default
+        status, body = 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": '{"correct": true}'},
+                                          "finish_reason": "stop"}]}
+        if mode == "slow":
+            time.sleep(1.5)
+        elif mode in ("500", "429", "401"):
+            status, body = int(mode), {"error": {"message": f"injected {mode}", "type": "x", "param": None, "code": None}}
+        elif mode == "shape":
+            body = {"unexpected": True}
+        raw = b"{not json" if mode == "malformed" else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        try:
+            self.wfile.write(raw)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out first
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky():
+    servers = []
+
+    def make(plan=(), default="ok"):
+        server = Flaky(list(plan), default)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def openai_judge(url: str, **kw) -> J.OpenAIJudge:
+    args = dict(kind="openai", model="m", base_url=url, max_retries=2, backoff=0.01, timeout=0.5, concurrency=1) | kw
+    return J.OpenAIJudge(J.JudgeArgs(**args))
+
+
+@pytest.mark.parametrize("mode,needle", [
+    ("500", "last: HTTP 500: injected 500"),
+    ("429", "last: HTTP 429: injected 429"),
+    ("slow", "last: timed out after 0.5 s"),
+    ("malformed", "last: malformed response (JSONDecodeError"),
+    ("shape", "last: malformed response"),
+])
+def test_persistent_failures_retry_then_fail_clearly(flaky, tmp_path, mode, needle):
+    server = flaky(default=mode)
+    with pytest.raises(EarlyExitError) as err:
+        J.judge_cases(openai_judge(server.url), cases(), J.VerdictCache(tmp_path / "v.jsonl"))
+    message = str(err.value)
+    assert f"the judge endpoint {server.url} failed 3 times; {needle}" in message, message
+    assert "0 of 6 verdicts are kept" in message
+    assert server.requests == 3  # one request, two retries; the other cases were never sent
+
+
+def test_verdicts_obtained_before_a_failure_are_kept(flaky, tmp_path):
+    server = flaky(plan=["ok", "ok", "500", "ok"], default="500")
+    path = tmp_path / "v.jsonl"
+    with pytest.raises(EarlyExitError, match="3 of 6 verdicts are kept in"):
+        J.judge_cases(openai_judge(server.url), cases(), J.VerdictCache(path))  # the 3rd case succeeds on its retry
+    assert len(path.read_text().splitlines()) == 3 and server.requests == 7
+    assert {e["verdict"] for e in J.VerdictCache(path).entries.values()} == {"correct"}
+
+
+def test_rerun_against_the_same_endpoint_asks_only_what_is_missing(flaky, tmp_path):
+    server = flaky(plan=["ok", "ok"], default="500")
+    path = tmp_path / "v.jsonl"
+    with pytest.raises(EarlyExitError):
+        J.judge_cases(openai_judge(server.url), cases(), J.VerdictCache(path))
+    server.default, before = "ok", server.requests
+    verdicts = J.judge_cases(openai_judge(server.url, concurrency=4), cases(), J.VerdictCache(path))
+    assert len(verdicts) == 6 and server.requests - before == 4
+
+
+def test_a_transient_failure_is_retried(flaky, tmp_path):
+    server = flaky(plan=["500", "slow"])
+    verdicts = J.judge_cases(openai_judge(server.url), cases(2), J.VerdictCache(tmp_path / "v.jsonl"))
+    assert len(verdicts) == 2 and server.requests == 4
+
+
+def test_an_authentication_error_is_not_retried(flaky, tmp_path):
+    server = flaky(default="401")
+    with pytest.raises(EarlyExitError, match=r"refused the request: HTTP 401: injected 401 \(check OPENAI_API_KEY\)"):
+        J.judge_cases(openai_judge(server.url), cases(), J.VerdictCache(tmp_path / "v.jsonl"))
+    assert server.requests == 1
+
+
+def test_unreachable_endpoint(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EarlyExitError, match="failed 3 times; last: could not connect"):
+        J.judge_cases(openai_judge(f"http://127.0.0.1:{port}/v1"), cases(), J.VerdictCache(tmp_path / "v.jsonl"))
+
+
+def test_remote_endpoint_needs_the_key_variable(monkeypatch):
+    monkeypatch.delenv("MY_JUDGE_KEY", raising=False)
+    with pytest.raises(EarlyExitError, match="set the environment variable MY_JUDGE_KEY"):
+        J.OpenAIJudge(J.JudgeArgs(kind="openai", model="gpt-4o-mini", base_url="https://api.example.com/v1", api_key_env="MY_JUDGE_KEY"))
+    monkeypatch.setenv("MY_JUDGE_KEY", "k")
+    assert J.OpenAIJudge(J.JudgeArgs(kind="openai", model="gpt-4o-mini", base_url="https://api.example.com/v1",
+                                     api_key_env="MY_JUDGE_KEY")).name == "openai:https://api.example.com/v1:gpt-4o-mini"
+
+
+# --- the local judge and the CLI ------------------------------------------------------------------------
+
+
+def test_local_judge_is_deterministic_and_equals_the_library(tiny_chat):
+    judge = J.LocalJudge(tiny_chat.ee.lm, tiny_chat.tokenizer, "tiny", max_tokens=6, batch_size=4)
+    runs = []
+    for _ in range(2):
+        got = {}
+        judge.replies(cases(), lambda case, verdict, reply: got.__setitem__((case.id, case.layer), (verdict, reply)))
+        runs.append(got)
+    assert runs[0] == runs[1] and len(runs[0]) == 6
+    case = cases()[3]
+    ids = torch.tensor([judge._encode(case.messages())])
+    out = tiny_chat.ee.generate(ids, torch.ones_like(ids), 4, max_new_tokens=6, pad_token_id=PAD)
+    reply = tiny_chat.tokenizer.decode(out.tokens[0, : int(out.n_tokens[0])].tolist(), skip_special_tokens=True)
+    assert runs[0][(case.id, case.layer)] == (J.parse_verdict(reply), reply)
+
+
+def cli_args(tiny_dir, data, out, *extra):
+    return ["--model.name", tiny_dir, "--model.device", "cpu", "--data.source", data, "--data.limit", "5",
+            "--generation.max_new_tokens", "6", "--exit_layers", "all", "--out_dir", str(out), *extra]
+
+
+def test_cli_end_to_end_with_resume(tiny_dir, tmp_path_factory, tmp_path, capsys):
+    data = records_file(tmp_path_factory, RECORDS)
+    out = tmp_path / "judge"
+    J.main(cli_args(tiny_dir, data, out, "--judge.kind", "reference"))
+    printed = capsys.readouterr()
+    assert "| Layer | Correct |" in printed.out and "not an LLM judge" in printed.out
+    for name in ("metrics.json", "metrics.csv", "table.md", "judgements.jsonl", "correct.png", "verdicts.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "metrics.json").read_text())
+    assert [r["layer"] for r in report["layers"]] == [1, 2, 3, 4] and all(r["n"] == 5 for r in report["layers"])
+    assert report["example_ids"] == [1, 2, 4, 5, 7]
+    answers = (out / "answers" / "generations.jsonl").read_text()
+    assert len(answers.splitlines()) == 20
+    J.main(cli_args(tiny_dir, data, out, "--judge.kind", "reference"))  # a rerun generates and asks nothing
+    assert "20 answers to judge; 20 verdicts cached" in capsys.readouterr().err
+    assert (out / "answers" / "generations.jsonl").read_text() == answers
+    J.main(cli_args(tiny_dir, data, tmp_path / "local", "--judge.kind", "local", "--judge.max_tokens", "4",
+                    "--answers", str(out / "answers")))
+    local = json.loads((tmp_path / "local" / "metrics.json").read_text())
+    assert local["judge"] == f"local:{tiny_dir}" and sum(local["layers"][0][k] for k in ("correct", "incorrect", "unparsable")) == 5
+
+
+def test_reuses_the_evaluation_generations(tiny_dir, tmp_path_factory, tmp_path):
+    data = records_file(tmp_path_factory, RECORDS)
+    evaluate_main(["--model.name", tiny_dir, "--model.device", "cpu", "--data.source", data, "--generation.max_new_tokens", "6",
+                   "--metrics.names", "[rougeL]", "--metrics.bootstrap", "0", "--exit_layers", "2,4", "--out_dir", str(tmp_path / "eval")])
+    before = (tmp_path / "eval" / "generations.jsonl").read_text()
+    J.main(cli_args(tiny_dir, data, tmp_path / "judge", "--judge.kind", "reference", "--exit_layers", "2,4",
+                    "--answers", str(tmp_path / "eval")))
+    assert (tmp_path / "eval" / "generations.jsonl").read_text() == before
+    judged = [json.loads(line) for line in (tmp_path / "judge" / "judgements.jsonl").read_text().splitlines()]
+    evaluated = {(r["id"], r["layer"]): r["text"] for r in map(json.loads, before.splitlines())}
+    assert all(j["answer"] == evaluated[(j["id"], j["layer"])] for j in judged) and len(judged) == 10
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data.context_field", "passage"], "the context field 'passage' is missing (set --data.context_field"),
+    (["--judge.kind", "openai", "--judge.model", "gpt-4o-mini", "--judge.base_url", "https://api.example.com/v1",
+      "--judge.api_key_env", "EARLYEXIT_NO_SUCH_KEY"], "set the environment variable EARLYEXIT_NO_SUCH_KEY"),
+    (["--judge.kind", "openai"], "--judge.model is required with --judge.kind openai"),
+    (["--judge.kind", "openai", "--judge.model", "m", "--judge.base_url", "http://127.0.0.1:9/v1", "--judge.backoff", "0",
+      "--judge.max_retries", "1"], "failed 2 times; last: could not connect"),
+])
+def test_cli_bad_input(tiny_dir, tmp_path_factory, tmp_path, extra, message):
+    data = records_file(tmp_path_factory, RECORDS)
+    cmd = [sys.executable, "-m", "earlyexit.judge", *cli_args(tiny_dir, data, tmp_path / "j", *extra)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
