@@ -16,7 +16,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from earlyexit.errors import EarlyExitError
 
@@ -154,25 +154,37 @@ def pad(sequences: list[list[int]], value: int, side: Literal["left", "right"]) 
     return torch.tensor(rows, dtype=torch.long)
 
 
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch that can start part-way through one, for exact resume.
+class EpochSampler(DistributedSampler):
+    """A seeded permutation per epoch that can start part-way through one, for exact resume, and shards it
+    across ``world`` ranks so that training on W ranks sees the same global batches as one process.
 
-    Lightning calls :meth:`set_epoch`; ``start`` (examples already consumed this epoch) is read once.
+    Global batch ``s`` is ``order[s·B·W : (s+1)·B·W]`` (B examples per rank); rank r takes its r-th block of B.
+    With W > 1 a trailing partial global batch is dropped, so every rank runs the same number of steps.
+    Being a ``DistributedSampler``, Lightning uses it as is instead of wrapping it in one of its own.
+    Lightning calls :meth:`set_epoch`; ``start`` (examples this rank already consumed this epoch) is read once.
     """
 
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+    def __init__(self, n: int, seed: int = 0, batch_size: int = 1, rank: int = 0, world: int = 1):
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=False)
+        self.n, self.seed, self.batch_size, self.world = n, seed, batch_size, world
+        self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def _mine(self) -> list[int]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).tolist()
+        if self.world == 1:
+            return order
+        width = self.batch_size * self.world
+        return [order[s * width + self.rank * self.batch_size + j] for s in range(self.n // width) for j in range(self.batch_size)]
+
+    def __iter__(self):
         start, self.start = self.start, 0
-        return iter(order[start:])
+        return iter(self._mine()[start:])
 
     def __len__(self) -> int:
-        return self.n
+        return self.n if self.world == 1 else self.n // (self.batch_size * self.world) * self.batch_size
 
 
 class AlpacaDataModule(L.LightningDataModule):
@@ -281,13 +293,17 @@ class AlpacaDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler(len(self.train_set), self.hparams.seed)
         trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if world > 1 and len(self.train_set) < self.hparams.batch_size * world:
+            raise EarlyExitError(f"{len(self.train_set)} training records are fewer than one global batch "
+                                 f"({self.hparams.batch_size} × {world} ranks)")
+        sampler = EpochSampler(len(self.train_set), self.hparams.seed, self.hparams.batch_size, rank, world)
         if trainer is not None:  # resuming mid-epoch: skip the batches the checkpoint already trained on
             sampler.set_epoch(trainer.current_epoch)
             # `ready` counts the batches a mid-epoch checkpoint already took (it is saved before `completed` moves)
             start = trainer.fit_loop.epoch_loop.batch_progress.current.ready * self.hparams.batch_size
-            sampler.start = start if start < len(self.train_set) else 0
+            sampler.start = start if start < len(sampler) else 0
         return DataLoader(
             self.train_set, batch_size=self.hparams.batch_size, sampler=sampler,
             collate_fn=self.collate_train, num_workers=self.hparams.num_workers,

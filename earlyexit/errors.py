@@ -23,5 +23,12 @@ def report_errors(main: Callable[..., T]) -> Callable[..., T]:
         except (EarlyExitError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except Exception as err:
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+            if not isinstance(err, MisconfigurationException):  # a Trainer set-up the machine cannot run: devices, strategy …
+                raise
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            sys.exit(2)
 
     return wrapper

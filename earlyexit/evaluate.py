@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass, field
 import lightning as L
 import numpy as np
 from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from earlyexit.data import AlpacaDataModule
+from earlyexit.distributed import check_setup
 from earlyexit.errors import EarlyExitError, report_errors
 from earlyexit.loading import ModelArgs, resolve_device, resolve_dtype
 from earlyexit.metrics import (
@@ -67,11 +69,15 @@ class TrainerArgs:
 
     Args:
         accelerator: ``cpu``, ``gpu`` or ``auto`` (follows --model.device).
-        devices: Devices per node.
+        devices: Devices (processes) per node; with more than one the examples are sharded over them.
+        num_nodes: Nodes (under torchrun or SLURM).
+        strategy: Lightning strategy of a sharded run (``ddp``: each rank holds a full copy of the model).
     """
 
     accelerator: str = "auto"
     devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
 
 
 class GenerationWriter(BasePredictionWriter):
@@ -82,7 +88,7 @@ class GenerationWriter(BasePredictionWriter):
         self.results = results
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self.results.append(prediction)
+        self.results.append(prediction, rank=trainer.global_rank if trainer.world_size > 1 else None)
 
 
 def score(rows: list[dict], references: dict[int, str], exit_layers: list[int], n_layers: int, metrics: MetricArgs,
@@ -195,6 +201,7 @@ def run(cfg, parser: ArgumentParser) -> dict:
     metrics = MetricArgs(**cfg.metrics)
     trainer_args = TrainerArgs(**cfg.trainer)
     check_metric_names(metrics.names)
+    check_evaluation_setup(trainer_args)
     data = AlpacaDataModule(**cfg.data)
     examples = data.eval_records()  # bad data fails here, before any model is loaded
     device = resolve_device(model_args.device)
@@ -203,7 +210,8 @@ def run(cfg, parser: ArgumentParser) -> dict:
     module = EarlyExitModule(base=model_args, generation=generation, exit_layers=cfg.exit_layers)  # a bad model or layer fails before any write
     results = ResultsDir(cfg.out_dir, fingerprint)
     results.write_text("config.yaml", parser.dump(cfg))
-    generate_answers(module, results, data, examples, trainer_args, device)
+    if not generate_answers(module, results, data, examples, trainer_args, device):
+        return {}  # a sharded run's other ranks: rank 0 scores the gathered generations
     references = {i: r["output"] for i, r in examples}
     report = score(results.generations(), references, module.exit_layers, module.ee.n_layers, metrics, bertscore)
     report.update({
@@ -226,6 +234,14 @@ def run(cfg, parser: ArgumentParser) -> dict:
     return report
 
 
+def check_evaluation_setup(trainer_args: TrainerArgs) -> None:
+    """Devices and strategy of the predict loop: data parallel only (each rank generates with a whole model)."""
+    check_setup(trainer_args.accelerator, trainer_args.devices, trainer_args.strategy, trainer_args.num_nodes)
+    if trainer_args.strategy not in ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"):
+        raise EarlyExitError(f"trainer.strategy {trainer_args.strategy!r}: evaluation shards the examples over ranks that "
+                             "each hold the whole model; use ddp")
+
+
 def generation_fingerprint(model_args: ModelArgs, data: AlpacaDataModule, generation: GenerationArgs, device,
                            **extra) -> dict:
     """What the generations of a results directory depend on (a directory never mixes two of them)."""
@@ -243,10 +259,13 @@ def generation_fingerprint(model_args: ModelArgs, data: AlpacaDataModule, genera
 
 
 def generate_answers(module: EarlyExitModule, results: ResultsDir, data: AlpacaDataModule,
-                     examples: list[tuple[int, dict]], trainer_args: TrainerArgs, device) -> None:
+                     examples: list[tuple[int, dict]], trainer_args: TrainerArgs, device) -> bool:
     """Generate every (example, exit layer) answer that ``results`` does not hold yet, through the predict loop.
 
     ``examples`` are ``(id, record)`` pairs of Alpaca-shaped records; the prompt is rendered by ``data``.
+    With several devices (``trainer_args``) the predict loop shards the examples over the ranks without
+    padding (each is generated exactly once); each rank appends to its own file, and once all are done the
+    first folds them into ``generations.jsonl``. Returns whether this process is the first (rank 0) one.
     """
     module.done = {}
     for row in results.generations():
@@ -254,16 +273,25 @@ def generate_answers(module: EarlyExitModule, results: ResultsDir, data: AlpacaD
     todo = [(i, r) for i, r in examples if not set(module.exit_layers) <= module.done.get(i, set())]
     data.attach_tokenizer(module.tokenizer)
     data.predict_set = [{"id": i, "prompt_ids": data.prompt_ids(r), "reference": r["output"]} for i, r in todo]
-    print(f"{len(examples)} examples × {len(module.exit_layers)} exit layers {module.exit_layers}; "
-          f"{len(examples) - len(todo)} examples already done in {results.path}", file=sys.stderr)
     if not todo:
-        return
+        print(f"{len(examples)} examples × {len(module.exit_layers)} exit layers: all done in {results.path}", file=sys.stderr)
+        return rank_zero_only.rank == 0  # under torchrun/SLURM every rank gets here; only the first scores
+    accelerator = "gpu" if device.type == "cuda" and trainer_args.accelerator == "auto" else trainer_args.accelerator
     trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" and trainer_args.accelerator == "auto" else trainer_args.accelerator,
-        devices=trainer_args.devices, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        callbacks=[GenerationWriter(results)],
+        accelerator=accelerator,
+        devices=trainer_args.devices, num_nodes=trainer_args.num_nodes, strategy=trainer_args.strategy,
+        logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[GenerationWriter(results)],
     )
+    if trainer.is_global_zero:
+        print(f"{len(examples)} examples × {len(module.exit_layers)} exit layers {module.exit_layers}; "
+              f"{len(examples) - len(todo)} examples already done in {results.path}; {trainer.world_size} process(es)",
+              file=sys.stderr)
     trainer.predict(module, dataloaders=data.predict_dataloader(), return_predictions=False)
+    if trainer.world_size > 1:
+        trainer.strategy.barrier()  # every rank's file is complete
+        if trainer.is_global_zero:
+            results.merge_ranks()
+    return trainer.is_global_zero
 
 
 def write_plot(results: ResultsDir, report: dict, names: list[str]) -> None:

@@ -42,7 +42,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from earlyexit.data import HUB_ID, AlpacaDataModule, Template, read_records
 from earlyexit.errors import EarlyExitError, report_errors
-from earlyexit.evaluate import TrainerArgs, generate_answers, generation_fingerprint
+from earlyexit.evaluate import TrainerArgs, check_evaluation_setup, generate_answers, generation_fingerprint
 from earlyexit.loading import ModelArgs, resolve_device, resolve_model_path
 from earlyexit.model import parse_exit_layers
 from earlyexit.module import EarlyExitModule, GenerationArgs
@@ -514,6 +514,7 @@ def make_judge(args: JudgeArgs, model: ModelArgs, module: EarlyExitModule | None
 def run(cfg) -> dict:
     model_args, generation, trainer_args = ModelArgs(**cfg.model), GenerationArgs(**cfg.generation), TrainerArgs(**cfg.trainer)
     data_args, judge_args = JudgeData(**cfg.data), JudgeArgs(**cfg.judge)
+    check_evaluation_setup(trainer_args)
     items = load_items(data_args)  # bad data fails before any model loads
     judge = make_judge(judge_args, model_args, None) if judge_args.kind != "local" else None  # a missing key fails early
     out_dir = Path(cfg.out_dir)
@@ -529,7 +530,8 @@ def run(cfg) -> dict:
     module = None
     if any((i, layer) not in have for i, _ in items for layer in exit_layers):
         module = EarlyExitModule(base=model_args, generation=generation, exit_layers=cfg.exit_layers)
-        generate_answers(module, answers, data, items, trainer_args, device)
+        if not generate_answers(module, answers, data, items, trainer_args, device):
+            return {}  # a sharded generation's other ranks: rank 0 judges
     if judge is None:
         judge = make_judge(judge_args, model_args, module)
     rows = {(r["id"], r["layer"]): r for r in answers.generations()}

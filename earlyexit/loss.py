@@ -80,6 +80,7 @@ def early_exit_loss(
     teacher: torch.Tensor | None = None,
     alpha: float = 0.0,
     chunk_size: int = 1024,
+    tokens: float | None = None,
 ) -> LossOutput:
     """Weighted early-exit loss over the answer tokens.
 
@@ -92,11 +93,14 @@ def early_exit_loss(
             layer), for self-distillation.
         alpha: share of the distillation term, 0..1.
         chunk_size: answer tokens per logits block.
+        tokens: the token count the sums are divided by; this batch's answer tokens when None. Under data
+            parallelism, the global count divided by the world size makes the rank-averaged loss (and
+            gradient) the token mean over the global batch, as in one process.
     """
     target = labels[:, 1:]  # [B, T-1]: position t predicts token t + 1
     keep = target != IGNORE_INDEX
     tgt = target[keep]  # [M]
-    count = max(int(tgt.numel()), 1)
+    count = max(int(tgt.numel()), 1) if tokens is None else max(float(tokens), 1e-9)
     norm = sum(weights.values())
     total = None
     per_exit = {}

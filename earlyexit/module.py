@@ -183,7 +183,18 @@ class EarlyExitModule(L.LightningModule):
         hidden = self.ee.hidden_states(batch["input_ids"], batch["attention_mask"], exit_layers=exits, skip=skip)
         teacher = self._teacher(batch) if la.distill > 0 else None
         weights = exit_weights(exits, n, la.weights, la.e_scale)
-        return early_exit_loss(hidden, batch["labels"], self.ee.exit_logits, weights, teacher, la.distill, la.chunk_size)
+        return early_exit_loss(hidden, batch["labels"], self.ee.exit_logits, weights, teacher, la.distill, la.chunk_size,
+                               tokens=self._tokens_per_rank(batch))
+
+    def _world(self) -> int:
+        return 1 if self._trainer is None else self.trainer.world_size
+
+    def _tokens_per_rank(self, batch: dict) -> torch.Tensor | None:
+        """Answer tokens of the global batch / world size (None in one process): the loss normaliser under DDP/FSDP."""
+        if self._world() == 1:
+            return None
+        local = (batch["labels"][:, 1:] != -100).sum().float()
+        return self.trainer.strategy.reduce(local, reduce_op="sum") / self.trainer.world_size
 
     @torch.no_grad()
     def _teacher(self, batch: dict) -> torch.Tensor:
@@ -199,16 +210,18 @@ class EarlyExitModule(L.LightningModule):
         if not torch.isfinite(out.total):
             raise EarlyExitError(f"the training loss is {out.total.item()} at step {self.global_step} "
                                  "(lower optim.lr, or check the data); the last checkpoint is intact")
-        self.log("train/loss", out.total, prog_bar=True)
+        sync = self._world() > 1  # the mean over ranks is the global batch's loss
+        self.log("train/loss", out.total, prog_bar=True, sync_dist=sync)
         for layer, ce in out.per_exit.items():
-            self.log(f"train/ce_exit_{layer}", ce)
+            self.log(f"train/ce_exit_{layer}", ce, sync_dist=sync)
         return out.total
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self._loss(batch, self.global_step, train=False)
-        self.log("val/loss", out.total, prog_bar=True)
+        sync = self._world() > 1
+        self.log("val/loss", out.total, prog_bar=True, sync_dist=sync)
         for layer, ce in out.per_exit.items():
-            self.log(f"val/ce_exit_{layer}", ce)
+            self.log(f"val/ce_exit_{layer}", ce, sync_dist=sync)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -221,8 +234,14 @@ class EarlyExitModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        from earlyexit.distributed import clean_name
+
+        trainable = {clean_name(name) for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if clean_name(k) in trainable}
+
+    def varies_parameters(self) -> bool:
+        """Whether some trainable parameters may get no gradient in a step (skipped blocks, rotating exits)."""
+        return any(self.dropout_rates) or self.loss_args.curriculum != "none"
 
     # --- prediction -----------------------------------------------------------------------------------
 

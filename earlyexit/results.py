@@ -29,7 +29,7 @@ class ResultsDir:
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
+            probe = self.path / f".write-test.{os.getpid()}"
             probe.write_text("")
             probe.unlink()
         except OSError as err:
@@ -43,29 +43,52 @@ class ResultsDir:
                     f"results directory {str(self.path)!r} holds a run with a different config "
                     f"(differs in: {', '.join(changed)}); choose another --out_dir or remove that directory"
                 )
-        else:
-            run.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+        else:  # atomically: the ranks of a sharded run may all get here
+            tmp = run.with_name(f"{RUN}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, run)
         self.generations_path = self.path / GENERATIONS
-        drop_torn_tail(self.generations_path)
+        for path in [self.generations_path, *self.rank_files()]:
+            drop_torn_tail(path)
+
+    def rank_files(self) -> list[Path]:
+        """Per-rank generation files of a sharded run (merged into ``generations.jsonl`` when it ends)."""
+        return sorted(self.path.glob("generations.rank*.jsonl"))
+
+    def rank_path(self, rank: int) -> Path:
+        return self.path / f"generations.rank{rank}.jsonl"
 
     def generations(self) -> list[dict]:
         """All generation rows so far, the last one per (id, layer) winning."""
-        if not self.generations_path.is_file():
-            return []
         rows = {}
-        for line in self.generations_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[(row["id"], row["layer"])] = row
+        for path in [self.generations_path, *self.rank_files()]:
+            if path.is_file():
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    if line.strip():
+                        row = json.loads(line)
+                        rows[(row["id"], row["layer"])] = row
         return list(rows.values())
 
-    def append(self, rows: list[dict]) -> None:
-        """Append rows and make them durable before returning (a later kill loses nothing written)."""
-        append_jsonl(self.generations_path, rows)
+    def append(self, rows: list[dict], rank: int | None = None) -> None:
+        """Append rows and make them durable before returning (a later kill loses nothing written).
+
+        ``rank`` (sharded runs) writes that rank's own file, so processes never interleave their lines.
+        """
+        append_jsonl(self.generations_path if rank is None else self.rank_path(rank), rows)
+
+    def merge_ranks(self) -> int:
+        """Fold the per-rank files into ``generations.jsonl`` (one process, after every rank finished); rows moved."""
+        moved = 0
+        for path in self.rank_files():
+            lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            append_jsonl(self.generations_path, lines)
+            path.unlink()
+            moved += len(lines)
+        return moved
 
     def write_text(self, name: str, text: str) -> Path:
         target = self.path / name
-        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp = target.with_suffix(f"{target.suffix}.{os.getpid()}.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)
         return target

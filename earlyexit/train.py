@@ -1,7 +1,7 @@
 """Early-exit LoRA fine-tuning on the Lightning Trainer (LayerSkip's loss, curricula and layer dropout).
 
     python -m earlyexit.train --config configs/smollm2_lora.yaml
-    python -m earlyexit.train --config configs/llama2_lora.yaml --trainer.devices 4
+    python -m earlyexit.train --config configs/llama2_lora.yaml --trainer.devices 4 --trainer.strategy fsdp
     python -m earlyexit.train --config configs/debug.yaml --ckpt_path checkpoints/debug/checkpoints/last.ckpt   # resume
 
 The YAML's ``model:``, ``data:`` and ``trainer:`` keys are the ``__init__`` arguments of
@@ -21,23 +21,35 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from earlyexit.data import AlpacaDataModule
+from earlyexit.distributed import check_setup, configure_strategy, full_state_dict
 from earlyexit.errors import report_errors
 from earlyexit.module import EarlyExitModule
 
 
 class AdapterExport(Callback):
-    """Saves the peft adapter (and the tokenizer) to ``<default_root_dir>/adapter`` when training ends."""
+    """Saves the peft adapter to ``<default_root_dir>/adapter`` when training ends, once (rank 0).
+
+    Under FSDP the adapter weights are gathered first (every rank takes part), so the file holds full weights.
+    """
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero and hasattr(pl_module.lm, "save_pretrained"):
+        if not hasattr(pl_module.lm, "save_pretrained"):
+            return
+        state = full_state_dict(trainer, pl_module)
+        if trainer.is_global_zero:
             target = Path(trainer.default_root_dir) / "adapter"
-            pl_module.lm.save_pretrained(target)
+            lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+            pl_module.lm.save_pretrained(target, state_dict=lm_state)
             print(f"adapter saved to {target}", file=sys.stderr)
 
 
 class EarlyExitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from (exact resume)")
+
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config.trainer
+        check_setup(trainer.accelerator, trainer.devices, trainer.strategy, trainer.num_nodes)
 
 
 @report_errors
@@ -60,6 +72,7 @@ def main(args: list[str] | None = None) -> None:
         from earlyexit.errors import EarlyExitError
 
         raise EarlyExitError(f"checkpoint {ckpt!r} not found")
+    configure_strategy(cli.trainer.strategy, cli.model)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
 
 
