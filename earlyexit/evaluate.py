@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 import lightning as L
@@ -286,11 +287,15 @@ def generate_answers(module: EarlyExitModule, results: ResultsDir, data: AlpacaD
         print(f"{len(examples)} examples × {len(module.exit_layers)} exit layers {module.exit_layers}; "
               f"{len(examples) - len(todo)} examples already done in {results.path}; {trainer.world_size} process(es)",
               file=sys.stderr)
+    start = time.perf_counter()
     trainer.predict(module, dataloaders=data.predict_dataloader(), return_predictions=False)
     if trainer.world_size > 1:
         trainer.strategy.barrier()  # every rank's file is complete
         if trainer.is_global_zero:
             results.merge_ranks()
+    if trainer.is_global_zero:
+        print(f"generated {len(todo)} examples × {len(module.exit_layers)} exit layers in {time.perf_counter() - start:.1f} s "
+              f"on {trainer.world_size} process(es)", file=sys.stderr)
     return trainer.is_global_zero
 
 

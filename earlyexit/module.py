@@ -233,6 +233,17 @@ class EarlyExitModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, oa.warmup_steps, oa.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Under FSDP, clip by norm with FSDP's own ``clip_grad_norm_`` (the norm over all shards); as usual elsewhere."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise EarlyExitError(f"gradient_clip_algorithm {gradient_clip_algorithm!r} under FSDP: only 'norm' is supported")
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from earlyexit.distributed import clean_name
 

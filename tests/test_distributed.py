@@ -182,3 +182,13 @@ def test_cli_refuses_clearly(module, args, message):
 
 def test_clean_name():
     assert clean_name("lm._fsdp_wrapped_module.model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.w") == "lm.model.layers.0.mlp.w"
+
+
+def test_fsdp_units_get_one_dtype():
+    from earlyexit.distributed import uniform_dtype
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4).to(torch.bfloat16), torch.nn.Linear(4, 4))
+    model[0].requires_grad_(False)
+    assert uniform_dtype(model) == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and all(p.requires_grad for p in model[1].parameters())
+    assert uniform_dtype(model) is None  # already uniform

@@ -1,0 +1,176 @@
+"""Several GPUs: evaluation throughput scaling of the sharded predict loop, and early-exit LoRA training
+throughput and peak memory under FSDP, 1 vs N devices measured in one run.
+
+    python scripts/bench_multigpu.py eval --config configs/smollm2_layers.yaml --limit 192 --devices 1 2
+    python scripts/bench_multigpu.py train --devices 1 2 --batch 8 --seq 512 --steps 10
+
+``eval`` runs ``python -m earlyexit.evaluate`` (quarter exits, scoring not timed) with 1 and with N devices
+(``ddp``: every rank holds the model, the predict loop shards the examples) and reports the generation
+phase's wall time, as printed by ``evaluate``, and the share of identical answers.
+
+``train`` runs the real training step (EarlyExitModule on the Lightning Trainer: LoRA r=16 on every linear
+layer, exits every 2nd layer + last rotating by 2, chunked loss, gradient checkpointing, bf16-mixed) on
+random tokens, 1 device without sharding vs N devices with ``fsdp`` (each decoder block one unit). The model
+is a Llama-2-7B config with random bf16 weights (``llama2-7b-random``): honest for speed, meaningless for
+quality. Step times are measured on rank 0 after warm-up steps; peak memory is each rank's max allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- evaluation scaling ----------------------------------------------------------------------------------
+
+
+def bench_eval(args) -> None:
+    runs = {}
+    for devices in args.devices:
+        out = Path(tempfile.mkdtemp(prefix=f"bench_eval_{devices}_"))
+        cmd = [sys.executable, "-m", "earlyexit.evaluate", "--config", args.config, "--data.limit", str(args.limit),
+               "--data.batch_size", str(args.batch_size), "--exit_layers", "quarters", "--metrics.names", "[bleu]",
+               "--metrics.bootstrap", "0", "--model.device", args.device, "--trainer.devices", str(devices), "--out_dir", str(out)]
+        if devices > 1:
+            cmd += ["--trainer.strategy", "ddp"]
+        if args.device == "cpu":
+            cmd += ["--trainer.accelerator", "cpu"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            sys.exit(proc.stderr[-3000:])
+        seconds = float(re.search(r"exit layers in ([\d.]+) s on", proc.stderr).group(1))
+        rows = {(r["id"], r["layer"]): r["tokens"] for r in map(json.loads, (out / "generations.jsonl").read_text().splitlines())}
+        tokens = sum(len(t) for t in rows.values())
+        runs[devices] = (seconds, wall, rows, tokens)
+        print(f"{devices} GPU(s): generation {seconds:.1f} s ({len(rows)} answers, {tokens} tokens, {tokens / seconds:,.0f} tokens/s); "
+              f"whole command {wall:.1f} s", flush=True)
+    base = runs[args.devices[0]]
+    for devices, (seconds, wall, rows, tokens) in runs.items():
+        same = sum(rows[k] == base[2].get(k) for k in rows) / len(rows)
+        print(f"| {devices} | {seconds:.1f} | {tokens / seconds:,.0f} | {base[0] / seconds:.2f}× | {wall:.1f} | {same:.1%} |")
+
+
+# --- FSDP training -----------------------------------------------------------------------------------
+
+
+def random_llama(device):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+
+
+def train_worker(args) -> None:
+    """One training run (``devices`` processes through Lightning; each rank runs this function)."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    import earlyexit.module as module_lib
+    from earlyexit.distributed import configure_strategy
+    from earlyexit.loading import ModelArgs
+    from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs, OptimArgs
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if args.model == "llama2-7b-random":  # built on this rank's GPU instead of loaded
+        module_lib.load_model = lambda base: (random_llama(f"cuda:{local}"), None)
+    module = EarlyExitModule(
+        base=ModelArgs(name=args.model), lora=LoraArgs(r=16, alpha=32),
+        loss=ExitLossArgs(exit_layers="every2", weights="uniform", curriculum="rotational", rotation=2),
+        optim=OptimArgs(lr=1e-4, warmup_steps=0), gradient_checkpointing=True,
+    )
+    gen = torch.Generator().manual_seed(0)
+    total = (args.warmup + args.steps) * args.batch * args.devices
+    ids = torch.randint(100, 32000, (total, args.seq), generator=gen)
+    data = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+
+    class Clock(L.Callback):
+        def __init__(self):
+            self.times, self.peak = [], 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - self.start
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=pl_module.device)
+            peaks = trainer.strategy.all_gather(peak).flatten().tolist()
+            if trainer.is_global_zero:
+                tokens = args.steps * args.batch * args.seq * trainer.world_size
+                print("RESULT " + json.dumps({
+                    "devices": trainer.world_size, "strategy": type(trainer.strategy).__name__, "seconds": elapsed,
+                    "tokens_per_s": tokens / elapsed, "tokens_per_s_per_gpu": tokens / elapsed / trainer.world_size,
+                    "peak_gib": peaks, "gpu": torch.cuda.get_device_name(),
+                }), flush=True)
+
+    trainer = L.Trainer(
+        accelerator="gpu", devices=args.devices, strategy="fsdp" if args.devices > 1 else "auto", precision="bf16-mixed",
+        max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, gradient_clip_val=1.0, callbacks=[Clock()],
+    )
+    configure_strategy(trainer.strategy, module)
+    trainer.fit(module, DataLoader(data, batch_size=args.batch, collate_fn=lambda rows: {
+        k: torch.stack([r[k] for r in rows]) for k in rows[0]}))
+
+
+def bench_train(args) -> None:
+    results = []
+    for devices in args.devices:
+        cmd = [sys.executable, __file__, "_train", "--devices", str(devices), "--model", args.model, "--batch", str(args.batch),
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            sys.exit(f"{devices} device(s) failed:\n{proc.stderr[-4000:]}")
+        results.append(json.loads(line[len("RESULT "):]))
+        print(line, flush=True)
+    print(f"{args.model}, batch {args.batch} × {args.seq} tokens per GPU, {args.steps} timed steps, on {results[0]['gpu']}")
+    print("| GPUs | strategy | tokens/s | tokens/s per GPU | peak memory per GPU (GiB) |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['devices']} | {r['strategy']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | "
+              f"{', '.join(f'{p:.1f}' for p in r['peak_gib'])} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="job", required=True)
+    ev = sub.add_parser("eval")
+    ev.add_argument("--config", default="configs/smollm2_layers.yaml")
+    ev.add_argument("--limit", type=int, default=192)
+    ev.add_argument("--batch_size", type=int, default=16)
+    ev.add_argument("--devices", type=int, nargs="+", default=[1, 2])
+    ev.add_argument("--device", default="cuda", help="cuda, or cpu (processes instead of GPUs)")
+    for name in ("train", "_train"):
+        tr = sub.add_parser(name)
+        tr.add_argument("--model", default="llama2-7b-random")
+        tr.add_argument("--devices", type=int, nargs="+" if name == "train" else None, default=[1, 2] if name == "train" else 1)
+        tr.add_argument("--batch", type=int, default=8)
+        tr.add_argument("--seq", type=int, default=512)
+        tr.add_argument("--steps", type=int, default=10)
+        tr.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    {"eval": bench_eval, "train": bench_train, "_train": train_worker}[args.job](args)
+
+
+if __name__ == "__main__":
+    main()
