@@ -37,7 +37,10 @@ def check_setup(accelerator, devices, strategy, num_nodes: int = 1) -> None:
         have, what = (n_gpus, "GPU") if on_gpu else (os.cpu_count() or 1, "CPU core")
         if devices > have:
             raise EarlyExitError(f"trainer.devices {devices}: this machine has {have} {what}{'s' if have != 1 else ''}")
-    if not isinstance(strategy, str) or strategy == "auto":
+    if not isinstance(strategy, str):  # a class path (with init_args): checked by what it names
+        path = strategy.get("class_path", "") if hasattr(strategy, "get") else getattr(strategy, "class_path", "")
+        strategy = "fsdp" if "FSDP" in str(path) else "deepspeed" if "DeepSpeed" in str(path) else "auto"
+    if strategy == "auto":
         return
     from lightning.pytorch.strategies import StrategyRegistry
 

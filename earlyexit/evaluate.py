@@ -88,6 +88,9 @@ class GenerationWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.results = results
 
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()  # every rank has joined: the generation itself starts here
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         self.results.append(prediction, rank=trainer.global_rank if trainer.world_size > 1 else None)
 
@@ -287,14 +290,15 @@ def generate_answers(module: EarlyExitModule, results: ResultsDir, data: AlpacaD
         print(f"{len(examples)} examples × {len(module.exit_layers)} exit layers {module.exit_layers}; "
               f"{len(examples) - len(todo)} examples already done in {results.path}; {trainer.world_size} process(es)",
               file=sys.stderr)
-    start = time.perf_counter()
+    writer = next(c for c in trainer.callbacks if isinstance(c, GenerationWriter))
     trainer.predict(module, dataloaders=data.predict_dataloader(), return_predictions=False)
     if trainer.world_size > 1:
         trainer.strategy.barrier()  # every rank's file is complete
-        if trainer.is_global_zero:
-            results.merge_ranks()
+    seconds = time.perf_counter() - writer.started
+    if trainer.world_size > 1 and trainer.is_global_zero:
+        results.merge_ranks()
     if trainer.is_global_zero:
-        print(f"generated {len(todo)} examples × {len(module.exit_layers)} exit layers in {time.perf_counter() - start:.1f} s "
+        print(f"generated {len(todo)} examples × {len(module.exit_layers)} exit layers in {seconds:.1f} s "
               f"on {trainer.world_size} process(es)", file=sys.stderr)
     return trainer.is_global_zero
 

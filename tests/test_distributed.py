@@ -152,6 +152,7 @@ def test_epoch_sampler_gives_each_rank_its_block_of_every_global_batch():
     (("cpu", 2, "fsdp"), "runs on CUDA GPUs only; on CPUs use ddp"),
     (("cpu", 2, "deepspeed"), "needs the deepspeed package"),
     (("cpu", 2, "dpp"), "'dpp' is not a Lightning strategy"),
+    (("cpu", 2, {"class_path": "lightning.pytorch.strategies.FSDPStrategy"}), "runs on CUDA GPUs only"),
 ])
 def test_setups_this_machine_cannot_run(args, message):
     if "deepspeed" in args and __import__("importlib").util.find_spec("deepspeed"):
