@@ -54,11 +54,17 @@ def cache_root() -> Path:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: the GPU when there is one. A GPU without an index is this process's own: under several
+    processes (Lightning's launcher, torchrun, SLURM) rank r of a node loads onto its GPU r, never all onto GPU 0."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EarlyExitError(f"device {device!r} was asked for, but no CUDA device is available")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EarlyExitError(f"device {device!r} was asked for, but no CUDA device is available")
+        if resolved.index is None:
+            local = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID")
+            resolved = torch.device("cuda", int(local) % torch.cuda.device_count() if local else torch.cuda.current_device())
     return resolved
 
 

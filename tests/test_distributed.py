@@ -196,3 +196,15 @@ def test_fsdp_units_get_one_dtype():
     assert uniform_dtype(model) == torch.float32
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and all(p.requires_grad for p in model[1].parameters())
     assert uniform_dtype(model) is None  # already uniform
+
+
+def test_each_rank_loads_onto_its_own_gpu(monkeypatch):
+    from earlyexit.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1) and resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index wins
+    monkeypatch.setenv("LOCAL_RANK", "3")  # one GPU visible per task (SLURM): modulo the visible count
+    assert resolve_device("cuda") == torch.device("cuda", 1)
