@@ -258,10 +258,7 @@ class AlpacaDataModule(L.LightningDataModule):
             raise RuntimeError("AlpacaDataModule needs attach_tokenizer() before setup()")
         hp = self.hparams
         if stage == "predict":
-            self.predict_set = [
-                {"id": index, "prompt_ids": self.prompt_ids(record), "reference": record["output"]}
-                for index, record in self.eval_records()
-            ]
+            self.set_predict(self.eval_records())
             return
         loaded = self.load()
         rest = loaded.records[hp.eval_size :]
@@ -270,6 +267,10 @@ class AlpacaDataModule(L.LightningDataModule):
             raise EarlyExitError(f"{len(rest)} training records left after holding out {hp.eval_size} for evaluation")
         encoded = [encode_example(r, self.tokenizer, hp.template, hp.max_length) for r in rest]
         self.val_set, self.train_set = encoded[: hp.val_size], encoded[hp.val_size :]
+
+    def set_predict(self, pairs: list[tuple[int, dict]]) -> None:
+        """Generation items of ``(id, record)`` pairs: the prompt tokens and the reference answer."""
+        self.predict_set = [{"id": i, "prompt_ids": self.prompt_ids(r), "reference": r["output"]} for i, r in pairs]
 
     def prompt_ids(self, record: dict) -> list[int]:
         """The prompt of ``record``, tokenised, keeping its last ``max_length`` tokens."""

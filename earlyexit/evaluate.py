@@ -276,7 +276,7 @@ def generate_answers(module: EarlyExitModule, results: ResultsDir, data: AlpacaD
         module.done.setdefault(row["id"], set()).add(row["layer"])
     todo = [(i, r) for i, r in examples if not set(module.exit_layers) <= module.done.get(i, set())]
     data.attach_tokenizer(module.tokenizer)
-    data.predict_set = [{"id": i, "prompt_ids": data.prompt_ids(r), "reference": r["output"]} for i, r in todo]
+    data.set_predict(todo)
     if not todo:
         print(f"{len(examples)} examples × {len(module.exit_layers)} exit layers: all done in {results.path}", file=sys.stderr)
         return rank_zero_only.rank == 0  # under torchrun/SLURM every rank gets here; only the first scores
