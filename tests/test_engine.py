@@ -1,0 +1,206 @@
+"""The decoding engine against the references: the model's own ``generate`` truncated at each exit (a separate
+run per exit), full-depth greedy for self-speculation, and a recompute-from-scratch loop for dynamic exits."""
+
+import pytest
+import torch
+
+from earlyexit.engine import Engine, StaticKV, additive_mask, confidence, nucleus, sliding_windows
+from earlyexit.errors import EarlyExitError
+from earlyexit.model import EarlyExitHead
+from tiny import tiny_model
+
+
+def prompts(seed=1, batch=3, length=7):
+    """Left-padded prompts of different lengths (7, 4 and 2 real tokens)."""
+    torch.manual_seed(seed)
+    ids = torch.randint(3, 100, (batch, length))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 3, 5][:batch]):
+        mask[row, :pad] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_all_exits_in_one_pass_equal_separate_runs(tiny):
+    """Every family, padded batch, long enough to pass the sliding windows (8) of mistral and gemma2."""
+    ee = EarlyExitHead(tiny)
+    ids, mask = prompts()
+    got = Engine(ee).generate(ids, mask, [1, 2, 3, 4], max_new_tokens=12, ignore_eos=True)
+    assert sorted(got) == [1, 2, 3, 4]
+    for layer in (1, 2, 3, 4):
+        ref = ee.generate(ids, mask, layer, max_new_tokens=12, ignore_eos=True)
+        assert torch.equal(got[layer].tokens, ref.tokens), layer
+        assert torch.equal(got[layer].n_tokens, ref.n_tokens)
+
+
+def test_all_exits_stop_at_eos_like_generate():
+    ee = EarlyExitHead(tiny_model("llama"))
+    ids, mask = prompts()
+    free = ee.generate(ids, mask, 2, max_new_tokens=30, ignore_eos=True)
+    eos = int(free.tokens[0, 3])  # a token row 0 emits at step 3 becomes EOS: rows stop at different steps
+    got = Engine(ee).generate(ids, mask, [2, 4], max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+    for layer in (2, 4):
+        ref = ee.generate(ids, mask, layer, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(got[layer].tokens, ref.tokens)
+        assert torch.equal(got[layer].finished, ref.finished)
+    assert got[2].finished[0] and got[2].n_tokens[0] <= 3
+
+
+def test_a_layer_cache_holds_only_the_rows_that_reach_it():
+    ee = EarlyExitHead(tiny_model("llama"))
+    ids, mask = prompts()
+    engine = Engine(ee)
+    engine.generate(ids, mask, [1, 3], max_new_tokens=4)
+    rows = {layer: keys.shape[0] for layer, keys in engine.cache.keys.items()}
+    assert rows == {0: 6, 1: 3, 2: 3}  # block 4 never ran
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "phi"])
+@pytest.mark.parametrize("draft_layer,n_draft", [(1, 1), (2, 3), (3, 5), (1, 8)])
+def test_self_speculative_greedy_equals_full_depth(family, draft_layer, n_draft):
+    """Batch of 3 prompts of different lengths; rows accept different numbers of drafts."""
+    ee = EarlyExitHead(tiny_model(family))
+    ids, mask = prompts()
+    ref = ee.generate(ids, mask, 4, max_new_tokens=20, ignore_eos=True)
+    got = Engine(ee).generate_speculative(ids, mask, draft_layer, n_draft, max_new_tokens=20, ignore_eos=True)
+    assert torch.equal(got.tokens, ref.tokens)
+    assert 0 <= got.accepted <= got.drafted and got.cycles >= 20 / (n_draft + 1)
+
+
+def test_self_speculative_stops_at_eos():
+    ee = EarlyExitHead(tiny_model("llama"))
+    ids, mask = prompts()
+    eos = int(ee.generate(ids, mask, 4, max_new_tokens=20, ignore_eos=True).tokens[1, 5])
+    ref = ee.generate(ids, mask, 4, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+    got = Engine(ee).generate_speculative(ids, mask, 2, 4, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.n_tokens, ref.n_tokens)
+    assert torch.equal(got.finished, ref.finished) and bool(got.finished[1])
+
+
+def test_speculative_sampling_follows_the_full_model():
+    """The speculative acceptance rule keeps the full model's distribution: the marginal of the second token,
+    computed exactly from the full model, matches 6,000 speculative samples (draft from layer 1)."""
+    ee = EarlyExitHead(tiny_model("llama"))
+    prompt, temperature = torch.tensor([[5, 17, 42, 9]]), 0.05  # sharp enough that draft and target differ
+
+    def probs(logits):
+        logits = logits / temperature
+        logits[..., 1] = float("-inf")  # EOS is banned (ignore_eos)
+        return logits.softmax(-1)
+
+    with torch.no_grad():
+        first = probs(ee(prompt)[0, -1])  # p(t1)
+        pairs = torch.cat([prompt.expand(128, -1), torch.arange(128)[:, None]], 1)
+        exact = first @ probs(ee(pairs)[:, -1])  # sum over t1 of p(t1) p(t2 | t1)
+    n = 6000
+    torch.manual_seed(0)
+    got = Engine(ee).generate_speculative(prompt.expand(n, -1), torch.ones(n, 4, dtype=torch.long), 1, 2, max_new_tokens=2,
+                                          ignore_eos=True, do_sample=True, temperature=temperature)
+    empirical = torch.bincount(got.tokens[:, 1], minlength=128).float() / n
+    assert 0.05 < got.acceptance < 0.9
+    assert 0.5 * (empirical - exact).abs().sum() < 0.05
+
+
+@torch.no_grad()
+def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax"):
+    """CALM from scratch, batch 1, no cache: each step reruns the whole sequence block by block, feeding every
+    block above a generated token's exit that token's exit state (the propagation the engine implements)."""
+    engine = Engine(ee)
+    tokens, exits = list(ids[0].tolist()), []
+    prompt = len(tokens)
+    for _ in range(steps):
+        seq = torch.tensor([tokens])
+        length = seq.shape[1]
+        engine.cache = StaticKV(length)
+        slots = torch.arange(length)[None]
+        engine.cache.slots = slots
+        valid = torch.ones(1, length, dtype=torch.bool)
+        hidden, kwargs, masks = engine._inputs(seq, slots, valid, torch.zeros(1, dtype=torch.long))
+        frozen = {}  # position → exit state
+        for layer in range(1, ee.n_layers + 1):
+            inputs = hidden.clone()
+            for position, state in frozen.items():
+                inputs[0, position] = state
+            hidden = engine._blocks(inputs, kwargs, masks, range(layer, layer + 1))
+            for position in range(prompt, length - 1):  # generated tokens keep the exit they took as last token
+                if exits[position - prompt + 1] == layer:
+                    frozen[position] = hidden[0, position]
+            if layer >= min_layer and length - 1 not in frozen:
+                last = hidden[:, -1]
+                logits = ee.exit_logits(last)
+                logits[:, 1] = float("-inf")  # EOS is banned (ignore_eos)
+                score = confidence(logits, last, inputs[:, -1], measure)
+                if layer == ee.n_layers or float(score) >= threshold:
+                    frozen[length - 1] = last[0]
+                    choice = layer
+        logits = ee.exit_logits(frozen[length - 1])
+        logits[1] = float("-inf")
+        tokens.append(int(logits.argmax()))
+        exits.append(choice)
+    return tokens[prompt:], exits  # exits[k]: the layer that chose token k (k = 0 from the prompt's last token)
+
+
+@pytest.mark.parametrize("measure,threshold", [("softmax", 0.0105), ("state", 0.995)])
+def test_dynamic_exit_propagates_the_exit_state_like_the_reference(measure, threshold):
+    ee = EarlyExitHead(tiny_model("llama", seed=3))
+    ids = torch.tensor([[5, 17, 42, 9, 33]])
+    got = Engine(ee).generate_dynamic(ids, torch.ones_like(ids), threshold=threshold, min_layer=1, measure=measure,
+                                      max_new_tokens=12, ignore_eos=True)
+    tokens, exits = dynamic_reference(ee, ids, threshold, 1, 12, measure)
+    assert got.tokens[0].tolist()[:12] == tokens[:12]
+    assert got.layers[0].tolist() == exits
+    assert len(set(exits)) > 1  # the threshold makes tokens exit at different layers
+
+
+@pytest.mark.parametrize("measure", ["softmax", "margin", "state"])
+def test_dynamic_threshold_zero_is_the_minimum_layer_and_unreachable_is_full_depth(tiny, measure):
+    ee = EarlyExitHead(tiny)
+    ids, mask = prompts()
+    engine = Engine(ee)
+    at_min = engine.generate_dynamic(ids, mask, threshold=0.0, min_layer=2, measure=measure, max_new_tokens=10, ignore_eos=True)
+    assert torch.equal(at_min.tokens, ee.generate(ids, mask, 2, max_new_tokens=10, ignore_eos=True).tokens)
+    assert (at_min.layers == 2).all()
+    full = engine.generate_dynamic(ids, mask, threshold=1.01, min_layer=2, measure=measure, max_new_tokens=10, ignore_eos=True)
+    assert torch.equal(full.tokens, ee.generate(ids, mask, 4, max_new_tokens=10, ignore_eos=True).tokens)
+    assert (full.layers == 4).all()
+
+
+def test_confidence_measures():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2]]))
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert torch.allclose(confidence(logits, hidden, hidden, "softmax"), torch.tensor([0.7, 0.4]))
+    assert torch.allclose(confidence(logits, hidden, hidden, "margin"), torch.tensor([0.5, 0.0]), atol=1e-6)
+    assert torch.allclose(confidence(None, hidden, torch.tensor([[1.0, 0.0], [1.0, 0.0]]), "state"), torch.tensor([1.0, 0.5]))
+
+
+def test_masks_follow_slots_padding_and_windows():
+    valid = torch.tensor([[False, True, True, True, True]])
+    mask = additive_mask(torch.tensor([[3]]), valid, None, torch.float32)
+    assert (mask[0, 0, 0] == 0).tolist() == [False, True, True, True, False]
+    windowed = additive_mask(torch.tensor([[4]]), valid, 2, torch.float32)
+    assert (windowed[0, 0, 0] == 0).tolist() == [False, False, False, True, True]
+    assert sliding_windows(tiny_model("gemma2").config) == [8, None, 8, None]
+    assert sliding_windows(tiny_model("mistral").config) == [8] * 4
+    assert sliding_windows(tiny_model("qwen2").config) == [None] * 4
+
+
+def test_nucleus_keeps_the_top_p_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(nucleus(logits, 0.7))[0].tolist()
+    assert kept == [True, True, False, False]
+    assert torch.isfinite(nucleus(logits, 0.1))[0].tolist() == [True, False, False, False]
+
+
+def test_bad_arguments_are_refused():
+    ee = EarlyExitHead(tiny_model("llama"))
+    ids, mask = prompts()
+    engine = Engine(ee)
+    with pytest.raises(EarlyExitError, match="below the last layer"):
+        engine.generate_speculative(ids, mask, 4)
+    with pytest.raises(EarlyExitError, match="n_draft"):
+        engine.generate_speculative(ids, mask, 2, 0)
+    with pytest.raises(EarlyExitError, match="out of range"):
+        engine.generate(ids, mask, [5])
+    with pytest.raises(EarlyExitError, match="measure"):
+        engine.generate_dynamic(ids, mask, 0.5, measure="entropy")
+    with pytest.raises(EarlyExitError, match="GPU"):
+        Engine(ee, cuda_graphs=True)
