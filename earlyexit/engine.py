@@ -133,37 +133,45 @@ class Engine:
     Args:
         ee: the exit-aware model (eval mode; merge LoRA adapters first for speed).
         cuda_graphs: capture the decode step as a CUDA graph; default: on when the model is on a GPU.
+        compile: run the decode step's blocks through ``torch.compile`` (fuses the norms, rotary and
+            element-wise work between the matmuls; compiles once per exit set and batch shape).
     """
 
-    def __init__(self, ee: EarlyExitHead, cuda_graphs: bool | None = None):
+    def __init__(self, ee: EarlyExitHead, cuda_graphs: bool | None = None, compile: bool = False):
         self.ee = ee
         self.device = next(ee.parameters()).device
         self.dtype = ee.norm.weight.dtype if getattr(ee.norm, "weight", None) is not None else torch.float32
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise EarlyExitError("CUDA graphs need the model on a GPU")
+        self._programs: dict[tuple, Callable] = {}
+        self._decode_blocks = self._blocks
+        if compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._decode_blocks = torch.compile(self._blocks, dynamic=False)
         self.windows = sliding_windows(ee.config)
         self.n_layers = ee.n_layers
-        params = inspect.signature(ee.blocks[0].forward).parameters
-        self._params = params
+        self._signature = inspect.signature(ee.blocks[0].forward)
+        params = self._params = self._signature.parameters
         self._hidden_name = next(iter(params))
         self._cache_name = next((name for name in _CACHE_NAMES if name in params), None)
         if self._cache_name is None:
             raise EarlyExitError(f"{type(ee.blocks[0]).__name__} takes no cache argument; the engine cannot drive it")
 
     # ----------------------------------------------------------------------------------------- model pieces
-    def _inputs(self, ids: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, npad: torch.Tensor):
+    def _inputs(self, ids: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, npad: torch.Tensor, cache: StaticKV):
         """The model's own embedding and positional inputs for tokens ``ids`` at ``slots``.
 
-        Returns the hidden state entering block 1, the keyword arguments the model passes its blocks (with our
-        cache), and one additive mask per distinct sliding window.
+        Returns the hidden state entering block 1, the keyword arguments the model passes its blocks (with
+        ``cache``, whose write slots become ``slots``), and one additive mask per distinct sliding window.
         """
+        cache.slots = slots
         positions = (slots - npad[:, None]).clamp(min=0)
         masks = {w: additive_mask(slots, valid, w, self.dtype) for w in set(self.windows)}
         captured = {}
 
         def hook(_module, args, kwargs):
-            bound = inspect.signature(_module.forward).bind_partial(*args, **kwargs)
+            bound = self._signature.bind_partial(*args, **kwargs)
             for name, value in bound.arguments.items():
                 if self._params[name].kind is inspect.Parameter.VAR_KEYWORD:
                     captured.update(value)
@@ -173,23 +181,18 @@ class Engine:
 
         handle = self.ee.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            self.ee.decoder(input_ids=ids, attention_mask=masks[None] if None in masks else masks[self.windows[0]],
-                            position_ids=positions, use_cache=False)
+            self.ee.decoder(input_ids=ids, attention_mask=masks[self.windows[0]], position_ids=positions, use_cache=False)
         except _Stop:
             pass
         finally:
             handle.remove()
         hidden = captured.pop(self._hidden_name)
-        captured[self._cache_name] = self.cache
+        captured[self._cache_name] = cache
         captured["use_cache"] = True
         return hidden, captured, masks
 
-    def _blocks(self, hidden, kwargs, masks, layers: range, rows: list[int] | None = None, keep=None) -> torch.Tensor:
-        """Run blocks ``layers`` (1-based). Block l runs on the first ``rows[l-1]`` rows; the others pass through.
-
-        ``keep`` (``[R]`` bool, or None) freezes rows: their input to every block is ``keep_state`` — the
-        dynamic exit's propagated state — so their KV above the exit comes from it.
-        """
+    def _blocks(self, hidden, kwargs, masks, layers: range, rows: list[int] | None = None) -> torch.Tensor:
+        """Run blocks ``layers`` (1-based). Block l runs on the first ``rows[l-1]`` rows; the others pass through."""
         total = hidden.shape[0]
         for layer in layers:
             block = self.ee.blocks[layer - 1]
@@ -202,8 +205,12 @@ class Engine:
             hidden = out if n == total else torch.cat([out, hidden[n:]])
         return hidden
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.ee.exit_logits(hidden).float()
+    def _logits(self, hidden: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
+        """Float exit logits of block outputs; ``banned`` token ids (EOS under ``ignore_eos``) get -inf."""
+        logits = self.ee.exit_logits(hidden).float()
+        if banned is not None and banned.numel():
+            logits[..., banned] = float("-inf")
+        return logits
 
     def _graph(self, step: Callable[[], torch.Tensor], state: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
         """``step`` advances ``state`` in place; on a GPU capture it once and replay it."""
@@ -230,22 +237,41 @@ class Engine:
         return replay
 
     # ------------------------------------------------------------------------------------------ set-up
-    def _start(self, input_ids, attention_mask, rows: int, capacity: int):
-        """Allocate the cache and the per-row bookkeeping for ``rows`` rows (prompts repeated row-wise)."""
-        repeat = rows // input_ids.shape[0]
-        ids = input_ids.to(self.device).repeat(repeat, 1)
-        mask = attention_mask.to(self.device).bool().repeat(repeat, 1)
-        prompt = ids.shape[1]
-        self.cache = StaticKV(capacity)
-        valid = torch.ones(rows, capacity, dtype=torch.bool, device=self.device)
-        valid[:, :prompt] = mask
-        npad = (~mask).sum(1)
-        return ids, valid, npad
+    def _program(self, key: tuple, build: Callable[[], Callable]):
+        """A decoding program for one shape of work: its buffers, cache and captured graph, built once and
+        reused by later calls of the same shape (the few most recent ones are kept)."""
+        program = self._programs.pop(key, None) or build()
+        self._programs[key] = program
+        while len(self._programs) > 4:
+            self._programs.pop(next(iter(self._programs)))
+        return program
 
-    def _prefill(self, ids, valid, npad, layers: range, rows=None) -> torch.Tensor:
+    def _shape(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Prompts on the device; with CUDA graphs, left-padded to a multiple of 16 so programs are reused."""
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device).bool()
+        extra = -ids.shape[1] % 16 if self.cuda_graphs else 0
+        if extra:
+            ids = torch.cat([ids.new_zeros(ids.shape[0], extra), ids], 1)
+            mask = torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1)
+        return ids, mask
+
+    def _buffers(self, rows: int, prompt: int, capacity: int):
+        """The cache and the per-row validity of each slot (prompt padding is invalid) and pad counts."""
+        valid = torch.ones(rows, capacity, dtype=torch.bool, device=self.device)
+        npad = torch.zeros(rows, dtype=torch.long, device=self.device)
+
+        def load(ids, mask):
+            repeat = rows // ids.shape[0]
+            mask = mask.repeat(repeat, 1)
+            valid[:, :prompt] = mask
+            npad.copy_((~mask).sum(1))
+            return ids.repeat(repeat, 1)
+
+        return StaticKV(capacity), valid, npad, load
+
+    def _prefill(self, ids, valid, npad, cache, layers: range, rows=None) -> torch.Tensor:
         slots = torch.arange(ids.shape[1], device=self.device).expand(ids.shape[0], -1)
-        self.cache.slots = slots
-        hidden, kwargs, masks = self._inputs(ids, slots, valid, npad)
+        hidden, kwargs, masks = self._inputs(ids, slots, valid, npad, cache)
         return self._blocks(hidden, kwargs, masks, layers, rows)[:, -1:]
 
     # ------------------------------------------------------------------------------------------ all exits
@@ -269,51 +295,63 @@ class Engine:
             input_ids: ``[B, T]`` left-padded prompts.
             attention_mask: ``[B, T]``.
             exit_layers: exits 1..N; block l runs only on the rows of exits ≥ l.
+            max_new_tokens, eos_token_id, pad_token_id, ignore_eos, do_sample, temperature, top_p: as
+                :meth:`EarlyExitHead.generate`.
 
         Returns:
             ``{layer: Generation}`` for each exit, each as :meth:`EarlyExitHead.generate` would return it.
         """
         exits = sorted({self.ee.check_layer(layer) for layer in exit_layers}, reverse=True)
-        batch = input_ids.shape[0]
         eos_ids, pad = self._eos_pad(eos_token_id, pad_token_id)
-        rows_of = torch.tensor(exits, device=self.device).repeat_interleave(batch)
-        rows = [int((rows_of >= layer).sum()) for layer in range(1, self.n_layers + 1)]
+        ids, mask = self._shape(input_ids, attention_mask)
+        batch, prompt = ids.shape
+        key = ("exits", tuple(exits), batch, prompt, max_new_tokens, tuple(eos_ids), pad, ignore_eos, do_sample, temperature, top_p)
+        program = self._program(key, lambda: self._exits_program(exits, batch, prompt, max_new_tokens, eos_ids, pad,
+                                                                 ignore_eos, _selector(do_sample, temperature, top_p), do_sample))
+        out = program(ids, mask)
+        return {
+            layer: finish(out[i * batch : (i + 1) * batch], [] if ignore_eos else eos_ids, pad, max_new_tokens)
+            for i, layer in enumerate(exits)
+        }
+
+    def _exits_program(self, exits, batch, prompt, max_new_tokens, eos_ids, pad, ignore_eos, select, do_sample):
         total = len(exits) * batch
-        ids, valid, npad = self._start(input_ids, attention_mask, total, input_ids.shape[1] + max_new_tokens)
-        select = _selector(do_sample, temperature, top_p)
+        exit_of_row = [layer for layer in exits for _ in range(batch)]
+        rows = [sum(exit >= layer for exit in exit_of_row) for layer in range(1, self.n_layers + 1)]
+        cache, valid, npad, load = self._buffers(total, prompt, prompt + max_new_tokens)
         banned = torch.tensor(eos_ids if ignore_eos else [], dtype=torch.long, device=self.device)
-
-        def pick(hidden):
-            logits = self._logits(hidden[:, -1])
-            if banned.numel():
-                logits[:, banned] = float("-inf")
-            return select(logits)
-
-        out = torch.full((total, max_new_tokens), pad, dtype=torch.long, device=self.device)
-        out[:, 0] = pick(self._prefill(ids, valid, npad, range(1, exits[0] + 1), rows))
-        slot = torch.full((total, 1), input_ids.shape[1], dtype=torch.long, device=self.device)
-        step_index = torch.zeros(1, dtype=torch.long, device=self.device)
         is_eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
+        out = torch.full((total, max_new_tokens), pad, dtype=torch.long, device=self.device)
+        slot = torch.zeros((total, 1), dtype=torch.long, device=self.device)
+        step_index = torch.zeros(1, dtype=torch.long, device=self.device)
+        layers = range(1, exits[0] + 1)
+        graphed = None
 
         def step():
-            self.cache.slots = slot
             last = out.gather(1, step_index.expand(total)[:, None])
-            hidden, kwargs, masks = self._inputs(last, slot, valid, npad)
-            token = pick(self._blocks(hidden, kwargs, masks, range(1, exits[0] + 1), rows))
+            hidden, kwargs, masks = self._inputs(last, slot, valid, npad, cache)
+            token = select(self._logits(self._decode_blocks(hidden, kwargs, masks, layers, rows)[:, -1], banned))
             step_index.add_(1)
             out.scatter_(1, step_index.expand(total)[:, None], token[:, None])
             slot.add_(1)
             return token
 
-        step = self._graph(step, [out, slot, step_index]) if not do_sample else step
-        for t in range(1, max_new_tokens):
-            token = step()
-            if not ignore_eos and eos_ids and t % 16 == 0 and _all_finished(out[:, : t + 1], is_eos):
-                break
-        return {
-            layer: finish(out[i * batch : (i + 1) * batch], [] if ignore_eos else eos_ids, pad, max_new_tokens)
-            for i, layer in enumerate(exits)
-        }
+        def run(ids, mask):
+            nonlocal graphed
+            ids = load(ids, mask)
+            out.fill_(pad)
+            out[:, 0] = select(self._logits(self._prefill(ids, valid, npad, cache, layers, rows)[:, -1], banned))
+            slot.fill_(prompt)
+            step_index.zero_()
+            if graphed is None:
+                graphed = step if do_sample else self._graph(step, [out, slot, step_index])
+            for t in range(1, max_new_tokens):
+                graphed()
+                if not ignore_eos and eos_ids and t % 16 == 0 and _all_finished(out[:, : t + 1], is_eos):
+                    break
+            return out.clone()
+
+        return run
 
     # ------------------------------------------------------------------------------------ self-speculation
     @torch.no_grad()
@@ -340,44 +378,50 @@ class Engine:
         with probability min(1, p/q), else draw from the normalised max(0, p − q)), so tokens follow the full
         model's distribution. Rows of a batch accept different numbers of tokens and continue at their own slots.
         """
-        exit_layer, depth = self.ee.check_layer(draft_layer), n_draft
+        exit_layer = self.ee.check_layer(draft_layer)
         if exit_layer >= self.n_layers:
             raise EarlyExitError(f"draft layer {draft_layer} must be below the last layer {self.n_layers}")
-        if depth < 1:
+        if n_draft < 1:
             raise EarlyExitError(f"n_draft must be at least 1, got {n_draft}")
-        batch, prompt = input_ids.shape
         eos_ids, pad = self._eos_pad(eos_token_id, pad_token_id)
-        width = max_new_tokens + depth + 2
-        ids, valid, npad = self._start(input_ids, attention_mask, batch, prompt + width + depth)  # frozen rows still draft
+        ids, mask = self._shape(input_ids, attention_mask)
+        batch, prompt = ids.shape
+        key = ("speculative", exit_layer, n_draft, batch, prompt, max_new_tokens, tuple(eos_ids), pad, ignore_eos,
+               do_sample, temperature, top_p)
+        program = self._program(key, lambda: self._speculative_program(
+            exit_layer, n_draft, batch, prompt, max_new_tokens, eos_ids, pad, ignore_eos, do_sample, temperature, top_p))
+        out, (drafted, accepted, cycles) = program(ids, mask)
+        result = finish(out[:, :max_new_tokens], [] if ignore_eos else eos_ids, pad, max_new_tokens)
+        return SpeculativeGeneration(result.tokens, result.n_tokens, result.finished, drafted, accepted, cycles)
+
+    def _speculative_program(self, exit_layer, depth, batch, prompt, max_new_tokens, eos_ids, pad, ignore_eos,
+                             do_sample, temperature, top_p):
+        width = max_new_tokens + depth + 2  # the last column takes the writes of rows that are done
+        cache, valid, npad, load = self._buffers(batch, prompt, prompt + width + depth)  # done rows still draft
         banned = torch.tensor(eos_ids if ignore_eos else [], dtype=torch.long, device=self.device)
         is_eos = torch.tensor(eos_ids or [-1], dtype=torch.long, device=self.device)
+        out = torch.full((batch, width), pad, dtype=torch.long, device=self.device)
+        cur = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        pos = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        count = torch.ones(batch, dtype=torch.long, device=self.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        stats = torch.zeros(3, dtype=torch.long, device=self.device)  # drafted, accepted, cycles
+        offsets = torch.arange(depth + 1, device=self.device)
+        rows = torch.arange(batch, device=self.device)
+        graphed = None
 
         def dist(hidden):
-            logits = self._logits(hidden)
-            if banned.numel():
-                logits[..., banned] = float("-inf")
+            logits = self._logits(hidden, banned)
             return probabilities(logits, temperature, top_p) if do_sample else logits
 
         def choose(scores):
             return sample(scores) if do_sample else scores.argmax(-1)
 
-        out = torch.full((batch, width), pad, dtype=torch.long, device=self.device)
-        first = choose(dist(self._prefill(ids, valid, npad, range(1, self.n_layers + 1))[:, -1]))
-        out[:, 0] = first
-        cur = first[:, None].clone()
-        pos = torch.full((batch, 1), prompt, dtype=torch.long, device=self.device)
-        count = torch.ones(batch, dtype=torch.long, device=self.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device) if ignore_eos else torch.isin(first, is_eos)
-        stats = torch.zeros(3, dtype=torch.long, device=self.device)  # drafted, accepted, cycles
-        offsets = torch.arange(depth + 1, device=self.device)
-
         def cycle():
             token, states, drafts, draft_scores = cur, [], [], []
             for j in range(depth + 1):  # d draft steps; the last one only runs blocks ≤ E for the last draft
-                slots = pos + j
-                self.cache.slots = slots
-                hidden, kwargs, masks = self._inputs(token, slots, valid, npad)
-                states.append(self._blocks(hidden, kwargs, masks, range(1, exit_layer + 1)))
+                hidden, kwargs, masks = self._inputs(token, pos + j, valid, npad, cache)
+                states.append(self._decode_blocks(hidden, kwargs, masks, range(1, exit_layer + 1)))
                 if j == depth:
                     break
                 scores = dist(states[-1][:, -1])
@@ -385,19 +429,16 @@ class Engine:
                 drafts.append(token)
                 draft_scores.append(scores)
             drafts = torch.cat(drafts, 1)  # [B, d]
-            slots = pos + offsets
-            self.cache.slots = slots
-            _, kwargs, masks = self._inputs(torch.cat([cur, drafts], 1), slots, valid, npad)
-            target = dist(self._blocks(torch.cat(states, 1), kwargs, masks, range(exit_layer + 1, self.n_layers + 1)))
+            _, kwargs, masks = self._inputs(torch.cat([cur, drafts], 1), pos + offsets, valid, npad, cache)
+            target = dist(self._decode_blocks(torch.cat(states, 1), kwargs, masks, range(exit_layer + 1, self.n_layers + 1)))
             if do_sample:
                 q = torch.stack(draft_scores, 1)  # [B, d, V]
                 p_draft = target[:, :depth].gather(-1, drafts[..., None])[..., 0]
                 q_draft = q.gather(-1, drafts[..., None])[..., 0]
                 ok = torch.rand_like(p_draft) * q_draft < p_draft
-                residual = (target[:, :depth] - q).clamp(min=0)
-                residual = torch.cat([residual, target[:, depth:]], 1)  # after d acceptances: the bonus token
+                residual = torch.cat([(target[:, :depth] - q).clamp(min=0), target[:, depth:]], 1)  # [B, d+1, V]
                 accepted = ok.long().cumprod(1).sum(1)
-                fix = residual[torch.arange(batch, device=self.device), accepted]
+                fix = residual[rows, accepted]
                 nxt = sample(fix / fix.sum(-1, keepdim=True).clamp(min=1e-30))
             else:
                 best = target.argmax(-1)  # [B, d+1]
@@ -405,8 +446,7 @@ class Engine:
                 nxt = best.gather(1, accepted[:, None])[:, 0]
             new = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, d+1]
             keep = (offsets[None, :] <= accepted[:, None]) & ~done[:, None]
-            columns = torch.where(keep, count[:, None] + offsets, width - 1)
-            out.scatter_(1, columns, new)
+            out.scatter_(1, torch.where(keep, count[:, None] + offsets, width - 1), new)
             advance = torch.where(done, 0, accepted + 1)
             finished = (keep & torch.isin(new, is_eos)).any(1) if not ignore_eos else torch.zeros_like(done)
             stats.add_(torch.stack([(~done).sum() * depth, torch.where(done, 0, accepted).sum(), (~done).any().long()]))
@@ -416,14 +456,25 @@ class Engine:
             done.logical_or_(finished | (count >= max_new_tokens))
             return done
 
-        cycle = self._graph(cycle, [out, cur, pos, count, done, stats])
-        for _ in range(max_new_tokens):
-            if bool(cycle().all()):
-                break
-        out[:, width - 1] = pad
-        drafted, accepted, cycles = stats.tolist()
-        result = finish(out[:, :max_new_tokens], [] if ignore_eos else eos_ids, pad, max_new_tokens)
-        return SpeculativeGeneration(result.tokens, result.n_tokens, result.finished, drafted, accepted, cycles)
+        def run(ids, mask):
+            nonlocal graphed
+            ids = load(ids, mask)
+            out.fill_(pad)
+            first = choose(dist(self._prefill(ids, valid, npad, cache, range(1, self.n_layers + 1))[:, -1]))
+            out[:, 0] = first
+            cur.copy_(first[:, None])
+            pos.fill_(prompt)
+            count.fill_(1)
+            done.copy_(torch.isin(first, is_eos) if not ignore_eos else torch.zeros_like(done))
+            stats.zero_()
+            if graphed is None:
+                graphed = self._graph(cycle, [out, cur, pos, count, done, stats])
+            for _ in range(max_new_tokens):
+                if bool(graphed().all()):
+                    break
+            return out.clone(), stats.tolist()
+
+        return run
 
     # ------------------------------------------------------------------------------------------ dynamic exit
     @torch.no_grad()
@@ -442,36 +493,41 @@ class Engine:
         """Greedy decoding where each token exits at the first layer ≥ ``min_layer`` whose
         :func:`confidence` reaches ``threshold`` (the last layer always exits).
 
-        Skipped layers' KV: the exit state is propagated upwards (CALM): every block above a token's exit takes
-        the exit hidden state as that token's input, so later tokens attend to keys and values computed from it.
-        Those blocks still run for the token to fill its KV, so a dynamic exit saves the head and the
-        blocks' outputs, not their weights' reads: it measures quality against average depth.
+        The prompt runs at full depth. Skipped layers' KV: the exit state is propagated upwards (CALM): every
+        block above a token's exit takes the exit hidden state as that token's input, so later tokens attend to
+        keys and values computed from it. Those blocks still run for the token to fill its KV, so a dynamic exit
+        saves the exit's head and the blocks' outputs, not their weights' reads: it measures quality against
+        average depth (``layers``), not wall-clock speed.
         """
         min_layer = self.ee.check_layer(min_layer)
         if measure not in ("softmax", "margin", "state"):
             raise EarlyExitError(f"unknown confidence measure {measure!r}: softmax, margin or state")
-        batch, prompt = input_ids.shape
         eos_ids, pad = self._eos_pad(eos_token_id, pad_token_id)
-        ids, valid, npad = self._start(input_ids, attention_mask, batch, prompt + max_new_tokens)
+        ids, mask = self._shape(input_ids, attention_mask)
+        batch, prompt = ids.shape
+        key = ("dynamic", threshold, min_layer, measure, batch, prompt, max_new_tokens, tuple(eos_ids), pad, ignore_eos)
+        program = self._program(key, lambda: self._dynamic_program(threshold, min_layer, measure, batch, prompt,
+                                                                   max_new_tokens, eos_ids, pad, ignore_eos))
+        out, used = program(ids, mask)
+        result = finish(out, [] if ignore_eos else eos_ids, pad, max_new_tokens)
+        steps = torch.arange(max_new_tokens, device=out.device)[None, :]
+        layers = torch.where(steps < result.n_tokens[:, None], used, 0)
+        return DynamicGeneration(result.tokens, result.n_tokens, result.finished, layers)
+
+    def _dynamic_program(self, threshold, min_layer, measure, batch, prompt, max_new_tokens, eos_ids, pad, ignore_eos):
+        cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens)
         banned = torch.tensor(eos_ids if ignore_eos else [], dtype=torch.long, device=self.device)
-
-        def logits_of(hidden):
-            logits = self._logits(hidden)
-            if banned.numel():
-                logits[..., banned] = float("-inf")
-            return logits
-
+        is_eos = torch.tensor(eos_ids or [-1], dtype=torch.long, device=self.device)
         out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=self.device)
         used = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=self.device)
-        slots = torch.arange(prompt, device=self.device).expand(batch, -1)
         step_index = torch.zeros(1, dtype=torch.long, device=self.device)
-        slot = torch.full((batch, 1), prompt, dtype=torch.long, device=self.device)
+        slot = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        graphed = None
 
-        def run(tokens, slots, propagate: bool):
+        def run_layers(tokens, slots, propagate: bool):
             """One pass over ``tokens`` at ``slots``; the last position picks its exit. With ``propagate`` (decode,
             one token a row) a row that has exited feeds its exit state to every block above."""
-            self.cache.slots = slots
-            hidden, kwargs, masks = self._inputs(tokens, slots, valid, npad)
+            hidden, kwargs, masks = self._inputs(tokens, slots, valid, npad, cache)
             exited = torch.zeros(batch, 1, 1, dtype=torch.bool, device=self.device)
             state = torch.zeros_like(hidden[:, -1:])
             layer_of = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -484,35 +540,40 @@ class Engine:
                 if layer == self.n_layers:
                     now = ~exited[:, 0, 0]
                 else:
-                    score = confidence(None if measure == "state" else logits_of(last), last, inputs[:, -1:], measure)[:, 0]
-                    now = ~exited[:, 0, 0] & (score >= threshold)
+                    logits = None if measure == "state" else self._logits(last, banned)
+                    now = ~exited[:, 0, 0] & (confidence(logits, last, inputs[:, -1:], measure)[:, 0] >= threshold)
                 state = torch.where(now[:, None, None], last, state)
                 layer_of = torch.where(now, layer, layer_of)
                 exited = exited | now[:, None, None]
-            return logits_of(state[:, -1]).argmax(-1), layer_of
-
-        token, layer = run(ids, slots, propagate=False)  # the prompt runs at full depth
-        out[:, 0], used[:, 0] = token, layer
+            return self._logits(state[:, -1], banned).argmax(-1), layer_of
 
         def step():
             last = out.gather(1, step_index.expand(batch)[:, None])
-            token, layer = run(last, slot, propagate=True)
+            token, layer = run_layers(last, slot, propagate=True)
             step_index.add_(1)
             out.scatter_(1, step_index.expand(batch)[:, None], token[:, None])
             used.scatter_(1, step_index.expand(batch)[:, None], layer[:, None])
             slot.add_(1)
             return token
 
-        step = self._graph(step, [out, used, slot, step_index])
-        is_eos = torch.tensor(eos_ids or [-1], dtype=torch.long, device=self.device)
-        for t in range(1, max_new_tokens):
-            step()
-            if not ignore_eos and eos_ids and t % 16 == 0 and _all_finished(out[:, : t + 1], is_eos):
-                break
-        result = finish(out, [] if ignore_eos else eos_ids, pad, max_new_tokens)
-        steps = torch.arange(max_new_tokens, device=self.device)[None, :]
-        layers = torch.where(steps < result.n_tokens[:, None], used, 0)
-        return DynamicGeneration(result.tokens, result.n_tokens, result.finished, layers)
+        def run(ids, mask):
+            nonlocal graphed
+            ids = load(ids, mask)
+            out.fill_(pad)
+            used.zero_()
+            slots = torch.arange(prompt, device=self.device).expand(batch, -1)
+            out[:, 0], used[:, 0] = run_layers(ids, slots, propagate=False)  # the prompt runs at full depth
+            slot.fill_(prompt)
+            step_index.zero_()
+            if graphed is None:
+                graphed = self._graph(step, [out, used, slot, step_index])
+            for t in range(1, max_new_tokens):
+                graphed()
+                if not ignore_eos and eos_ids and t % 16 == 0 and _all_finished(out[:, : t + 1], is_eos):
+                    break
+            return out.clone(), used.clone()
+
+        return run
 
     def _eos_pad(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
         own = self.ee.base.generation_config

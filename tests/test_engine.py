@@ -48,10 +48,33 @@ def test_all_exits_stop_at_eos_like_generate():
 def test_a_layer_cache_holds_only_the_rows_that_reach_it():
     ee = EarlyExitHead(tiny_model("llama"))
     ids, mask = prompts()
+    written = {}
+    update = StaticKV.update
+
+    def spy(cache, key, value, layer_idx, *args, **kwargs):
+        written.setdefault(layer_idx, set()).add(key.shape[0])
+        return update(cache, key, value, layer_idx, *args, **kwargs)
+
+    StaticKV.update = spy
+    try:
+        Engine(ee).generate(ids, mask, [1, 3], max_new_tokens=4)
+    finally:
+        StaticKV.update = update
+    assert written == {0: {6}, 1: {3}, 2: {3}}  # block 4 never ran
+
+
+def test_programs_are_reused_across_calls_of_one_shape():
+    ee = EarlyExitHead(tiny_model("llama"))
+    ids, mask = prompts()
     engine = Engine(ee)
-    engine.generate(ids, mask, [1, 3], max_new_tokens=4)
-    rows = {layer: keys.shape[0] for layer, keys in engine.cache.keys.items()}
-    assert rows == {0: 6, 1: 3, 2: 3}  # block 4 never ran
+    first = engine.generate(ids, mask, [2, 4], max_new_tokens=8, ignore_eos=True)
+    other = engine.generate(ids.flip(0), mask.flip(0), [2, 4], max_new_tokens=8, ignore_eos=True)
+    again = engine.generate(ids, mask, [2, 4], max_new_tokens=8, ignore_eos=True)
+    assert len(engine._programs) == 1
+    assert all(torch.equal(first[layer].tokens, again[layer].tokens) for layer in (2, 4))
+    assert torch.equal(other[4].tokens, first[4].tokens.flip(0))
+    spec = [engine.generate_speculative(ids, mask, 2, 3, max_new_tokens=8, ignore_eos=True) for _ in range(2)]
+    assert torch.equal(spec[0].tokens, spec[1].tokens) and spec[0].accepted == spec[1].accepted
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "phi"])
@@ -110,11 +133,9 @@ def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax"):
     for _ in range(steps):
         seq = torch.tensor([tokens])
         length = seq.shape[1]
-        engine.cache = StaticKV(length)
         slots = torch.arange(length)[None]
-        engine.cache.slots = slots
         valid = torch.ones(1, length, dtype=torch.bool)
-        hidden, kwargs, masks = engine._inputs(seq, slots, valid, torch.zeros(1, dtype=torch.long))
+        hidden, kwargs, masks = engine._inputs(seq, slots, valid, torch.zeros(1, dtype=torch.long), StaticKV(length))
         frozen = {}  # position → exit state
         for layer in range(1, ee.n_layers + 1):
             inputs = hidden.clone()
