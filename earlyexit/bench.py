@@ -147,7 +147,7 @@ def run(args) -> list[dict]:
         print(f"{mode:>24}: {batch * new / seconds:9.1f} tokens/s  {seconds:.3f} s", flush=True)
 
     with torch.inference_mode():
-        if "full" in modes or "speculative" in modes:
+        if "full" in modes or "speculative" in modes or "hf_assistant" in modes:
             seconds, out = timed(lambda: engine.generate(ids, mask, [n], new, ignore_eos=True)[n], args.repeats, device)
             add("full", seconds, out.tokens)
         if "hf" in modes:
@@ -175,12 +175,11 @@ def run(args) -> list[dict]:
                     seconds, out = timed(lambda: engine.generate_speculative(ids, mask, draft_layer, n_draft, new,
                                                                              ignore_eos=True), args.repeats, device)
                     add(f"speculative E={draft_layer} d={n_draft}", seconds, acceptance=out.acceptance,
-                        identical_to_full=float((out.tokens.cpu() == texts["full"]).all(1).float().mean()))
+                        **agreement(out.tokens.cpu(), texts["full"]))
                 if "hf_assistant" in modes and batch == 1:
                     seconds, out = timed(hf(assistant_early_exit=draft_layer, num_assistant_tokens=n_draft,
                                             num_assistant_tokens_schedule="constant"), args.repeats, device)
-                    add(f"hf_assistant E={draft_layer} d={n_draft}", seconds,
-                        identical_to_full=float((out.cpu() == texts["full"]).all(1).float().mean()) if "full" in texts else None)
+                    add(f"hf_assistant E={draft_layer} d={n_draft}", seconds, **agreement(out.cpu(), texts["full"]))
         if "hf_assistant" in modes and batch != 1:
             print(f"{'hf_assistant':>24}: skipped (HF's assistant_early_exit decodes batch 1 only)")
     full = next((row["seconds"] for row in rows if row["mode"] == "full"), None)
@@ -188,9 +187,17 @@ def run(args) -> list[dict]:
         row["vs_full"] = full / row["seconds"] if full else None
         if "ideal" in row and full:
             row["cost_vs_full"] = row["seconds"] / full
-    if "hf" in texts and "full" in texts:
-        rows.append(dict(mode="check", full_equals_hf=float((texts["hf"] == texts["full"]).all(1).float().mean())))
+    for reference in ("hf", "hf_static"):
+        if reference in texts and "full" in texts:
+            rows.append(dict(mode="check", reference=reference, **agreement(texts["full"], texts[reference])))
     return rows
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """How far two greedy decodes of the same prompts agree: share of identical rows, mean common prefix."""
+    same = a == b
+    prefix = torch.where(same.all(1), a.shape[1], (~same).int().argmax(1))
+    return dict(identical=float(same.all(1).float().mean()), common_prefix=float(prefix.float().mean()))
 
 
 def describe(args, model_name: str) -> str:
@@ -213,13 +220,14 @@ def table(rows: list[dict]) -> str:
             notes.append(f"mean layers {row['mean_layers']:.1f}")
         if "acceptance" in row:
             notes.append(f"acceptance {row['acceptance']:.2f}")
-        if row.get("identical_to_full") is not None:
-            notes.append(f"greedy text identical to full: {row['identical_to_full']:.0%} of rows")
+        if "identical" in row:
+            notes.append(f"greedy text identical to full in {row['identical']:.0%} of rows, "
+                         f"mean common prefix {row['common_prefix']:.0f} tokens")
         vs = f"{row['vs_full']:.2f}" if row.get("vs_full") else ""
         lines.append(f"| {row['mode']} | {row['tokens_per_s']:.1f} | {row['seconds']:.3f} | {vs} | {'; '.join(notes)} |")
-    check = next((row for row in rows if row["mode"] == "check"), None)
-    if check:
-        lines.append(f"\nOur full-depth greedy text equals HF `generate`'s in {check['full_equals_hf']:.0%} of rows.")
+    for check in (row for row in rows if row["mode"] == "check"):
+        lines.append(f"\nOur full-depth greedy text equals `{check['reference']}`'s in {check['identical']:.0%} of rows "
+                     f"(mean common prefix {check['common_prefix']:.0f} tokens).")
     return "\n".join(lines)
 
 

@@ -209,7 +209,7 @@ class Engine:
         """Float exit logits of block outputs; ``banned`` token ids (EOS under ``ignore_eos``) get -inf."""
         logits = self.ee.exit_logits(hidden).float()
         if banned is not None and banned.numel():
-            logits[..., banned] = float("-inf")
+            logits = logits.index_fill(-1, banned, float("-inf"))
         return logits
 
     def _graph(self, step: Callable[[], torch.Tensor], state: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
