@@ -1,8 +1,11 @@
 """Per-layer generation quality: decode Alpaca prompts from each exit layer and score the answers.
 
 Each exit layer L generates with blocks 1..L only (a true early exit, never a read-out of a full run),
-through Lightning's predict loop; answers are appended to ``generations.jsonl`` batch by batch, so a
-killed run resumes where it stopped. BLEU, ROUGE-L and BERTScore per layer equal their reference
+through Lightning's predict loop; all exits of a batch decode in one batched pass (:mod:`earlyexit.engine`;
+``--generation.engine false`` runs the model's own ``generate`` per exit). ``--generation.exit dynamic
+--generation.threshold 0.9`` instead gives one answer per example with CALM's per-token exits, and reports the
+mean layers used. Answers are appended to ``generations.jsonl`` batch by batch, so a killed run resumes where it
+stopped. BLEU, ROUGE-L and BERTScore per layer equal their reference
 libraries (see :mod:`earlyexit.metrics`), with paired-bootstrap 95% intervals.
 
     python -m earlyexit.evaluate                                   # SmolLM2, quarters, hub Alpaca
@@ -129,6 +132,9 @@ def score(rows: list[dict], references: dict[int, str], exit_layers: list[int], 
         entry["mean_tokens"] = float(np.mean([g["n_tokens"] for g in gens]))
         entry["hit_limit"] = float(np.mean([not g["finished"] for g in gens]))
         entry["empty"] = float(np.mean([not g["text"].strip() for g in gens]))
+        used = [layer for g in gens for layer in g.get("layers", ())]
+        if used:
+            entry["mean_layers"] = float(np.mean(used))  # dynamic exits: layers per generated token
         entry["agreement_with_final"] = (
             float(np.mean([agreement(g["tokens"], final[i]["tokens"]) for g, i in zip(gens, ids)])) if final else None
         )
@@ -157,10 +163,14 @@ def format_table(report: dict, names: list[str]) -> str:
                 cell += f" [{low:.{digits}f}, {high:.{digits}f}]"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| Layer | mean tokens | hit length limit | empty | token agreement with final layer |", "|---|---|---|---|---|"]
+    dynamic = any("mean_layers" in e for e in report["layers"])
+    extra = " mean layers used |" if dynamic else ""
+    lines += ["", "| Layer | mean tokens | hit length limit | empty | token agreement with final layer |" + extra,
+              "|---|---|---|---|---|" + ("---|" if dynamic else "")]
     for e in report["layers"]:
         agree = "n/a" if e["agreement_with_final"] is None else f"{e['agreement_with_final']:.3f}"
-        lines.append(f"| {e['layer']} | {e['mean_tokens']:.1f} | {e['hit_limit']:.1%} | {e['empty']:.1%} | {agree} |")
+        used = f" {e['mean_layers']:.2f} |" if "mean_layers" in e else (" |" if dynamic else "")
+        lines.append(f"| {e['layer']} | {e['mean_tokens']:.1f} | {e['hit_limit']:.1%} | {e['empty']:.1%} | {agree} |" + used)
     return "\n".join(lines)
 
 

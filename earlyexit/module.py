@@ -1,5 +1,6 @@
 """The LightningModule: wires an exit-aware causal LM into Lightning's loops. The maths live elsewhere:
-the loss and curricula in :mod:`earlyexit.loss`, decoding in :mod:`earlyexit.model`."""
+the loss and curricula in :mod:`earlyexit.loss`, exits in :mod:`earlyexit.model`, fast decoding in
+:mod:`earlyexit.engine`."""
 
 from __future__ import annotations
 
@@ -33,7 +34,17 @@ class GenerationArgs:
         do_sample: Sample instead of greedy decoding.
         temperature: Sampling temperature (sampling only).
         top_p: Nucleus sampling mass (sampling only).
-        seed: Seed of sampling; each (batch, layer) derives its own, so resumed runs sample the same.
+        seed: Seed of sampling; each batch derives its own, so resumed runs sample the same.
+        engine: decode all exits of a batch in one batched pass with :class:`earlyexit.engine.Engine` (CUDA graphs
+            on a GPU); False runs the model's own ``generate`` once per exit (the reference path).
+        compile: with the engine, compile its decode step (``torch.compile``; pays off on long runs of one shape).
+        exit: ``fixed``: every exit layer answers; ``dynamic``: one answer per example, each token exiting at the
+            first layer ≥ ``min_layer`` whose confidence reaches ``threshold`` (CALM), reported as layer N with
+            the mean layers used.
+        threshold: dynamic exit confidence threshold (0 exits at ``min_layer``; above 1 never exits early).
+        min_layer: dynamic exit's lowest exit; default N/4.
+        measure: dynamic exit confidence: ``softmax`` (top probability), ``margin`` (top-1 − top-2) or ``state``
+            (cosine of consecutive hidden states).
     """
 
     max_new_tokens: int = 64
@@ -41,6 +52,12 @@ class GenerationArgs:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    engine: bool = True
+    compile: bool = False
+    exit: Literal["fixed", "dynamic"] = "fixed"
+    threshold: float = 0.9
+    min_layer: int | None = None
+    measure: Literal["softmax", "margin", "state"] = "softmax"
 
 
 @dataclass
@@ -165,7 +182,13 @@ class EarlyExitModule(L.LightningModule):
         self.ee = EarlyExitHead(self.lm)
         n = self.ee.n_layers
         self.generation = generation
-        self.exit_layers = parse_exit_layers(exit_layers, n)
+        self.exit_layers = parse_exit_layers(exit_layers, n) if generation.exit == "fixed" else [n]
+        if generation.exit == "dynamic":
+            if generation.do_sample or not generation.engine:
+                raise EarlyExitError("generation.exit dynamic decodes greedily through the engine: "
+                                     "set generation.do_sample false and generation.engine true")
+            self.min_layer = self.ee.check_layer(generation.min_layer or max(1, round(n / 4)))
+        self._engine = None
         self.train_exits = sorted(set(parse_exit_layers(loss.exit_layers, n)) | {n})
         self.dropout_rates = layer_dropout_rates(n, layer_dropout.p_max, layer_dropout.scale)
         self.loss_args, self.dropout_args, self.optim_args = loss, layer_dropout, optim
@@ -256,34 +279,72 @@ class EarlyExitModule(L.LightningModule):
 
     # --- prediction -----------------------------------------------------------------------------------
 
+    @property
+    def engine(self):
+        """The decoding engine (built on first use, once the model sits on its device)."""
+        from earlyexit.engine import Engine
+
+        if self._engine is None:
+            self._engine = Engine(self.ee, compile=self.generation.compile)
+        return self._engine
+
     def predict_step(self, batch: dict, batch_idx: int = 0) -> list[dict]:
-        """One row per (example, exit layer) not yet done: id, layer, text, tokens, n_tokens, finished."""
-        rows = []
+        """One row per (example, exit layer) not yet done: id, layer, text, tokens, n_tokens, finished
+        (and, for dynamic exits, each token's exit layer)."""
         gen = self.generation
-        for layer in self.exit_layers:
-            todo = [i for i, ex in enumerate(batch["ids"]) if layer not in self.done.get(ex, ())]
-            if not todo:
-                continue
-            input_ids, mask = batch["input_ids"][todo], batch["attention_mask"][todo]
+        todo: dict[tuple[int, ...], list[int]] = {}  # the exits still missing → the examples missing them
+        for i, ex in enumerate(batch["ids"]):
+            missing = tuple(layer for layer in self.exit_layers if layer not in self.done.get(ex, ()))
+            if missing:
+                todo.setdefault(missing if gen.engine else (), []).append(i)
+        rows = []
+        for layers, members in todo.items():
+            input_ids, mask = batch["input_ids"][members], batch["attention_mask"][members]
             first = int(mask.any(0).int().argmax())  # drop columns that are padding in every kept row
             input_ids, mask = input_ids[:, first:], mask[:, first:]
+            for layer, kept, out in self._decode(batch, members, layers, input_ids, mask):
+                rows += self._rows(batch, kept, layer, out)
+        return rows
+
+    def _decode(self, batch, members: list[int], layers: tuple[int, ...], input_ids, mask):
+        """``(layer, batch indices, Generation)`` for the examples ``members`` of ``batch``, missing ``layers``."""
+        gen = self.generation
+        options = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        sampling = dict(do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p)
+        if gen.exit == "dynamic":
+            out = self.engine.generate_dynamic(input_ids, mask, gen.threshold, self.min_layer, gen.measure, **options)
+            yield self.ee.n_layers, members, out
+        elif gen.engine:
             if gen.do_sample:
-                torch.manual_seed(gen.seed * 1_000_003 + batch["ids"][todo[0]] * 1_009 + layer)
-            out = self.ee.generate(
-                input_ids, mask, layer, max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
-                temperature=gen.temperature, top_p=gen.top_p, pad_token_id=self.tokenizer.pad_token_id,
-            )
-            for row, i in enumerate(todo):
-                n = int(out.n_tokens[row])
-                tokens = out.tokens[row, :n].tolist()
-                rows.append({
-                    "id": batch["ids"][i],
-                    "layer": layer,
-                    "text": self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                    "n_tokens": n,
-                    "finished": bool(out.finished[row]),
-                    "tokens": tokens,
-                })
+                torch.manual_seed(gen.seed * 1_000_003 + batch["ids"][members[0]] * 1_009)
+            for layer, out in self.engine.generate(input_ids, mask, list(layers), **options, **sampling).items():
+                yield layer, members, out
+        else:  # the reference path: the model's own generate, once per exit
+            for layer in self.exit_layers:
+                keep = [row for row, i in enumerate(members) if layer not in self.done.get(batch["ids"][i], ())]
+                if not keep:
+                    continue
+                if gen.do_sample:
+                    torch.manual_seed(gen.seed * 1_000_003 + batch["ids"][members[keep[0]]] * 1_009 + layer)
+                out = self.ee.generate(input_ids[keep], mask[keep], layer, **options, **sampling)
+                yield layer, [members[row] for row in keep], out
+
+    def _rows(self, batch, indices: list[int], layer: int, out) -> list[dict]:
+        rows = []
+        for row, i in enumerate(indices):
+            n = int(out.n_tokens[row])
+            tokens = out.tokens[row, :n].tolist()
+            entry = {
+                "id": batch["ids"][i],
+                "layer": layer,
+                "text": self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                "n_tokens": n,
+                "finished": bool(out.finished[row]),
+                "tokens": tokens,
+            }
+            if getattr(out, "layers", None) is not None:
+                entry["layers"] = out.layers[row, :n].tolist()  # each token's exit layer (dynamic exits)
+            rows.append(entry)
         return rows
 
 

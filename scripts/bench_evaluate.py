@@ -2,10 +2,10 @@
 
     python scripts/bench_evaluate.py --data PATH [--device cuda] [--limit 64] [--batch_size 16]
 
-Both sides run the evaluation's own generation (EarlyExitModule.predict_step: batched, KV cache, stop at
-EOS, each exit running blocks 1..L only); scoring is not timed. Separate truncated runs per exit are what
-`evaluate` does today, so the expected ratio is about sum(L)/N = 2.5 for quarters, more where early exits
-run to the length limit while the full model stops at EOS (tokens generated are printed beside the times).
+Every run is the evaluation's own generation (EarlyExitModule.predict_step: batched, stop at EOS, each exit
+running blocks 1..L only); scoring is not timed. Two paths: the engine (the default: all exits of a batch in
+one batched pass) and the reference path (``generation.engine false``: the model's own ``generate`` once per
+exit, about sum(L)/N = 2.5 full generations for quarters). Each path's full-depth run is its own baseline.
 """
 
 from __future__ import annotations
@@ -53,20 +53,27 @@ def main() -> None:
     batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in data.predict_dataloader()]
     quarters = module.exit_layers
     n = module.ee.n_layers
-    with torch.inference_mode():
-        module.exit_layers = [n]
-        run(module, batches[:1], device)  # warm-up
-        full_s, full_tokens = run(module, batches, device)
-        module.exit_layers = quarters
-        all_s, all_tokens = run(module, batches, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{args.model} on {name} ({module.lm.dtype}), {args.limit} Alpaca prompts, batch {args.batch_size}, "
           f"max {args.max_new_tokens} new tokens, exits {quarters}")
-    print("| run | wall (s) | tokens generated | ratio to full depth |")
-    print("|---|---|---|---|")
-    print(f"| full depth (layer {n}) | {full_s:.2f} | {full_tokens[n]} | 1.00 |")
-    print(f"| quarter exits {quarters} (separate truncated runs) | {all_s:.2f} | "
-          f"{' + '.join(str(all_tokens[l]) for l in quarters)} | {all_s / full_s:.2f} |")
+    print("| path | run | wall (s) | tokens generated | ratio to the path's full depth |")
+    print("|---|---|---|---|---|")
+    answers = {}
+    for engine in (True, False):
+        module.generation = GenerationArgs(max_new_tokens=args.max_new_tokens, engine=engine)
+        label = "engine (one batched pass)" if engine else "reference (generate per exit)"
+        with torch.inference_mode():
+            module.exit_layers = [n]
+            run(module, batches[:1], device)  # warm-up
+            full_s, full_tokens = run(module, batches, device)
+            module.exit_layers = quarters
+            run(module, batches[:1], device)
+            all_s, all_tokens = run(module, batches, device)
+        print(f"| {label} | full depth (layer {n}) | {full_s:.2f} | {full_tokens[n]} | 1.00 |")
+        print(f"| {label} | quarter exits {quarters} | {all_s:.2f} | "
+              f"{' + '.join(str(all_tokens[l]) for l in quarters)} | {all_s / full_s:.2f} |", flush=True)
+        answers[engine] = all_tokens
+    print(f"\ntokens generated per exit, engine vs reference: {answers[True]} vs {answers[False]}")
 
 
 if __name__ == "__main__":

@@ -166,3 +166,34 @@ def test_table_renders():
     table = format_table(report, ["bleu", "rougeL"])
     assert table.splitlines()[:3] == ["| Layer | BLEU | ROUGE-L |", "|---|---|---|", "| 8 | 1.23 [0.50, 2.00] | 0.100 |"]
     assert "| 8 | 3.0 | 50.0% | 0.0% | n/a |" in table
+
+
+def test_the_engine_and_the_reference_path_write_the_same_answers(tiny_dir, data_file, tmp_path):
+    """All exits in one batched pass (the default) against one model.generate run per exit."""
+    main(args(tiny_dir, data_file, tmp_path / "engine"))
+    main(args(tiny_dir, data_file, tmp_path / "reference", "--generation.engine", "false"))
+    key = lambda r: (r["id"], r["layer"])  # noqa: E731
+    engine = sorted(read_jsonl(tmp_path / "engine" / "generations.jsonl"), key=key)
+    reference = sorted(read_jsonl(tmp_path / "reference" / "generations.jsonl"), key=key)
+    assert len(engine) == 24 and engine == reference
+
+
+def test_dynamic_exit_reports_mean_layers(tiny_dir, data_file, tmp_path, capsys):
+    """Threshold 0: every token exits at the minimum layer, so the answers are those of that fixed exit."""
+    main(args(tiny_dir, data_file, tmp_path / "dyn", "--generation.exit", "dynamic", "--generation.threshold", "0",
+              "--generation.min_layer", "2"))
+    main(args(tiny_dir, data_file, tmp_path / "fixed", "--exit_layers", "2"))
+    dynamic = {r["id"]: r for r in read_jsonl(tmp_path / "dyn" / "generations.jsonl")}
+    fixed = {r["id"]: r for r in read_jsonl(tmp_path / "fixed" / "generations.jsonl")}
+    assert sorted(dynamic) == list(range(6)) and {r["layer"] for r in dynamic.values()} == {4}
+    for i, row in dynamic.items():
+        assert row["tokens"] == fixed[i]["tokens"] and row["layers"] == [2] * row["n_tokens"]
+    report = json.loads((tmp_path / "dyn" / "metrics.json").read_text())
+    assert report["layers"][0]["mean_layers"] == 2.0
+    assert "mean layers used |" in capsys.readouterr().out
+
+
+def test_dynamic_exit_refuses_sampling(tiny_dir, data_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args(tiny_dir, data_file, tmp_path / "dyn", "--generation.exit", "dynamic", "--generation.do_sample", "true"))
+    assert exit_info.value.code == 2 and "decodes greedily" in capsys.readouterr().err
