@@ -242,7 +242,7 @@ class Engine:
         reused by later calls of the same shape (the few most recent ones are kept)."""
         program = self._programs.pop(key, None) or build()
         self._programs[key] = program
-        while len(self._programs) > 4:
+        while len(self._programs) > 8:
             self._programs.pop(next(iter(self._programs)))
         return program
 
