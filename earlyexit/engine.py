@@ -345,10 +345,7 @@ class Engine:
             step_index.zero_()
             if graphed is None:
                 graphed = step if do_sample else self._graph(step, [out, slot, step_index])
-            for t in range(1, max_new_tokens):
-                graphed()
-                if not ignore_eos and eos_ids and t % 16 == 0 and _all_finished(out[:, : t + 1], is_eos):
-                    break
+            _until_done(graphed, out, None if ignore_eos or not eos_ids else is_eos)
             return out.clone()
 
         return run
@@ -567,10 +564,7 @@ class Engine:
             step_index.zero_()
             if graphed is None:
                 graphed = self._graph(step, [out, used, slot, step_index])
-            for t in range(1, max_new_tokens):
-                graphed()
-                if not ignore_eos and eos_ids and t % 16 == 0 and _all_finished(out[:, : t + 1], is_eos):
-                    break
+            _until_done(graphed, out, None if ignore_eos or not eos_ids else is_eos)
             return out.clone(), used.clone()
 
         return run
@@ -619,5 +613,10 @@ def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-def _all_finished(tokens: torch.Tensor, eos: torch.Tensor) -> bool:
-    return bool(torch.isin(tokens, eos).any(1).all())
+def _until_done(step: Callable, out: torch.Tensor, eos: torch.Tensor | None) -> None:
+    """Run ``step`` (which writes column t of ``out``) for t = 1.. until ``out`` is full or, every 16 steps (a
+    host sync each), every row holds one of ``eos``."""
+    for t in range(1, out.shape[1]):
+        step()
+        if eos is not None and t % 16 == 0 and bool(torch.isin(out[:, : t + 1], eos).any(1).all()):
+            return

@@ -85,33 +85,37 @@ def main() -> None:
             rows.append(dict(kind=f"dynamic {args.measure}", setting=threshold, depth=depth, rougeL=score(answers)))
             print(f"threshold {threshold}: mean layers {depth:.2f}, {time.perf_counter() - start:.1f} s", flush=True)
 
-    name = args.model + (" + " + args.adapter if args.adapter else "")
+    name = args.model + (f" + {args.adapter.rstrip('/').split('/')[-2]}" if args.adapter and "/" in args.adapter.rstrip("/") else "")
     print(f"\n{name}, {len(records)} records, greedy, at most {args.new_tokens} new tokens, min layer {args.min_layer}\n")
     print("| exit | setting | mean layers per token | ROUGE-L |\n|---|---|---|---|")
     for row in rows:
         print(f"| {row['kind']} | {row['setting']} | {row['depth']:.2f} | {row['rougeL']:.3f} |")
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        fixed_rows = [r for r in rows if r["kind"] == "fixed"]
-        dynamic_rows = sorted((r for r in rows if r["kind"] != "fixed"), key=lambda r: r["depth"])
-        ax.plot([r["depth"] for r in fixed_rows], [r["rougeL"] for r in fixed_rows], "s--", label="fixed exit at L")
-        ax.plot([r["depth"] for r in dynamic_rows], [r["rougeL"] for r in dynamic_rows], "o-",
-                label=f"dynamic ({args.measure} threshold)")
-        for r in dynamic_rows:
-            ax.annotate(f"{r['setting']:g}", (r["depth"], r["rougeL"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
-        ax.set_xlabel("mean layers per generated token")
-        ax.set_ylabel("ROUGE-L")
-        ax.set_title(f"{name.split('/')[0]}: quality vs depth", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        plot(rows, args.plot, f"{name}: quality vs depth", args.measure)
         print(f"\nplot: {args.plot}")
+
+
+def plot(rows: list[dict], path: str, title: str, measure: str) -> None:
+    """ROUGE-L against mean layers per token: the dynamic thresholds as a curve, the fixed exits beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fixed_rows = [r for r in rows if r["kind"] == "fixed"]
+    dynamic_rows = sorted((r for r in rows if r["kind"] != "fixed"), key=lambda r: r["depth"])
+    ax.plot([r["depth"] for r in fixed_rows], [r["rougeL"] for r in fixed_rows], "s--", label="fixed exit at L")
+    ax.plot([r["depth"] for r in dynamic_rows], [r["rougeL"] for r in dynamic_rows], "o-", label=f"dynamic ({measure} threshold)")
+    for r in dynamic_rows:
+        ax.annotate(f"{r['setting']:g}", (r["depth"], r["rougeL"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xlabel("mean layers per generated token")
+    ax.set_ylabel("ROUGE-L")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
