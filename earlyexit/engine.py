@@ -167,7 +167,7 @@ class Engine:
         """
         cache.slots = slots
         positions = (slots - npad[:, None]).clamp(min=0)
-        masks = {w: additive_mask(slots, valid, w, self.dtype) for w in set(self.windows)}
+        masks = {w: additive_mask(slots, valid, w, self.dtype) for w in dict.fromkeys(self.windows)}
         captured = {}
 
         def hook(_module, args, kwargs):
@@ -302,7 +302,7 @@ class Engine:
             ``{layer: Generation}`` for each exit, each as :meth:`EarlyExitHead.generate` would return it.
         """
         exits = sorted({self.ee.check_layer(layer) for layer in exit_layers}, reverse=True)
-        eos_ids, pad = self._eos_pad(eos_token_id, pad_token_id)
+        eos_ids, pad = self.ee.eos_and_pad(eos_token_id, pad_token_id)
         ids, mask = self._shape(input_ids, attention_mask)
         batch, prompt = ids.shape
         key = ("exits", tuple(exits), batch, prompt, max_new_tokens, tuple(eos_ids), pad, ignore_eos, do_sample, temperature, top_p)
@@ -380,7 +380,7 @@ class Engine:
             raise EarlyExitError(f"draft layer {draft_layer} must be below the last layer {self.n_layers}")
         if n_draft < 1:
             raise EarlyExitError(f"n_draft must be at least 1, got {n_draft}")
-        eos_ids, pad = self._eos_pad(eos_token_id, pad_token_id)
+        eos_ids, pad = self.ee.eos_and_pad(eos_token_id, pad_token_id)
         ids, mask = self._shape(input_ids, attention_mask)
         batch, prompt = ids.shape
         key = ("speculative", exit_layer, n_draft, batch, prompt, max_new_tokens, tuple(eos_ids), pad, ignore_eos,
@@ -499,7 +499,7 @@ class Engine:
         min_layer = self.ee.check_layer(min_layer)
         if measure not in ("softmax", "margin", "state"):
             raise EarlyExitError(f"unknown confidence measure {measure!r}: softmax, margin or state")
-        eos_ids, pad = self._eos_pad(eos_token_id, pad_token_id)
+        eos_ids, pad = self.ee.eos_and_pad(eos_token_id, pad_token_id)
         ids, mask = self._shape(input_ids, attention_mask)
         batch, prompt = ids.shape
         key = ("dynamic", threshold, min_layer, measure, batch, prompt, max_new_tokens, tuple(eos_ids), pad, ignore_eos)
@@ -568,13 +568,6 @@ class Engine:
             return out.clone(), used.clone()
 
         return run
-
-    def _eos_pad(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
-        own = self.ee.base.generation_config
-        eos = eos_token_id if eos_token_id is not None else own.eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        pad = pad_token_id if pad_token_id is not None else own.pad_token_id
-        return eos_ids, (pad if pad is not None else (eos_ids[0] if eos_ids else 0))
 
 
 def _take_rows(value, n: int, total: int):

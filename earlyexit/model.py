@@ -218,6 +218,14 @@ class EarlyExitHead(nn.Module):
             config.num_hidden_layers = n_layers
             self._swapped = False
 
+    def eos_and_pad(self, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> tuple[list[int], int]:
+        """Stop ids and filler id: the given ones, else the model's generation config (pad falls back to the first EOS)."""
+        own = self.base.generation_config
+        eos = eos_token_id if eos_token_id is not None else own.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = pad_token_id if pad_token_id is not None else own.pad_token_id
+        return eos_ids, (pad if pad is not None else (eos_ids[0] if eos_ids else 0))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, exit_layer: int | None = None):
         """Logits ``[B, T, V]`` at ``exit_layer`` (default N), computing blocks 1..L only."""
         with self.truncated(self.n_layers if exit_layer is None else exit_layer):
@@ -259,11 +267,7 @@ class EarlyExitHead(nn.Module):
             streamer: an HF streamer (batch 1) that receives tokens as they are decoded.
         """
         own = self.base.generation_config
-        eos = eos_token_id if eos_token_id is not None else own.eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        pad = pad_token_id if pad_token_id is not None else own.pad_token_id
-        if pad is None:
-            pad = eos_ids[0] if eos_ids else 0
+        eos_ids, pad = self.eos_and_pad(eos_token_id, pad_token_id)
         # A fresh config, so a checkpoint's own sampling defaults (Llama-2's temperature 0.6 …) never leak in.
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
