@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random_config", choices=sorted(RANDOM_CONFIGS), help="random weights of this shape instead")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--data", default="../shared/data/alpaca_5000.json", help="Alpaca JSON the prompts come from")
+    parser.add_argument("--data", default="alpaca-sample", help="Alpaca JSON the prompts come from")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--prompt_len", type=int, default=64, help="prompt length with --random_config")

@@ -18,11 +18,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from earlyexit.errors import EarlyExitError
+from earlyexit.errors import EarlyExitError, non_negative, positive
+from earlyexit.hub import hub_offline, offline_miss, require_hub
 
 log = logging.getLogger(__name__)
 
 HUB_ID = "tatsu-lab/alpaca"
+SAMPLE = "alpaca-sample"
+"""The 5,000-record Alpaca sample shipped inside the package (``earlyexit/assets``, CC BY-NC 4.0)."""
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
 
@@ -49,9 +52,14 @@ class Records:
     bad: dict[int, str] = field(default_factory=dict)
 
 
+def sample_path() -> Path:
+    """The shipped Alpaca sample (package data, so ``pip install`` carries it)."""
+    return Path(__file__).resolve().parent / "assets" / "alpaca_sample.json"
+
+
 def read_records(source: str) -> list:
-    """Read a local ``.json`` (list) / ``.jsonl`` file, or the hub dataset ``source``."""
-    path = Path(source).expanduser()
+    """Read ``alpaca-sample`` (the shipped sample), a local ``.json`` (list) / ``.jsonl`` file, or the hub dataset ``source``."""
+    path = sample_path() if source == SAMPLE else Path(source).expanduser()
     if path.is_dir():
         raise EarlyExitError(f"data source {source!r} is a directory; expected an alpaca_data.json file")
     if path.is_file():
@@ -67,15 +75,16 @@ def read_records(source: str) -> list:
         return data
     if path.suffix in (".json", ".jsonl") or source.startswith(("/", ".", "~")):
         raise EarlyExitError(f"data file {source!r} not found")
+    instead = f"--data.source {SAMPLE} (the shipped sample) or a local alpaca_data.json"
+    require_hub(f"dataset {source!r}", instead)  # no network: one line in seconds, not a retry storm
     try:
         import datasets
 
         return list(datasets.load_dataset(source, split="train"))
     except Exception as err:  # the hub raises many types: offline, missing, gated …
-        raise EarlyExitError(
-            f"could not load {source!r} from the Hugging Face hub ({type(err).__name__}); "
-            "pass a local alpaca_data.json with --data.source PATH"
-        ) from None
+        if hub_offline():
+            raise offline_miss(f"dataset {source!r}", instead) from None
+        raise EarlyExitError(f"could not load {source!r} from the Hugging Face hub ({type(err).__name__}); pass {instead}") from None
 
 
 def validate(raw: list, strict: bool = False) -> Records:
@@ -144,6 +153,11 @@ def encode_example(record: dict, tokenizer, template: Template = "auto", max_len
     return {"input_ids": input_ids, "labels": labels}
 
 
+def supervised_tokens(example: dict) -> int:
+    """Tokens the loss is taken on: labels at positions 1.. that are not ``IGNORE_INDEX``."""
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
+
+
 def pad(sequences: list[list[int]], value: int, side: Literal["left", "right"]) -> torch.Tensor:
     """``[B, T_max]`` tensor of the sequences padded with ``value`` on ``side``."""
     width = max(len(seq) for seq in sequences)
@@ -194,7 +208,8 @@ class AlpacaDataModule(L.LightningDataModule):
     the remaining records are shuffled with ``seed`` and ``val_size`` of them are kept for validation.
 
     Args:
-        source: a local ``alpaca_data.json`` / ``.jsonl`` path, or a hub dataset id.
+        source: ``alpaca-sample`` (5,000 Alpaca records shipped with the package), a local ``alpaca_data.json`` /
+            ``.jsonl`` path, or a hub dataset id such as ``tatsu-lab/alpaca``.
         template: prompt format: ``alpaca`` (the original template), ``chat`` (the tokenizer's chat template),
             or ``auto`` (chat when the tokenizer has a template).
         eval_size: records at the head of the source held out for evaluation.
@@ -210,7 +225,7 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        source: str = HUB_ID,
+        source: str = SAMPLE,
         template: Template = "auto",
         eval_size: int = 200,
         offset: int = 0,
@@ -223,11 +238,20 @@ class AlpacaDataModule(L.LightningDataModule):
         strict: bool = False,
     ):
         super().__init__()
+        non_negative("data.eval_size", eval_size)
+        non_negative("data.offset", offset)
+        positive("data.limit", limit, optional=True)
+        non_negative("data.val_size", val_size)
+        positive("data.max_length", max_length)
+        positive("data.batch_size", batch_size)
+        non_negative("data.num_workers", num_workers)
         self.save_hyperparameters()
         self.tokenizer = None
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         self.predict_set: list[dict] = []
+        self.no_answer = 0
+        """Training/validation examples skipped because no answer token fits in ``max_length``."""
         self._loaded: Records | None = None
 
     def attach_tokenizer(self, tokenizer) -> None:
@@ -266,7 +290,17 @@ class AlpacaDataModule(L.LightningDataModule):
         if len(rest) <= hp.val_size:
             raise EarlyExitError(f"{len(rest)} training records left after holding out {hp.eval_size} for evaluation")
         encoded = [encode_example(r, self.tokenizer, hp.template, hp.max_length) for r in rest]
-        self.val_set, self.train_set = encoded[: hp.val_size], encoded[hp.val_size :]
+        # Position 0 predicts nothing, so an example whose answer starts at or past max_length has nothing to learn.
+        kept = [e for e in encoded if supervised_tokens(e) > 0]
+        self.no_answer = len(encoded) - len(kept)
+        if self.no_answer:
+            log.warning("skipped %d of %d training/validation example(s) with no answer token within data.max_length=%d "
+                        "(the prompt fills it)", self.no_answer, len(encoded), hp.max_length)
+        if len(kept) <= hp.val_size:
+            raise EarlyExitError(f"{len(kept)} of {len(encoded)} training examples have an answer token within "
+                                 f"data.max_length={hp.max_length}, not more than data.val_size={hp.val_size}: nothing "
+                                 "would train; raise data.max_length")
+        self.val_set, self.train_set = kept[: hp.val_size], kept[hp.val_size :]
 
     def set_predict(self, pairs: list[tuple[int, dict]]) -> None:
         """Generation items of ``(id, record)`` pairs: the prompt tokens and the reference answer."""

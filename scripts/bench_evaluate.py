@@ -1,6 +1,6 @@
 """Wall time of generating the quarter exits' answers relative to one full-depth generation of the same prompts.
 
-    python scripts/bench_evaluate.py --data PATH [--device cuda] [--limit 64] [--batch_size 16]
+    python scripts/bench_evaluate.py [--data alpaca-sample] [--device cuda] [--limit 64] [--batch_size 16]
 
 Every run is the evaluation's own generation (EarlyExitModule.predict_step: batched, stop at EOS, each exit
 running blocks 1..L only); scoring is not timed. Two paths: the engine (the default: all exits of a batch in
@@ -35,7 +35,7 @@ def run(module: EarlyExitModule, batches: list[dict], device: torch.device) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", default="alpaca-sample", help="alpaca-sample, a local alpaca_data.json, or a hub id")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")

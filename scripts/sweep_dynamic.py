@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--adapter", default="checkpoints/smollm2_lora_b/adapter")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data", default="../shared/data/alpaca_5000.json")
+    parser.add_argument("--data", default="alpaca-sample")
     parser.add_argument("--records", type=int, default=40)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--new_tokens", type=int, default=48)

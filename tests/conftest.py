@@ -1,12 +1,9 @@
 import importlib.util
-from pathlib import Path
-
 import pytest
 
 from tiny import TINY_CONFIGS, save_tiny, tiny_model
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ALPACA_5000 = SHARED_DATA / "alpaca_5000.json"
+from earlyexit.data import sample_path
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))
@@ -27,9 +24,9 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def alpaca_path():
-    if not ALPACA_5000.is_file():
-        pytest.skip(f"{ALPACA_5000} is not there")
-    return str(ALPACA_5000)
+    """The Alpaca sample shipped inside the package (never skipped: it is package data)."""
+    assert sample_path().is_file(), f"{sample_path()} is missing from the package"
+    return str(sample_path())
 
 
 @pytest.fixture(scope="session")

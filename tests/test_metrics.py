@@ -83,11 +83,21 @@ def test_bertscore_equals_bert_score(minilm):
     assert feed(BERTScoreF1(minilm), hyps, refs) == pytest.approx(values.mean(), abs=1e-6)  # other padding
 
 
-def test_bertscore_model_choice(minilm):
+def test_bertscore_model_choice(minilm, monkeypatch):
+    from earlyexit import hub
+
     assert minilm.num_layers == 6 and minilm.model.endswith("model")
+    monkeypatch.setattr(hub, "_reachable", True)  # as on a machine with a network
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert resolve_bertscore_model("roberta-large").num_layers == 17
     with pytest.raises(EarlyExitError, match="no default layer"):
         resolve_bertscore_model("my/encoder")
+    monkeypatch.setattr(hub, "_reachable", False)  # no network: refused at once, naming the offline choice
+    with pytest.raises(EarlyExitError, match="unreachable.*--metrics.bertscore_model minilm"):
+        resolve_bertscore_model("roberta-large")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EarlyExitError, match="HF_HUB_OFFLINE is set"):
+        resolve_bertscore_model("roberta-large")
 
 
 def test_unknown_metric():
