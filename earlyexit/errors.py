@@ -20,15 +20,56 @@ def report_errors(main: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (EarlyExitError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
         except Exception as err:
-            from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-            if not isinstance(err, MisconfigurationException):  # a Trainer set-up the machine cannot run: devices, strategy …
+            known = user_error(err)
+            if known is None:
                 raise
-            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            print(f"error: {' '.join(str(known).split())}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper
+
+
+USER_ERRORS = (EarlyExitError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def user_error(err: BaseException | None) -> BaseException | None:
+    """The user-facing error behind ``err``, if any: itself or one it was raised from. Parsers (jsonargparse)
+    wrap what an option's ``__post_init__`` raised in errors of their own; the user wants the inner line."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException  # a Trainer set-up the machine cannot run
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (*USER_ERRORS, MisconfigurationException)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def require(ok: bool, option: str, value, allowed: str) -> None:
+    """Refuse a bad option value with one line naming the option and its allowed range.
+
+    Called from the ``__post_init__`` / ``__init__`` that declares the option, so every command checks it
+    before any model loads.
+    """
+    if not ok:
+        raise EarlyExitError(f"{option} = {value!r} is out of range: it must be {allowed}")
+
+
+def positive(option: str, value, optional: bool = False) -> None:
+    """An integer ≥ 1 (None too when ``optional``)."""
+    if optional and value is None:
+        return
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, option, value, "an integer ≥ 1")
+
+
+def non_negative(option: str, value) -> None:
+    """A number ≥ 0."""
+    require(value >= 0, option, value, "≥ 0")
+
+
+def in_unit(option: str, value, low_open: bool = False, high_open: bool = False) -> None:
+    """A number in [0, 1], with either end open."""
+    ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+    require(ok, option, value, f"in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")

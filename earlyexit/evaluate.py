@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from earlyexit.data import AlpacaDataModule
 from earlyexit.distributed import check_setup
-from earlyexit.errors import EarlyExitError, report_errors
+from earlyexit.errors import EarlyExitError, non_negative, positive, report_errors
 from earlyexit.loading import ModelArgs, resolve_device, resolve_dtype
 from earlyexit.metrics import (
     METRICS,
@@ -40,6 +40,7 @@ from earlyexit.metrics import (
     check_metric_names,
     resolve_bertscore_model,
 )
+from earlyexit.model import ExitLayers
 from earlyexit.module import EarlyExitModule, GenerationArgs
 from earlyexit.results import ResultsDir
 
@@ -66,6 +67,10 @@ class MetricArgs:
     bootstrap: int = 1000
     seed: int = 0
 
+    def __post_init__(self):
+        positive("metrics.bertscore_layer", self.bertscore_layer, optional=True)
+        non_negative("metrics.bootstrap", self.bootstrap)
+
 
 @dataclass
 class TrainerArgs:
@@ -82,6 +87,10 @@ class TrainerArgs:
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"
+
+    def __post_init__(self):
+        positive("trainer.devices", self.devices)
+        positive("trainer.num_nodes", self.num_nodes)
 
 
 class GenerationWriter(BasePredictionWriter):
@@ -200,7 +209,7 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(GenerationArgs, "generation")
     parser.add_class_arguments(MetricArgs, "metrics")
     parser.add_class_arguments(TrainerArgs, "trainer")
-    parser.add_argument("--exit_layers", type=str, default="quarters",
+    parser.add_argument("--exit_layers", type=ExitLayers, default="quarters",
                         help="quarters (N/4, N/2, 3N/4, N), all, everyK (every K-th from the top), or a list like 8,16,24,32")
     parser.add_argument("--out_dir", type=str, default="results/evaluate", help="results directory (resumed if it exists)")
     parser.add_argument("--compare", type=list[str] | None, default=None,
@@ -258,11 +267,18 @@ def check_evaluation_setup(trainer_args: TrainerArgs) -> None:
 
 def generation_fingerprint(model_args: ModelArgs, data: AlpacaDataModule, generation: GenerationArgs, device,
                            **extra) -> dict:
-    """What the generations of a results directory depend on (a directory never mixes two of them)."""
+    """What the generations of a results directory depend on (a directory never mixes two of them): the options,
+    and the content of the model, the adapter and the evaluation records (an input changed in place is caught)."""
+    from earlyexit.identity import model_identity, records_sha256, tree_sha256
+
     hp = data.hparams
+    loaded = data.load()
     return {
         "model": model_args.name,
+        "model_content": model_identity(model_args.name),
         "adapter": model_args.adapter,
+        "adapter_content": tree_sha256(model_args.adapter) if model_args.adapter else None,
+        "data_content": records_sha256(list(zip(loaded.ids, loaded.records))[: hp.eval_size]),
         "dtype": str(resolve_dtype(model_args.dtype, device)),
         "data": hp.source,
         "template": hp.template,

@@ -40,11 +40,11 @@ from urllib.parse import urlparse
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from earlyexit.data import HUB_ID, AlpacaDataModule, Template, read_records
-from earlyexit.errors import EarlyExitError, report_errors
+from earlyexit.data import SAMPLE, AlpacaDataModule, Template, read_records
+from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, report_errors, require
 from earlyexit.evaluate import TrainerArgs, check_evaluation_setup, generate_answers, generation_fingerprint
 from earlyexit.loading import ModelArgs, resolve_device, resolve_model_path
-from earlyexit.model import parse_exit_layers
+from earlyexit.model import ExitLayers, parse_exit_layers
 from earlyexit.module import EarlyExitModule, GenerationArgs
 from earlyexit.results import ResultsDir, append_jsonl, drop_torn_tail
 
@@ -72,7 +72,7 @@ class JudgeData:
     """Records with a question, a context and a reference answer.
 
     Args:
-        source: a local JSON list / JSONL file, or a hub dataset id (Alpaca's by default).
+        source: ``alpaca-sample`` (the shipped Alpaca sample, default), a local JSON list / JSONL file, or a hub dataset id.
         question_field: field holding the question (Alpaca: ``instruction``).
         context_field: field holding the context (Alpaca: ``input``); records whose context is empty are skipped.
         answer_field: field holding the reference answer (Alpaca: ``output``).
@@ -84,7 +84,7 @@ class JudgeData:
         batch_size: prompts per generation batch.
     """
 
-    source: str = HUB_ID
+    source: str = SAMPLE
     question_field: str = "instruction"
     context_field: str = "input"
     answer_field: str = "output"
@@ -94,6 +94,13 @@ class JudgeData:
     template: Template = "auto"
     max_length: int = 512
     batch_size: int = 8
+
+    def __post_init__(self):
+        non_negative("data.eval_size", self.eval_size)
+        non_negative("data.offset", self.offset)
+        positive("data.limit", self.limit, optional=True)
+        positive("data.max_length", self.max_length)
+        positive("data.batch_size", self.batch_size)
 
     @property
     def fields(self) -> tuple[str, str, str]:
@@ -132,6 +139,15 @@ class JudgeArgs:
     batch_size: int = 16
     metric: Literal["f1", "exact"] = "f1"
     threshold: float = 0.5
+
+    def __post_init__(self):
+        positive("judge.concurrency", self.concurrency)
+        non_negative("judge.max_retries", self.max_retries)
+        require(self.timeout > 0, "judge.timeout", self.timeout, "> 0")
+        non_negative("judge.backoff", self.backoff)
+        positive("judge.max_tokens", self.max_tokens)
+        positive("judge.batch_size", self.batch_size)
+        in_unit("judge.threshold", self.threshold)
 
 
 @dataclass
@@ -480,7 +496,7 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(GenerationArgs, "generation")
     parser.add_class_arguments(JudgeArgs, "judge")
     parser.add_class_arguments(TrainerArgs, "trainer")
-    parser.add_argument("--exit_layers", type=str, default="quarters", help="quarters, all, everyK, or a list like 8,16,24,32")
+    parser.add_argument("--exit_layers", type=ExitLayers, default="quarters", help="quarters, all, everyK, or a list like 8,16,24,32")
     parser.add_argument("--answers", type=str | None, default=None,
                         help="an evaluation results directory whose answers are reused; missing ones are generated into it "
                              "(default: <out_dir>/answers)")

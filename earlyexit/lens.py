@@ -7,8 +7,8 @@ A tuned lens puts a learned affine translator (initialised to the identity, so i
 lens) in front of the shared final norm and head, trained to minimise KL to the final layer.
 
     python -m earlyexit.lens --prompt "Calculate the atomic mass for lithium."
-    python -m earlyexit.lens --data ../shared/data/alpaca_5000.json --limit 100
-    python -m earlyexit.lens --data ../shared/data/alpaca_5000.json --tuned.train_steps 300 --limit 100
+    python -m earlyexit.lens --data.source alpaca-sample --limit 100
+    python -m earlyexit.lens --data.source alpaca-sample --tuned.train_steps 300 --limit 100
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from earlyexit.errors import EarlyExitError
+from earlyexit.data import IGNORE_INDEX
+from earlyexit.errors import EarlyExitError, non_negative, positive, require
 from earlyexit.model import EarlyExitHead
 
 
@@ -150,7 +151,7 @@ def dataset_lens(ee: EarlyExitHead, batches, lens: TunedLens | None = None) -> d
             ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
             hidden = ee.hidden_states(ids, mask)
             target = labels[:, 1:]  # [B, T-1]: the token each position predicts
-            keep = target != -100
+            keep = target != IGNORE_INDEX
             if not keep.any():
                 continue
             tgt = target[keep]  # [M]
@@ -211,7 +212,7 @@ def _fit(ee, lens, opt, batches, steps, history) -> None:
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         with torch.no_grad():
             hidden = ee.hidden_states(ids, mask)
-            keep = labels[:, 1:] != -100
+            keep = labels[:, 1:] != IGNORE_INDEX
             pick = lambda h: h[:, :-1][keep]  # noqa: E731
             final = layer_log_probs(ee, pick(hidden[n]), n)
         opt.zero_grad(set_to_none=True)
@@ -244,13 +245,23 @@ class TunedArgs:
     lr: float = 1e-3
     train_records: int = 512
 
+    def __post_init__(self):
+        non_negative("tuned.train_steps", self.train_steps)
+        require(self.lr > 0, "tuned.lr", self.lr, "> 0")
+        positive("tuned.train_records", self.train_records)
+
+
+def prompt_texts(cfg) -> list[str]:
+    """``--prompt`` (one, verbatim) followed by ``--prompts`` (a list)."""
+    return ([cfg.prompt] if cfg.prompt is not None else []) + list(cfg.prompts or [])
+
 
 def _prompts(cfg, tokenizer, data) -> list[tuple[str, list[int]]]:
     """``(label, prompt ids)`` for every --prompt and every --index record."""
     from earlyexit.data import encode_prompt
 
     out = []
-    for k, text in enumerate(cfg.prompt or []):
+    for k, text in enumerate(prompt_texts(cfg)):
         if not text.strip():
             raise EarlyExitError(f"prompt {k} is empty")
         out.append((text, encode_prompt({"instruction": text, "input": "", "output": "-"}, tokenizer, cfg.data.template)))
@@ -323,7 +334,9 @@ def build_parser():
     parser.add_class_arguments(ModelArgs, "model")
     parser.add_class_arguments(AlpacaDataModule, "data")
     parser.add_class_arguments(TunedArgs, "tuned")
-    parser.add_argument("--prompt", type=list[str] | None, default=None, help="instruction(s) to answer and inspect")
+    parser.add_argument("--prompt", type=str | None, default=None, help="one instruction to answer and inspect, taken verbatim")
+    parser.add_argument("--prompts", type=list[str] | None, default=None,
+                        help='several instructions, as a list: \'["Name three colours.", "Add 2, 3 and 4."]\' (quote items that hold commas)')
     parser.add_argument("--index", type=list[int] | None, default=None, help="record index(es) of --data.source to inspect")
     parser.add_argument("--limit", type=int | None, default=None,
                         help="dataset statistics over this many evaluation records of --data.source (teacher-forced reference answers)")
@@ -339,8 +352,10 @@ def run(cfg) -> None:
     from earlyexit.loading import ModelArgs, load_model
     from earlyexit.model import parse_exit_layers
 
-    if not (cfg.prompt or cfg.index or cfg.limit):
-        raise EarlyExitError("nothing to do: pass --prompt TEXT, --index I (with --data.source) or --limit K")
+    if not (prompt_texts(cfg) or cfg.index or cfg.limit):
+        raise EarlyExitError("nothing to do: pass --prompt TEXT, --prompts LIST, --index I (with --data.source) or --limit K")
+    positive("max_new_tokens", cfg.max_new_tokens)
+    positive("limit", cfg.limit, optional=True)
     data = AlpacaDataModule(**cfg.data)
     model, tokenizer = load_model(ModelArgs(**cfg.model))
     ee = EarlyExitHead(model)

@@ -26,6 +26,10 @@ def quarter_layers(n_layers: int) -> list[int]:
     return sorted({max(1, round(n_layers * q / 4)) for q in (1, 2, 3, 4)})
 
 
+ExitLayers = str | int | list[int]
+"""How exit layers are given: ``quarters``, ``all``, ``everyK``, ``"8,16"``, one layer, or a list (``[8, 16]`` in YAML)."""
+
+
 def parse_exit_layers(spec: str | int | Iterable[int], n_layers: int) -> list[int]:
     """Turn ``"quarters"``, ``"all"``, ``"every3"``, ``"8,16"``, an int or a list into sorted, checked layers.
 

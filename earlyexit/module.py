@@ -11,7 +11,8 @@ from typing import Literal
 import lightning as L
 import torch
 
-from earlyexit.errors import EarlyExitError
+from earlyexit.data import IGNORE_INDEX
+from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, require
 from earlyexit.loading import ModelArgs, load_model
 from earlyexit.loss import (
     Curriculum,
@@ -22,7 +23,7 @@ from earlyexit.loss import (
     exit_weights,
     layer_dropout_rates,
 )
-from earlyexit.model import EarlyExitHead, parse_exit_layers
+from earlyexit.model import EarlyExitHead, ExitLayers, parse_exit_layers
 
 
 @dataclass
@@ -59,6 +60,15 @@ class GenerationArgs:
     min_layer: int | None = None
     measure: Literal["softmax", "margin", "state"] = "softmax"
 
+    def __post_init__(self):
+        positive("generation.max_new_tokens", self.max_new_tokens)
+        require(self.temperature > 0 or not self.do_sample, "generation.temperature", self.temperature,
+                "> 0 when sampling (generation.do_sample true)")
+        non_negative("generation.temperature", self.temperature)
+        in_unit("generation.top_p", self.top_p, low_open=True)
+        non_negative("generation.threshold", self.threshold)
+        positive("generation.min_layer", self.min_layer, optional=True)
+
 
 @dataclass
 class LoraArgs:
@@ -75,6 +85,11 @@ class LoraArgs:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] | None = None
+
+    def __post_init__(self):
+        positive("lora.r", self.r)
+        require(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
+        in_unit("lora.dropout", self.dropout, high_open=True)
 
 
 @dataclass
@@ -94,7 +109,7 @@ class ExitLossArgs:
         chunk_size: answer tokens per logits block (memory bound of the loss).
     """
 
-    exit_layers: str = "all"
+    exit_layers: ExitLayers = "all"
     weights: WeightScheme = "sum_l"
     e_scale: float = 1.0
     curriculum: Curriculum = "none"
@@ -102,6 +117,13 @@ class ExitLossArgs:
     gradual_interval: int = 100
     distill: float = 0.0
     chunk_size: int = 1024
+
+    def __post_init__(self):
+        non_negative("loss.e_scale", self.e_scale)
+        positive("loss.rotation", self.rotation)
+        positive("loss.gradual_interval", self.gradual_interval)
+        in_unit("loss.distill", self.distill)
+        positive("loss.chunk_size", self.chunk_size)
 
 
 @dataclass
@@ -117,6 +139,9 @@ class LayerDropoutArgs:
     p_max: float = 0.0
     scale: Literal["exp", "linear", "uniform"] = "exp"
     seed: int = 0
+
+    def __post_init__(self):
+        in_unit("layer_dropout.p_max", self.p_max)
 
 
 @dataclass
@@ -134,6 +159,12 @@ class OptimArgs:
     weight_decay: float = 0.0
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
+
+    def __post_init__(self):
+        require(self.lr > 0, "optim.lr", self.lr, "> 0")
+        non_negative("optim.weight_decay", self.weight_decay)
+        non_negative("optim.warmup_steps", self.warmup_steps)
+        in_unit("optim.min_lr_ratio", self.min_lr_ratio)
 
 
 class EarlyExitModule(L.LightningModule):
@@ -159,7 +190,7 @@ class EarlyExitModule(L.LightningModule):
         optim: OptimArgs = OptimArgs(),
         gradient_checkpointing: bool = False,
         generation: GenerationArgs = GenerationArgs(),
-        exit_layers: str = "quarters",
+        exit_layers: ExitLayers = "quarters",
     ):
         super().__init__()
         base, lora, loss, layer_dropout, optim, generation = (
@@ -216,13 +247,13 @@ class EarlyExitModule(L.LightningModule):
         """Answer tokens of the global batch / world size (None in one process): the loss normaliser under DDP/FSDP."""
         if self._world() == 1:
             return None
-        local = (batch["labels"][:, 1:] != -100).sum().float()
+        local = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
         return self.trainer.strategy.reduce(local, reduce_op="sum") / self.trainer.world_size
 
     @torch.no_grad()
     def _teacher(self, batch: dict) -> torch.Tensor:
         """``[M, V]`` log-probabilities of the base model (adapters off) at the answer positions."""
-        keep = batch["labels"][:, 1:] != -100
+        keep = batch["labels"][:, 1:] != IGNORE_INDEX
         with self.lm.disable_adapter():
             hidden = self.ee.hidden_states(batch["input_ids"], batch["attention_mask"], exit_layers=[self.ee.n_layers])
             logits = self.ee.exit_logits(hidden[self.ee.n_layers][:, :-1][keep])

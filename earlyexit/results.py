@@ -39,9 +39,11 @@ class ResultsDir:
             before = json.loads(run.read_text())
             if before != fingerprint:
                 changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
+                contents = [k[: -len("_content")] for k in changed if k.endswith("_content")]
+                why = f"the {' and '.join(contents)} changed in content" if contents else "a different config"
                 raise EarlyExitError(
-                    f"results directory {str(self.path)!r} holds a run with a different config "
-                    f"(differs in: {', '.join(changed)}); choose another --out_dir or remove that directory"
+                    f"results directory {str(self.path)!r} holds answers of other inputs ({why}; differs in: "
+                    f"{', '.join(changed)}); choose another --out_dir or remove that directory"
                 )
         else:  # atomically: the ranks of a sharded run may all get here
             tmp = run.with_name(f"{RUN}.{os.getpid()}.tmp")

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from earlyexit.errors import EarlyExitError, report_errors
+from earlyexit.errors import EarlyExitError, positive, report_errors, require
 from earlyexit.model import EarlyExitHead
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,9 @@ class ChatModel:
             layer = n_layers
         if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n_layers:
             raise RequestError(400, f"exit_layer must be an integer in 1..{n_layers}, got {layer!r}", "exit_layer")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or self.max_tokens
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is None:  # only an absent value means the default; 0 is a bad value like any other
+            max_tokens = self.max_tokens
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.max_tokens_limit:
             raise RequestError(400, f"max_tokens must be an integer in 1..{self.max_tokens_limit}, got {max_tokens!r}", "max_tokens")
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
@@ -175,8 +178,11 @@ class ChatModel:
         if on_text is None:
             out = self._generate(request)
             n = int(out.n_tokens[0])
-            text = self.tokenizer.decode(out.tokens[0, :n].tolist(), skip_special_tokens=True)
+            tokens = out.tokens[0, :n].tolist()
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             cut = first_stop(text, request.stop)
+            if cut is not None:  # the answer ends with the token that completed the stop string
+                n = tokens_to_stop(self.tokenizer, tokens, request.stop)
             return Completion(text if cut is None else text[:cut], len(request.input_ids), n,
                               "stop" if cut is not None or bool(out.finished[0]) else "length", request.exit_layer)
         return self._stream(request, on_text)
@@ -193,9 +199,7 @@ class ChatModel:
             )
 
     def _stream(self, request: ChatRequest, on_text: Callable[[str], None]) -> Completion:
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TokenStreamer(self.tokenizer)
         result = {}
 
         def work():
@@ -209,12 +213,11 @@ class ChatModel:
         worker.start()
         # Text that could still become the start of a stop string is held back until it cannot.
         hold = max((len(s) for s in request.stop), default=1) - 1
-        text, sent, stopped = "", 0, False
-        for piece in streamer:
-            text += piece
+        text, sent, stopped, n_stop = "", 0, False, 0
+        for text, n_tokens in streamer:
             cut = first_stop(text, request.stop)
             if cut is not None:
-                text, stopped = text[:cut], True
+                text, stopped, n_stop = text[:cut], True, n_tokens
             ready = len(text) if stopped else len(text) - hold
             if ready > sent:
                 on_text(text[sent:ready])
@@ -227,7 +230,7 @@ class ChatModel:
         if len(text) > sent:
             on_text(text[sent:])
         out = result["out"]
-        n = int(out.n_tokens[0])
+        n = n_stop if stopped else int(out.n_tokens[0])
         return Completion(text, len(request.input_ids), n, "stop" if stopped or bool(out.finished[0]) else "length",
                           request.exit_layer)
 
@@ -239,6 +242,44 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise RequestError(400, f"{name} must be a number in [{low:g}, {high:g}], got {value!r}", name)
     return float(value)
+
+
+class TokenStreamer:
+    """The answer's text after every generated token, as ``(text so far, tokens so far)`` pairs (HF ``streamer``
+    protocol: ``put`` / ``end``). HF's ``TextIteratorStreamer`` waits for a space before it lets text go, so an
+    answer without spaces arrived in one piece; here each token's text goes at once, unless it ends inside a
+    multi-byte character (then it waits for the next token)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.queue, self.prompt_seen = tokenizer, [], queue.Queue(), False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate's first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.tokens.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self.queue.put((text, len(self.tokens)))
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self):
+        while (item := self.queue.get()) is not None:
+            yield item
+
+
+def tokens_to_stop(tokenizer, tokens: list[int], stops: list[str]) -> int:
+    """The fewest leading ``tokens`` whose text holds a stop string: what a server that stops there generated."""
+    low, high = 1, len(tokens)
+    while low < high:  # the text of a longer prefix extends a shorter one's, so a stop, once in, stays in
+        mid = (low + high) // 2
+        if first_stop(tokenizer.decode(tokens[:mid], skip_special_tokens=True), stops) is None:
+            low = mid + 1
+        else:
+            high = mid
+    return low
 
 
 def first_stop(text: str, stops: list[str]) -> int | None:
@@ -296,7 +337,11 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"object": "list", "data": [self.server.chat.info()]})
 
     def _chat(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
+        raw_length = self.headers.get("Content-Length") or "0"
+        if not raw_length.strip().isdigit():
+            self.close_connection = True  # the body's end is unknown: this connection cannot carry another request
+            raise RequestError(400, f"Content-Length must be a non-negative integer, got {raw_length!r}")
+        length = int(raw_length)
         try:
             body = json.loads(self.rfile.read(length) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -407,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_tokens", type=int, default=256, help="answer length when a request gives none")
     parser.add_argument("--max_tokens_limit", type=int, default=4096, help="the most tokens a request may ask for")
     cfg = parser.parse_args(argv)
+    require(0 <= cfg.port <= 65535, "port", cfg.port, "in 0..65535")
+    positive("max_tokens", cfg.max_tokens)
+    require(cfg.max_tokens_limit >= cfg.max_tokens, "max_tokens_limit", cfg.max_tokens_limit, f"≥ --max_tokens ({cfg.max_tokens})")
     token = read_token(cfg.token_env)
     check_exposure(cfg.host, token, cfg.allow_unauthenticated)  # before minutes of model loading
     lm, tokenizer = load_model(ModelArgs(name=cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device))

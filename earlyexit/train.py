@@ -15,6 +15,7 @@ and ``last.ckpt``.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -22,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from earlyexit.data import AlpacaDataModule
 from earlyexit.distributed import check_setup, configure_strategy, full_state_dict
-from earlyexit.errors import report_errors
+from earlyexit.errors import EarlyExitError, report_errors
 from earlyexit.module import EarlyExitModule
 
 
@@ -48,12 +49,22 @@ class EarlyExitCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from (exact resume)")
 
     def before_instantiate_classes(self) -> None:
+        """Refusals that need no model: the machine's devices, the output directory, the checkpoint to resume."""
         trainer = self.config.trainer
         check_setup(trainer.accelerator, trainer.devices, trainer.strategy, trainer.num_nodes)
+        root = Path(trainer.default_root_dir or ".")
+        if root.exists() and not root.is_dir():
+            raise EarlyExitError(f"trainer.default_root_dir {str(root)!r} is a file, not a directory")
+        ckpt = self.config.get("ckpt_path")
+        if ckpt and not Path(ckpt).is_file():
+            raise EarlyExitError(f"checkpoint {ckpt!r} not found")
 
 
 @report_errors
 def main(args: list[str] | None = None) -> None:
+    # Our sampler resumes mid-epoch from the loop's own saved progress (EpochSampler.start, set in
+    # train_dataloader), so Lightning's "dataloader is not resumable … unreliable results" does not apply.
+    warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
     cli = EarlyExitCLI(
         EarlyExitModule,
         AlpacaDataModule,
@@ -68,10 +79,6 @@ def main(args: list[str] | None = None) -> None:
         if callback.dirpath is None:
             callback.dirpath = str(Path(cli.trainer.default_root_dir) / "checkpoints")
     ckpt = cli.config.get("ckpt_path")
-    if ckpt and not Path(ckpt).is_file():
-        from earlyexit.errors import EarlyExitError
-
-        raise EarlyExitError(f"checkpoint {ckpt!r} not found")
     configure_strategy(cli.trainer.strategy, cli.model)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
 

@@ -110,7 +110,7 @@ def test_refuses_to_mix_configs(tiny_dir, data_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args(tiny_dir, data_file, tmp_path / "run", "--generation.max_new_tokens", "9"))
     assert exit_info.value.code == 2
-    assert "different config (differs in: generation)" in capsys.readouterr().err
+    assert "(a different config; differs in: generation)" in capsys.readouterr().err
     assert (tmp_path / "run" / "generations.jsonl").read_text() == before  # nothing lost
 
 

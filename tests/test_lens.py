@@ -109,7 +109,7 @@ def data_file(tmp_path_factory):
 
 
 def test_figures_and_numbers_without_a_display(tiny_dir, data_file, tmp_path):
-    main(["--model.name", tiny_dir, "--model.device", "cpu", "--prompt", "[Calculate the atomic mass for lithium.]",
+    main(["--model.name", tiny_dir, "--model.device", "cpu", "--prompt", "Calculate the atomic mass for lithium.",
           "--data.source", data_file, "--data.eval_size", "10", "--data.val_size", "2", "--index", "[3]",
           "--limit", "6", "--tuned.train_steps", "3", "--max_new_tokens", "8", "--out_dir", str(tmp_path)])
     for name in ("lens_0_logit_lens.png", "lens_0_logit_lens.pdf", "lens_0_tuned_lens.png", "lens_0_summary.png",
@@ -122,9 +122,11 @@ def test_figures_and_numbers_without_a_display(tiny_dir, data_file, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--prompt", "['  ']"], "prompt 0 is empty"),
-    (["--prompt", f"[{'x' * 300}]"], "exceeds the model's context window of 256"),
-    (["--prompt", "[hi]", "--layers", "2,7"], "exit layer 7 is out of range"),
+    (["--prompt", "  "], "prompt 0 is empty"),
+    (["--prompts", "['hi', '  ']"], "prompt 1 is empty"),
+    (["--prompt", "x" * 300], "exceeds the model's context window of 256"),
+    (["--prompt", "hi", "--layers", "2,7"], "exit layer 7 is out of range"),
+    (["--prompt", "hi", "--max_new_tokens", "0"], "max_new_tokens = 0 is out of range: it must be an integer ≥ 1"),
     (["--index", "[99]", "--data.source", "{data}"], "--index 99: no valid record"),
     ([], "nothing to do"),
 ])
@@ -134,3 +136,15 @@ def test_bad_input(tiny_dir, data_file, tmp_path, extra, message):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_one_prompt_is_taken_verbatim_and_the_list_form_keeps_commas():
+    from earlyexit.lens import build_parser, prompt_texts
+
+    parser = build_parser()
+    assert prompt_texts(parser.parse_args(["--prompt", "Calculate the atomic mass for lithium."])) == [
+        "Calculate the atomic mass for lithium."]
+    assert prompt_texts(parser.parse_args(["--prompt", "[a, b]"])) == ["[a, b]"]  # one prompt, never split
+    assert prompt_texts(parser.parse_args(["--prompt", "Add 2, 3 and 4."])) == ["Add 2, 3 and 4."]
+    cfg = parser.parse_args(["--prompt", "first", "--prompts", '["Name a colour, please.", "Add 2, 3."]'])
+    assert prompt_texts(cfg) == ["first", "Name a colour, please.", "Add 2, 3."]

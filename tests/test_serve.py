@@ -99,6 +99,52 @@ def test_stop_strings_cut_the_answer(client, chat):
     assert streamed == cut
 
 
+def test_stop_counts_only_the_tokens_up_to_the_stop(client, chat):
+    full = library_answer(chat, 4, 16)
+    stop = full[5:7]
+    # the character tokenizer: one token per character, so the answer ends with the stop string's last token
+    expected = full.find(stop) + len(stop)
+    kwargs = dict(model="tiny", messages=MESSAGES, temperature=0, max_tokens=16, stop=[stop])
+    assert client.chat.completions.create(**kwargs).usage.completion_tokens == expected
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[-1].usage.completion_tokens == expected
+
+
+def test_streaming_goes_token_by_token_even_without_spaces(client, chat):
+    kwargs = dict(model="tiny", messages=MESSAGES, temperature=0, max_tokens=16, extra_body={"exit_layer": 4})
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(stream=True, **kwargs)
+              if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == whole and len(whole) >= 8
+    assert all(len(p) == 1 for p in pieces)  # one character token per event, never the whole answer at once
+
+
+def test_tokens_to_stop_is_the_shortest_prefix_holding_the_stop():
+    from earlyexit.serve import tokens_to_stop
+
+    tok = char_tokenizer()
+    ids = tok("abcdefgh", add_special_tokens=False)["input_ids"]
+    assert tokens_to_stop(tok, ids, ["de"]) == 5 and tokens_to_stop(tok, ids, ["a"]) == 1
+    assert tokens_to_stop(tok, ids, ["gh", "cd"]) == 4
+
+
+def test_a_bad_content_length_is_a_400_not_a_500(server, caplog):
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", "abc")
+    conn.endheaders()
+    response = conn.getresponse()
+    payload = json.loads(response.read())
+    conn.close()
+    assert response.status == 400 and "Content-Length must be a non-negative integer" in payload["error"]["message"]
+    assert "Traceback" not in caplog.text and "request failed" not in caplog.text
+
+
 def test_sampling_with_a_seed_repeats(client):
     kwargs = dict(model="tiny", messages=MESSAGES, temperature=1.0, seed=7, max_tokens=12, extra_body={"exit_layer": 2})
     first = client.chat.completions.create(**kwargs).choices[0].message.content
@@ -115,6 +161,8 @@ def test_sampling_with_a_seed_repeats(client):
     ({"model": "tiny", "messages": MESSAGES, "n": 2}, 400, "only n=1"),
     ({"model": "tiny", "messages": MESSAGES, "temperature": 3}, 400, "temperature must be a number in [0, 2]"),
     ({"model": "tiny", "messages": MESSAGES, "max_tokens": 250}, 400, "exceed the model's context window of 256"),
+    ({"model": "tiny", "messages": MESSAGES, "max_tokens": 0}, 400, "max_tokens must be an integer in 1..4096, got 0"),
+    ({"model": "tiny", "messages": MESSAGES, "max_completion_tokens": 0}, 400, "max_tokens must be an integer in 1..4096, got 0"),
     ([1, 2], 400, "must be a JSON object"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, needle):

@@ -50,12 +50,35 @@ def test_two_step_smoke_run_exports_an_adapter_that_reloads_to_identical_logits(
     assert not torch.allclose(EarlyExitHead(base)(ids, exit_layer=1), module.ee(ids, exit_layer=1))  # it trained
 
 
-def test_debug_config_runs_as_shipped(tmp_path, monkeypatch, alpaca_path):
+def test_debug_config_runs_as_shipped_and_its_adapter_moves(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
     monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path / "cache"))
-    main(["--config", str(ROOT / "configs" / "debug.yaml"), "--data.source", alpaca_path,
-          "--trainer.default_root_dir", str(tmp_path / "run")])
+    main(["--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")])
     assert (tmp_path / "cache" / "tiny-random-llama" / "config.json").is_file()
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    b_mats = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert b_mats and all(v.abs().sum() > 0 for v in b_mats.values())  # LoRA B starts at zero: every one moved
+
+
+def test_examples_without_an_answer_token_are_skipped_and_counted(tmp_path):
+    from earlyexit.data import supervised_tokens
+    from tiny import char_tokenizer
+
+    long_prompt = [{"instruction": "x" * 400, "input": "", "output": "y"}] * 5
+    fine = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(12)]
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(__import__("json").dumps(fine[:2] + long_prompt + fine[2:]))
+    data = AlpacaDataModule(str(path), template="alpaca", eval_size=2, val_size=2, max_length=250, batch_size=2)
+    data.attach_tokenizer(char_tokenizer())
+    data.setup("fit")
+    assert data.no_answer == 5 and len(data.train_set) + len(data.val_set) == 10
+    assert all(supervised_tokens(e) > 0 for e in data.train_set + data.val_set)
+    tight = AlpacaDataModule(str(path), template="alpaca", eval_size=2, val_size=2, max_length=100, batch_size=2)
+    tight.attach_tokenizer(char_tokenizer())
+    with pytest.raises(EarlyExitError, match="have an answer token within data.max_length=100.*nothing would train"):
+        tight.setup("fit")
 
 
 class Losses(Callback):
