@@ -54,6 +54,27 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+CACHE_ARGS = ("cache", "past_key_values", "layer_past")
+"""The keyword a decoder block takes its KV cache by, across families and transformers versions (first found wins)."""
+
+UNBATCHED_ARGS = ("cache_position",)
+"""Block keyword arguments whose leading dimension is not the batch, even when its size equals the batch's."""
+
+
+def sliding_windows(config) -> list[int | None]:
+    """Each block's sliding attention window (None: full attention), as the family's own masks apply it:
+    per-layer ``layer_types`` (Gemma-2, Qwen2), else one ``sliding_window`` for all blocks (Mistral) unless
+    ``use_sliding_window`` is off."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return [window if kind == "sliding_attention" else None for kind in types[:n]]
+    if window is not None and getattr(config, "use_sliding_window", True) is not False:
+        return [window] * n
+    return [None] * n
+
+
 def spec_for(model_type: str) -> ArchSpec:
     """Return the table row for ``config.model_type``; an unknown family names the supported ones."""
     try:

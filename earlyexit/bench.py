@@ -1,7 +1,7 @@
 """Decoding speed of every exit mode against Hugging Face ``generate``, side by side in one run.
 
-    python -m earlyexit.bench [--model smollm2-135m-instruct] [--adapter DIR] [--random_config llama2-7b]
-                              [--device cuda] [--batch 1] [--new_tokens 128] [--modes full,hf,...]
+    python -m earlyexit.bench [--model.name smollm2-135m-instruct] [--model.adapter DIR] [--random_config llama2-7b]
+                              [--model.device cuda] [--batch 1] [--generation.max_new_tokens 128] [--modes '[full,hf]']
 
 Every mode decodes the same prompts to the same fixed length (EOS is banned, as ``min_new_tokens`` does for
 HF), greedy, after a warm-up run; the median of ``--repeats`` timed runs is reported as tokens per second
@@ -11,88 +11,108 @@ HF), greedy, after a warm-up run; the median of ``--repeats`` timed runs is repo
   compiles the forward with ``torch.compile`` on a GPU; ``hf_assistant``: ``assistant_early_exit=E`` (HF's
   LayerSkip, batch 1 only), each with the model's own layers.
 - ``full``: our engine at full depth; ``exit``: our engine at each quarter exit; ``all_exits``: all quarter
-  exits in one batched pass; ``dynamic``: CALM softmax exit at ``--threshold``; ``speculative``: self-speculative
-  decoding from ``--draft_layer`` with ``--n_draft`` drafts (greedy text compared with ``full``).
+  exits in one batched pass; ``dynamic``: CALM exit at ``--generation.threshold`` (``--generation.measure``,
+  ``--generation.min_layer``); ``speculative``: self-speculative decoding from each ``--draft_layer`` with each
+  ``--n_draft`` (greedy text compared with ``full``).
 
 ``--random_config llama2-7b`` builds a randomly initialised model of Llama-2-7B's shape: honest for speed,
 meaningless for quality and for acceptance rates. An adapter is merged into the weights before timing.
+``--out_dir`` keeps the rows (``bench.json``) and the resolved config.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from earlyexit.cli import make_parser, save_config
+from earlyexit.data import SAMPLE
 from earlyexit.engine import Engine
-from earlyexit.errors import EarlyExitError, report_errors
+from earlyexit.errors import EarlyExitError, positive, report_errors
+from earlyexit.generation import GenerationArgs
+from earlyexit.loading import ModelArgs
 from earlyexit.model import EarlyExitHead, quarter_layers
+from earlyexit.results import markdown_table
+from earlyexit.tiny import RANDOM_SHAPES
 
-RANDOM_CONFIGS = {
-    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-}
-MODES = ("hf", "hf_static", "hf_assistant", "full", "exit", "all_exits", "dynamic", "speculative")
+Mode = Literal["hf", "hf_static", "hf_assistant", "full", "exit", "all_exits", "dynamic", "speculative"]
+MODES: tuple[str, ...] = Mode.__args__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m earlyexit.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="HF id, directory or the embedded default")
-    parser.add_argument("--adapter", default=None, help="LoRA adapter directory, merged before timing")
-    parser.add_argument("--random_config", choices=sorted(RANDOM_CONFIGS), help="random weights of this shape instead")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--data", default="alpaca-sample", help="Alpaca JSON the prompts come from")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--prompt_len", type=int, default=64, help="prompt length with --random_config")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    parser.add_argument("--threshold", type=float, default=0.9, help="dynamic exit softmax threshold")
-    parser.add_argument("--min_layer", type=int, default=None, help="dynamic exit minimum layer (default N/4)")
-    parser.add_argument("--draft_layer", default=None, help="speculative draft exits E, comma-separated (default N/2)")
-    parser.add_argument("--n_draft", default="4", help="speculative draft lengths d, comma-separated")
-    parser.add_argument("--compile", action="store_true", help="our engine's decode step through torch.compile")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None, help="also write the rows here")
+@dataclass
+class BenchArgs:
+    """What to time.
+
+    Args:
+        random_config: random weights of this shape instead of ``--model.name`` (speed only).
+        data: Alpaca records the prompts come from: ``alpaca-sample``, a local file or a hub id.
+        batch: prompts decoded together.
+        prompt_len: prompt length with ``--random_config`` (random token ids).
+        modes: the modes to time (see above).
+        draft_layer: speculative draft exits E (default N/2).
+        n_draft: speculative draft lengths d.
+        repeats: timed runs per mode (the median is reported), after one warm-up run.
+        out_dir: also write ``bench.json`` (the rows) and ``config.yaml`` here.
+    """
+
+    random_config: str | None = None
+    data: str = SAMPLE
+    batch: int = 1
+    prompt_len: int = 64
+    modes: list[Mode] = field(default_factory=lambda: list(MODES))
+    draft_layer: list[int] | None = None
+    n_draft: list[int] = field(default_factory=lambda: [4])
+    repeats: int = 3
+    out_dir: str | None = None
+
+    def __post_init__(self):
+        positive("batch", self.batch)
+        positive("prompt_len", self.prompt_len)
+        positive("repeats", self.repeats)
+        for d in self.n_draft:
+            positive("n_draft", d)
+        if self.random_config is not None and self.random_config not in RANDOM_SHAPES:
+            raise EarlyExitError(f"random_config {self.random_config!r}: choose from {', '.join(sorted(RANDOM_SHAPES))}")
+
+
+def build_parser():
+    parser = make_parser("python -m earlyexit.bench", __doc__)
+    parser.add_class_arguments(ModelArgs, "model")
+    parser.add_class_arguments(GenerationArgs, "generation", default=GenerationArgs(max_new_tokens=128))
+    parser.add_class_arguments(BenchArgs, as_group=False)
     return parser
 
 
-def load(args) -> tuple[torch.nn.Module, object | None]:
-    from earlyexit.loading import ModelArgs, load_model, resolve_device, resolve_dtype
+def load(model_args: ModelArgs, bench: BenchArgs) -> tuple[torch.nn.Module, object | None]:
+    from earlyexit.loading import load_model, resolve_device, resolve_dtype
+    from earlyexit.tiny import random_model
 
-    if args.random_config:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        spec = dict(RANDOM_CONFIGS[args.random_config])
-        config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.generation_config.eos_token_id, model.generation_config.pad_token_id = 2, 0
-        return model.eval(), None
-    model, tokenizer = load_model(ModelArgs(name=args.model, adapter=args.adapter, device=args.device, dtype=args.dtype))
-    if args.adapter:
+    if bench.random_config:
+        device = resolve_device(model_args.device)
+        return random_model(bench.random_config, device, resolve_dtype(model_args.dtype, device)), None
+    model, tokenizer = load_model(model_args)
+    if model_args.adapter:
         model = model.merge_and_unload()
     return model.eval(), tokenizer
 
 
-def prompts(args, model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def prompts(bench: BenchArgs, model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """``--batch`` left-padded prompts: Alpaca records 0.. (the evaluation split), or random ids of a fixed length."""
     device = next(model.parameters()).device
     if tokenizer is None:
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(100, model.config.vocab_size, (args.batch, args.prompt_len), generator=gen)
+        ids = torch.randint(100, model.config.vocab_size, (bench.batch, bench.prompt_len), generator=gen)
         return ids.to(device), torch.ones_like(ids).to(device)
     from earlyexit.data import encode_prompt, pad, read_records
 
-    records = read_records(args.data)[: args.batch]
+    records = read_records(bench.data)[: bench.batch]
     encoded = [encode_prompt(record, tokenizer) for record in records]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = pad(encoded, pad_id, "left")
@@ -115,21 +135,18 @@ def timed(fn, repeats: int, device: torch.device):
     return statistics.median(times), result
 
 
-def run(args) -> list[dict]:
-    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        raise EarlyExitError(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
-    model, tokenizer = load(args)
+def run(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> list[dict]:
+    modes = list(dict.fromkeys(bench.modes))
+    model, tokenizer = load(model_args, bench)
     ee = EarlyExitHead(model)
-    engine = Engine(ee, compile=args.compile)
+    engine = Engine(ee, compile=generation.compile)
+    greedy = generation.but(do_sample=False)
     device = next(model.parameters()).device
-    ids, mask = prompts(args, model, tokenizer)
-    n, new, batch = ee.n_layers, args.new_tokens, ids.shape[0]
+    ids, mask = prompts(bench, model, tokenizer)
+    n, new, batch = ee.n_layers, generation.max_new_tokens, ids.shape[0]
     eos = model.generation_config.eos_token_id
-    draft_layers = [int(x) for x in args.draft_layer.split(",")] if args.draft_layer else [max(1, n // 2)]
-    n_drafts = [int(x) for x in str(args.n_draft).split(",")]
-    min_layer = args.min_layer or max(1, n // 4)
+    draft_layers = bench.draft_layer or [max(1, n // 2)]
+    repeats = bench.repeats
     rows: list[dict] = []
     texts: dict[str, torch.Tensor] = {}
 
@@ -148,37 +165,36 @@ def run(args) -> list[dict]:
 
     with torch.inference_mode():
         if "full" in modes or "speculative" in modes or "hf_assistant" in modes:
-            seconds, out = timed(lambda: engine.generate(ids, mask, [n], new, ignore_eos=True)[n], args.repeats, device)
+            seconds, out = timed(lambda: engine.generate(ids, mask, [n], greedy, ignore_eos=True)[n], repeats, device)
             add("full", seconds, out.tokens)
         if "hf" in modes:
-            seconds, out = timed(hf(), args.repeats, device)
+            seconds, out = timed(hf(), repeats, device)
             add("hf", seconds, out)
         if "hf_static" in modes:
-            seconds, out = timed(hf(cache_implementation="static"), args.repeats, device)
+            seconds, out = timed(hf(cache_implementation="static"), repeats, device)
             add("hf_static", seconds, out)
         if "exit" in modes:
             for layer in quarter_layers(n)[:-1]:
-                seconds, out = timed(lambda: engine.generate(ids, mask, [layer], new, ignore_eos=True)[layer],
-                                     args.repeats, device)
+                seconds, out = timed(lambda: engine.generate(ids, mask, [layer], greedy, ignore_eos=True)[layer],
+                                     repeats, device)
                 add(f"exit {layer}", seconds, layer=layer, ideal=layer / n)
         if "all_exits" in modes:
             exits = quarter_layers(n)
-            seconds, out = timed(lambda: engine.generate(ids, mask, exits, new, ignore_eos=True), args.repeats, device)
+            seconds, out = timed(lambda: engine.generate(ids, mask, exits, greedy, ignore_eos=True), repeats, device)
             add(f"all_exits {','.join(map(str, exits))}", seconds, exits=exits)
         if "dynamic" in modes:
-            seconds, out = timed(lambda: engine.generate_dynamic(ids, mask, args.threshold, min_layer, "softmax", new,
-                                                                 ignore_eos=True), args.repeats, device)
-            add(f"dynamic {args.threshold}", seconds, mean_layers=float(out.layers.float().mean()))
+            seconds, out = timed(lambda: engine.generate_dynamic(ids, mask, greedy, ignore_eos=True), repeats, device)
+            add(f"dynamic {greedy.measure} {greedy.threshold}", seconds, mean_layers=float(out.layers.float().mean()))
         for draft_layer in draft_layers:
-            for n_draft in n_drafts:
+            for n_draft in bench.n_draft:
                 if "speculative" in modes:
-                    seconds, out = timed(lambda: engine.generate_speculative(ids, mask, draft_layer, n_draft, new,
-                                                                             ignore_eos=True), args.repeats, device)
+                    seconds, out = timed(lambda: engine.generate_speculative(ids, mask, draft_layer, n_draft, greedy,
+                                                                             ignore_eos=True), repeats, device)
                     add(f"speculative E={draft_layer} d={n_draft}", seconds, acceptance=out.acceptance,
                         **agreement(out.tokens.cpu(), texts["full"]))
                 if "hf_assistant" in modes and batch == 1:
                     seconds, out = timed(hf(assistant_early_exit=draft_layer, num_assistant_tokens=n_draft,
-                                            num_assistant_tokens_schedule="constant"), args.repeats, device)
+                                            num_assistant_tokens_schedule="constant"), repeats, device)
                     add(f"hf_assistant E={draft_layer} d={n_draft}", seconds, **agreement(out.cpu(), texts["full"]))
         if "hf_assistant" in modes and batch != 1:
             print(f"{'hf_assistant':>24}: skipped (HF's assistant_early_exit decodes batch 1 only)")
@@ -200,14 +216,16 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     return dict(identical=float(same.all(1).float().mean()), common_prefix=float(prefix.float().mean()))
 
 
-def describe(args, model_name: str) -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else platform.processor() or "CPU"
-    compiled = " · engine compiled" if args.compile else ""
-    return f"{model_name} · {device} · torch {torch.__version__} · batch {args.batch} · {args.new_tokens} new tokens{compiled}"
+def describe(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> str:
+    name = bench.random_config or model_args.name + (f" + {Path(model_args.adapter).name} (merged)" if model_args.adapter else "")
+    on_gpu = torch.cuda.is_available() and model_args.device != "cpu"
+    device = torch.cuda.get_device_name() if on_gpu else platform.processor() or "CPU"
+    compiled = " · engine compiled" if generation.compile else ""
+    return f"{name} · {device} · torch {torch.__version__} · batch {bench.batch} · {generation.max_new_tokens} new tokens{compiled}"
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | tokens/s | s | × our full depth | notes |", "|---|---:|---:|---:|---|"]
+    cells = []
     for row in rows:
         if row["mode"] == "check":
             continue
@@ -224,7 +242,8 @@ def table(rows: list[dict]) -> str:
             notes.append(f"greedy text identical to full in {row['identical']:.0%} of rows, "
                          f"mean common prefix {row['common_prefix']:.0f} tokens")
         vs = f"{row['vs_full']:.2f}" if row.get("vs_full") else ""
-        lines.append(f"| {row['mode']} | {row['tokens_per_s']:.1f} | {row['seconds']:.3f} | {vs} | {'; '.join(notes)} |")
+        cells.append([row["mode"], f"{row['tokens_per_s']:.1f}", f"{row['seconds']:.3f}", vs, "; ".join(notes)])
+    lines = [markdown_table(["mode", "tokens/s", "s", "× our full depth", "notes"], cells, align="lrrrl")]
     for check in (row for row in rows if row["mode"] == "check"):
         lines.append(f"\nOur full-depth greedy text equals `{check['reference']}`'s in {check['identical']:.0%} of rows "
                      f"(mean common prefix {check['common_prefix']:.0f} tokens).")
@@ -233,14 +252,17 @@ def table(rows: list[dict]) -> str:
 
 @report_errors
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    rows = run(args)
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    model_args, generation, bench = ModelArgs(**cfg.model), GenerationArgs(**cfg.generation), BenchArgs(**{
+        name: cfg[name] for name in BenchArgs.__dataclass_fields__})
+    save_config(parser, cfg, bench.out_dir)
+    rows = run(model_args, generation, bench)
     print()
-    print(describe(args, args.random_config or args.model + (f" + {Path(args.adapter).name} (merged)" if args.adapter else "")))
+    print(describe(model_args, generation, bench))
     print(table(rows))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
+    if bench.out_dir:
+        (Path(bench.out_dir) / "bench.json").write_text(json.dumps(dict(config=parser.dump(cfg, format="json"), rows=rows), indent=1))
 
 
 if __name__ == "__main__":

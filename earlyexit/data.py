@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from earlyexit.errors import EarlyExitError, non_negative, positive
-from earlyexit.hub import hub_offline, offline_miss, require_hub
+from earlyexit.network import hub_offline, offline_miss, require_hub
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,17 @@ def read_records(source: str) -> list:
         raise EarlyExitError(f"could not load {source!r} from the Hugging Face hub ({type(err).__name__}); pass {instead}") from None
 
 
-def validate(raw: list, strict: bool = False) -> Records:
-    """Keep records with string fields and a non-empty instruction and output; count the rest."""
+def validate(raw: list, strict: bool = False, fields: tuple[str, str, str] = FIELDS) -> Records:
+    """Keep records with string fields and a non-empty instruction and output; count the rest.
+
+    ``fields`` names the source's fields that play instruction, input and output (``judge`` reads question,
+    context and answer fields of other data sets); kept records always come back under Alpaca's names.
+    """
     out = Records()
     for index, record in enumerate(raw):
-        problem = _problem(record)
+        problem = _problem(record, fields)
         if problem is None:
-            out.records.append({name: record[name] for name in FIELDS})
+            out.records.append({alpaca: record[name] for alpaca, name in zip(FIELDS, fields)})
             out.ids.append(index)
         elif strict:
             raise EarlyExitError(f"record {index}: {problem}")
@@ -105,15 +109,15 @@ def validate(raw: list, strict: bool = False) -> Records:
     return out
 
 
-def _problem(record) -> str | None:
+def _problem(record, fields: tuple[str, str, str] = FIELDS) -> str | None:
     if not isinstance(record, dict):
         return f"expected an object, found {type(record).__name__}"
-    for name in FIELDS:
+    for name in fields:
         if name not in record:
             return f"missing field {name!r}"
         if not isinstance(record[name], str):
             return f"field {name!r} is {type(record[name]).__name__}, not a string"
-    for name in ("instruction", "output"):
+    for name in (fields[0], fields[2]):
         if not record[name].strip():
             return f"empty {name!r}"
     return None
@@ -127,11 +131,23 @@ def render_prompt(record: dict, tokenizer, template: Template = "auto") -> str:
         if not getattr(tokenizer, "chat_template", None):
             raise EarlyExitError("template 'chat' was asked for, but the tokenizer has no chat template")
         content = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
+        return render_chat([{"role": "user", "content": content}], tokenizer)
     form = ALPACA_PROMPT if record["input"] else ALPACA_PROMPT_NO_INPUT
     return form.format(**record)
+
+
+def render_chat(messages: list[dict], tokenizer) -> str:
+    """Chat ``messages`` (``role``, ``content``) followed by the assistant's turn: the tokenizer's chat template,
+    or, for a tokenizer without one, a plain ``role: text`` transcript ending in ``assistant:``."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def encode_chat(messages: list[dict], tokenizer) -> list[int]:
+    """Token ids of :func:`render_chat` (a chat template writes its own special tokens; a transcript gets the
+    tokenizer's)."""
+    return tokenizer(render_chat(messages, tokenizer), add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
 
 
 def uses_chat(tokenizer, template: Template) -> bool:

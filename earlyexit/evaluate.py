@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
-import lightning as L
 import numpy as np
-from jsonargparse import ActionConfigFile, ArgumentParser
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import BasePredictionWriter
+from jsonargparse import ArgumentParser
 
 from earlyexit.data import AlpacaDataModule
-from earlyexit.distributed import check_setup
 from earlyexit.errors import EarlyExitError, non_negative, positive, report_errors
-from earlyexit.loading import ModelArgs, resolve_device, resolve_dtype
+from earlyexit.loading import ModelArgs, resolve_device
 from earlyexit.metrics import (
     METRICS,
     BERTScoreModel,
@@ -40,11 +35,12 @@ from earlyexit.metrics import (
     check_metric_names,
     resolve_bertscore_model,
 )
-from earlyexit.model import ExitLayers
-from earlyexit.module import EarlyExitModule, GenerationArgs
-from earlyexit.results import ResultsDir
+from earlyexit.cli import make_parser, save_config
+from earlyexit.answers import TrainerArgs, add_answer_options, check_evaluation_setup, generate_answers, generation_fingerprint
+from earlyexit.generation import GenerationArgs
+from earlyexit.module import EarlyExitModule
+from earlyexit.results import ResultsDir, markdown_table
 
-HEADERS = {"bleu": "BLEU", "rougeL": "ROUGE-L", "bertscore": "BERTScore"}
 
 
 @dataclass
@@ -70,41 +66,6 @@ class MetricArgs:
     def __post_init__(self):
         positive("metrics.bertscore_layer", self.bertscore_layer, optional=True)
         non_negative("metrics.bootstrap", self.bootstrap)
-
-
-@dataclass
-class TrainerArgs:
-    """Where the predict loop runs (Lightning Trainer options).
-
-    Args:
-        accelerator: ``cpu``, ``gpu`` or ``auto`` (follows --model.device).
-        devices: Devices (processes) per node; with more than one the examples are sharded over them.
-        num_nodes: Nodes (under torchrun or SLURM).
-        strategy: Lightning strategy of a sharded run (``ddp``: each rank holds a full copy of the model).
-    """
-
-    accelerator: str = "auto"
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-
-    def __post_init__(self):
-        positive("trainer.devices", self.devices)
-        positive("trainer.num_nodes", self.num_nodes)
-
-
-class GenerationWriter(BasePredictionWriter):
-    """Appends each batch's generations to the results directory as soon as the batch ends."""
-
-    def __init__(self, results: ResultsDir):
-        super().__init__(write_interval="batch")
-        self.results = results
-
-    def on_predict_start(self, trainer, pl_module) -> None:
-        self.started = time.perf_counter()  # every rank has joined: the generation itself starts here
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self.results.append(prediction, rank=trainer.global_rank if trainer.world_size > 1 else None)
 
 
 def score(rows: list[dict], references: dict[int, str], exit_layers: list[int], n_layers: int, metrics: MetricArgs,
@@ -161,9 +122,9 @@ def agreement(tokens: list[int], final: list[int]) -> float:
 
 def format_table(report: dict, names: list[str]) -> str:
     """The seed's table, ``| Layer | BLEU | ROUGE-L | BERTScore |``, with 95% intervals, then answer statistics."""
-    lines = ["| Layer | " + " | ".join(HEADERS[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    scores = []
     for entry in report["layers"]:
-        cells = [str(entry["layer"])]
+        cells = [entry["layer"]]
         for name in names:
             digits = 2 if name == "bleu" else 3
             cell = f"{entry[name]:.{digits}f}"
@@ -171,16 +132,16 @@ def format_table(report: dict, names: list[str]) -> str:
                 low, high = entry[f"{name}_ci"]
                 cell += f" [{low:.{digits}f}, {high:.{digits}f}]"
             cells.append(cell)
-        lines.append("| " + " | ".join(cells) + " |")
+        scores.append(cells)
     dynamic = any("mean_layers" in e for e in report["layers"])
-    extra = " mean layers used |" if dynamic else ""
-    lines += ["", "| Layer | mean tokens | hit length limit | empty | token agreement with final layer |" + extra,
-              "|---|---|---|---|---|" + ("---|" if dynamic else "")]
+    header = ["Layer", "mean tokens", "hit length limit", "empty", "token agreement with final layer"]
+    answers = []
     for e in report["layers"]:
         agree = "n/a" if e["agreement_with_final"] is None else f"{e['agreement_with_final']:.3f}"
-        used = f" {e['mean_layers']:.2f} |" if "mean_layers" in e else (" |" if dynamic else "")
-        lines.append(f"| {e['layer']} | {e['mean_tokens']:.1f} | {e['hit_limit']:.1%} | {e['empty']:.1%} | {agree} |" + used)
-    return "\n".join(lines)
+        answers.append([e["layer"], f"{e['mean_tokens']:.1f}", f"{e['hit_limit']:.1%}", f"{e['empty']:.1%}", agree]
+                       + ([f"{e['mean_layers']:.2f}" if "mean_layers" in e else ""] if dynamic else []))
+    return (markdown_table(["Layer"] + [METRICS[n] for n in names], scores) + "\n\n"
+            + markdown_table(header + (["mean layers used"] if dynamic else []), answers))
 
 
 def format_comparison(base: dict, tuned: dict, names: list[str], labels=("A", "B")) -> str:
@@ -190,27 +151,17 @@ def format_comparison(base: dict, tuned: dict, names: list[str], labels=("A", "B
     layers = sorted(set(a_rows) & set(b_rows))
     if not layers:
         raise EarlyExitError("the two results have no exit layer in common")
-    header = ["Layer"] + [f"{HEADERS[n]} {lab}" for n in names for lab in labels] + [f"Δ {HEADERS[n]}" for n in names]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for layer in layers:
-        a, b = a_rows[layer], b_rows[layer]
-        digits = {n: 2 if n == "bleu" else 3 for n in names}
-        cells = [str(layer)] + [f"{r[n]:.{digits[n]}f}" for n in names for r in (a, b)]
-        cells += [f"{b[n] - a[n]:+.{digits[n]}f}" for n in names]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    header = ["Layer"] + [f"{METRICS[n]} {lab}" for n in names for lab in labels] + [f"Δ {METRICS[n]}" for n in names]
+    digits = {n: 2 if n == "bleu" else 3 for n in names}
+    rows = [[layer] + [f"{r[n]:.{digits[n]}f}" for n in names for r in (a_rows[layer], b_rows[layer])]
+            + [f"{b_rows[layer][n] - a_rows[layer][n]:+.{digits[n]}f}" for n in names] for layer in layers]
+    return markdown_table(header, rows)
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m earlyexit.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML with model:, data:, generation:, metrics: keys")
-    parser.add_class_arguments(ModelArgs, "model")
-    parser.add_class_arguments(AlpacaDataModule, "data")
-    parser.add_class_arguments(GenerationArgs, "generation")
+    parser = make_parser("python -m earlyexit.evaluate", __doc__)
+    add_answer_options(parser, AlpacaDataModule)
     parser.add_class_arguments(MetricArgs, "metrics")
-    parser.add_class_arguments(TrainerArgs, "trainer")
-    parser.add_argument("--exit_layers", type=ExitLayers, default="quarters",
-                        help="quarters (N/4, N/2, 3N/4, N), all, everyK (every K-th from the top), or a list like 8,16,24,32")
     parser.add_argument("--out_dir", type=str, default="results/evaluate", help="results directory (resumed if it exists)")
     parser.add_argument("--compare", type=list[str] | None, default=None,
                         help="results directories to compare with the first, per layer (no evaluation runs)")
@@ -232,7 +183,7 @@ def run(cfg, parser: ArgumentParser) -> dict:
     bertscore = resolve_bertscore_model(metrics.bertscore_model, metrics.bertscore_layer) if "bertscore" in metrics.names else None
     module = EarlyExitModule(base=model_args, generation=generation, exit_layers=cfg.exit_layers)  # a bad model or layer fails before any write
     results = ResultsDir(cfg.out_dir, fingerprint)
-    results.write_text("config.yaml", parser.dump(cfg))
+    save_config(parser, cfg, results.path)
     if not generate_answers(module, results, data, examples, trainer_args, device):
         return {}  # a sharded run's other ranks: rank 0 scores the gathered generations
     references = {i: r["output"] for i, r in examples}
@@ -257,84 +208,12 @@ def run(cfg, parser: ArgumentParser) -> dict:
     return report
 
 
-def check_evaluation_setup(trainer_args: TrainerArgs) -> None:
-    """Devices and strategy of the predict loop: data parallel only (each rank generates with a whole model)."""
-    check_setup(trainer_args.accelerator, trainer_args.devices, trainer_args.strategy, trainer_args.num_nodes)
-    if trainer_args.strategy not in ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"):
-        raise EarlyExitError(f"trainer.strategy {trainer_args.strategy!r}: evaluation shards the examples over ranks that "
-                             "each hold the whole model; use ddp")
-
-
-def generation_fingerprint(model_args: ModelArgs, data: AlpacaDataModule, generation: GenerationArgs, device,
-                           **extra) -> dict:
-    """What the generations of a results directory depend on (a directory never mixes two of them): the options,
-    and the content of the model, the adapter and the evaluation records (an input changed in place is caught)."""
-    from earlyexit.identity import model_identity, records_sha256, tree_sha256
-
-    hp = data.hparams
-    loaded = data.load()
-    return {
-        "model": model_args.name,
-        "model_content": model_identity(model_args.name),
-        "adapter": model_args.adapter,
-        "adapter_content": tree_sha256(model_args.adapter) if model_args.adapter else None,
-        "data_content": records_sha256(list(zip(loaded.ids, loaded.records))[: hp.eval_size]),
-        "dtype": str(resolve_dtype(model_args.dtype, device)),
-        "data": hp.source,
-        "template": hp.template,
-        "max_length": hp.max_length,
-        "generation": asdict(generation),
-        **extra,
-    }
-
-
-def generate_answers(module: EarlyExitModule, results: ResultsDir, data: AlpacaDataModule,
-                     examples: list[tuple[int, dict]], trainer_args: TrainerArgs, device) -> bool:
-    """Generate every (example, exit layer) answer that ``results`` does not hold yet, through the predict loop.
-
-    ``examples`` are ``(id, record)`` pairs of Alpaca-shaped records; the prompt is rendered by ``data``.
-    With several devices (``trainer_args``) the predict loop shards the examples over the ranks without
-    padding (each is generated exactly once); each rank appends to its own file, and once all are done the
-    first folds them into ``generations.jsonl``. Returns whether this process is the first (rank 0) one.
-    """
-    module.done = {}
-    for row in results.generations():
-        module.done.setdefault(row["id"], set()).add(row["layer"])
-    todo = [(i, r) for i, r in examples if not set(module.exit_layers) <= module.done.get(i, set())]
-    data.attach_tokenizer(module.tokenizer)
-    data.set_predict(todo)
-    if not todo:
-        print(f"{len(examples)} examples × {len(module.exit_layers)} exit layers: all done in {results.path}", file=sys.stderr)
-        return rank_zero_only.rank == 0  # under torchrun/SLURM every rank gets here; only the first scores
-    accelerator = "gpu" if device.type == "cuda" and trainer_args.accelerator == "auto" else trainer_args.accelerator
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=trainer_args.devices, num_nodes=trainer_args.num_nodes, strategy=trainer_args.strategy,
-        logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[GenerationWriter(results)],
-    )
-    if trainer.is_global_zero:
-        print(f"{len(examples)} examples × {len(module.exit_layers)} exit layers {module.exit_layers}; "
-              f"{len(examples) - len(todo)} examples already done in {results.path}; {trainer.world_size} process(es)",
-              file=sys.stderr)
-    writer = next(c for c in trainer.callbacks if isinstance(c, GenerationWriter))
-    trainer.predict(module, dataloaders=data.predict_dataloader(), return_predictions=False)
-    if trainer.world_size > 1:
-        trainer.strategy.barrier()  # every rank's file is complete
-    seconds = time.perf_counter() - writer.started
-    if trainer.world_size > 1 and trainer.is_global_zero:
-        results.merge_ranks()
-    if trainer.is_global_zero:
-        print(f"generated {len(todo)} examples × {len(module.exit_layers)} exit layers in {seconds:.1f} s "
-              f"on {trainer.world_size} process(es)", file=sys.stderr)
-    return trainer.is_global_zero
-
-
 def write_plot(results: ResultsDir, report: dict, names: list[str]) -> None:
     from earlyexit.plotting import metrics_by_layer
 
     layers = [e["layer"] for e in report["layers"]]
-    series = {n: [e[n] for e in report["layers"]] for n in names}
-    intervals = {n: [tuple(e[f"{n}_ci"]) for e in report["layers"]] for n in names if f"{n}_ci" in report["layers"][0]}
+    series = {METRICS[n]: [e[n] for e in report["layers"]] for n in names}
+    intervals = {METRICS[n]: [tuple(e[f"{n}_ci"]) for e in report["layers"]] for n in names if f"{n}_ci" in report["layers"][0]}
     fig = metrics_by_layer(layers, series, intervals, title=f"{report['model']} — {report['n_examples']} examples")
     fig.savefig(results.path / "metrics.png", dpi=120)
 
@@ -358,7 +237,8 @@ def compare(dirs: list[str], plot: str | None = None) -> str:
         from earlyexit.plotting import metrics_by_layer
 
         layers = sorted(set.intersection(*({e["layer"] for e in r["layers"]} for r in reports)))
-        series = [{n: [next(e[n] for e in r["layers"] if e["layer"] == l) for l in layers] for n in names} for r in reports]
+        series = [{METRICS[n]: [next(e[n] for e in r["layers"] if e["layer"] == l) for l in layers] for n in names}
+                  for r in reports]
         fig = metrics_by_layer(layers, series[0], label=dirs[0], overlay=dict(zip(dirs[1:], series[1:])))
         fig.savefig(plot, dpi=120)
     return "\n".join(parts)

@@ -6,7 +6,7 @@ evaluation results directory (``--answers``; answers missing there are generated
 context in the prompt). A judge then grades every (example, layer) answer:
 
 - ``openai``: any OpenAI-compatible chat-completions endpoint (``--judge.base_url``, ``--judge.model``),
-  through the official ``openai`` client, temperature 0, bounded retries with backoff, a concurrency
+  through the official ``openai`` client, temperature 0, the client's own bounded retries, a concurrency
   limit; the API key is read from the environment variable ``--judge.api_key_env`` only;
 - ``local``: a Hugging Face model at full depth (default: the evaluated model itself);
 - ``reference``: no LLM, for fully offline runs: normalised exact match or token F1 against the
@@ -30,7 +30,6 @@ import re
 import string
 import sys
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,15 +37,18 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
-from earlyexit.data import SAMPLE, AlpacaDataModule, Template, read_records
+from earlyexit.data import SAMPLE, AlpacaDataModule, Template, read_records, validate
 from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, report_errors, require
-from earlyexit.evaluate import TrainerArgs, check_evaluation_setup, generate_answers, generation_fingerprint
+from earlyexit.cli import make_parser, save_config
+from earlyexit.answers import TrainerArgs, add_answer_options, check_evaluation_setup, generate_answers, generation_fingerprint
 from earlyexit.loading import ModelArgs, resolve_device, resolve_model_path
-from earlyexit.model import ExitLayers, parse_exit_layers
-from earlyexit.module import EarlyExitModule, GenerationArgs
-from earlyexit.results import ResultsDir, append_jsonl, drop_torn_tail
+from earlyexit.network import is_loopback
+from earlyexit.model import parse_exit_layers
+from earlyexit.generation import GenerationArgs
+from earlyexit.module import EarlyExitModule
+from earlyexit.results import ResultsDir, append_jsonl, drop_torn_tail, markdown_table
 
 Verdict = Literal["correct", "incorrect", "unparsable"]
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -120,7 +122,6 @@ class JudgeArgs:
         concurrency: openai: requests in flight at once.
         max_retries: openai: retries of a request after a 429, a 5xx, a timeout, a lost connection or a malformed body.
         timeout: openai: seconds before a request times out.
-        backoff: openai: seconds before the first retry; doubles each retry.
         max_tokens: LLM judges: tokens of the verdict reply.
         batch_size: local: prompts judged per batch.
         metric: reference: ``f1`` (token F1, SQuAD normalisation) or ``exact`` (normalised exact match).
@@ -134,7 +135,6 @@ class JudgeArgs:
     concurrency: int = 4
     max_retries: int = 3
     timeout: float = 60.0
-    backoff: float = 1.0
     max_tokens: int = 32
     batch_size: int = 16
     metric: Literal["f1", "exact"] = "f1"
@@ -144,7 +144,6 @@ class JudgeArgs:
         positive("judge.concurrency", self.concurrency)
         non_negative("judge.max_retries", self.max_retries)
         require(self.timeout > 0, "judge.timeout", self.timeout, "> 0")
-        non_negative("judge.backoff", self.backoff)
         positive("judge.max_tokens", self.max_tokens)
         positive("judge.batch_size", self.batch_size)
         in_unit("judge.threshold", self.threshold)
@@ -170,24 +169,18 @@ class Case:
 
 
 def load_items(data: JudgeData) -> list[tuple[int, dict]]:
-    """``(id, record)`` pairs, records in Alpaca's shape (instruction = question, input = context, output = reference).
-
-    A record missing one of the three fields (or holding a non-string) is an error naming it; records with an
-    empty context are skipped, since there is nothing to ground the answer in.
+    """``(id, record)`` pairs, records in Alpaca's shape (instruction = question, input = context, output = reference),
+    validated by :func:`earlyexit.data.validate` (a bad record is an error naming it and the option that picks the
+    field). Records with an empty context are skipped: there is nothing to ground the answer in.
     """
     raw = read_records(data.source)[: data.eval_size]
-    items = []
-    for index, record in enumerate(raw):
-        if not isinstance(record, dict):
-            raise EarlyExitError(f"{data.source}: record {index} is a {type(record).__name__}, not an object")
-        for role, name in zip(("question", "context", "answer"), data.fields):
-            if not isinstance(record.get(name), str):
-                problem = "missing" if name not in record else f"a {type(record[name]).__name__}, not a string,"
-                raise EarlyExitError(f"{data.source}: record {index}: the {role} field {name!r} is {problem} "
-                                     f"(set --data.{role}_field to the field that holds it)")
-        question, context, answer = (record[name] for name in data.fields)
-        if context.strip() and question.strip():
-            items.append((index, {"instruction": question, "input": context, "output": answer}))
+    try:
+        loaded = validate(raw, strict=True, fields=data.fields)
+    except EarlyExitError as err:
+        hint = next((f" (set --data.{role}_field to the field that holds it)" for role, name in
+                     zip(("question", "context", "answer"), data.fields) if repr(name) in str(err)), "")
+        raise EarlyExitError(f"{data.source}: {err}{hint}") from None
+    items = [(i, r) for i, r in zip(loaded.ids, loaded.records) if r["input"].strip()]
     end = None if data.limit is None else data.offset + data.limit
     chosen = items[data.offset : end]
     if not chosen:
@@ -298,13 +291,13 @@ class LocalJudge:
         self.label = f"LLM judge: {name} (local, greedy, full depth)"
 
     def replies(self, cases: list[Case], done) -> None:
-        from earlyexit.data import pad
+        from earlyexit.data import encode_chat, pad
 
         tok = self.tokenizer
         device = next(self.ee.lm.parameters()).device
         for start in range(0, len(cases), self.batch_size):
             chunk = cases[start : start + self.batch_size]
-            prompts = [self._encode(case.messages()) for case in chunk]
+            prompts = [encode_chat(case.messages(), tok) for case in chunk]
             ids = pad(prompts, tok.pad_token_id, "left").to(device)
             mask = pad([[1] * len(p) for p in prompts], 0, "left").to(device)
             out = self.ee.generate(ids, mask, self.ee.n_layers, max_new_tokens=self.max_tokens, pad_token_id=tok.pad_token_id)
@@ -312,20 +305,13 @@ class LocalJudge:
                 reply = tok.decode(out.tokens[row, : int(out.n_tokens[row])].tolist(), skip_special_tokens=True)
                 done(case, parse_verdict(reply), reply)
 
-    def _encode(self, messages: list[dict]) -> list[int]:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return tok(text, add_special_tokens=False)["input_ids"]
-        return tok("\n\n".join(m["content"] for m in messages) + "\n\nVerdict:")["input_ids"]
-
 
 class JudgeEndpointError(EarlyExitError):
     pass
 
 
 class OpenAIJudge:
-    """An OpenAI-compatible chat-completions endpoint, through the official client; retries are ours (bounded, with backoff)."""
+    """An OpenAI-compatible chat-completions endpoint, through the official client and its own bounded retries."""
 
     def __init__(self, args: JudgeArgs):
         import openai
@@ -338,43 +324,42 @@ class OpenAIJudge:
             raise EarlyExitError(f"--judge.base_url {self.base_url!r} is not an http(s) URL")
         key = os.environ.get(args.api_key_env)
         if not key:
-            if not _is_local(parsed.hostname):
+            if not is_loopback(parsed.hostname):
                 raise EarlyExitError(f"the judge endpoint {self.base_url} needs an API key: set the environment variable "
                                      f"{args.api_key_env} (--judge.api_key_env); keys are read from the environment only")
             key = "unused"  # an endpoint on this machine may need none; the client insists on some value
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=args.timeout, max_retries=0)
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=args.timeout, max_retries=args.max_retries)
         self.args = args
         self.name = f"openai:{self.base_url}:{args.model}"
         self.label = f"LLM judge: {args.model} at {self.base_url} (temperature 0)"
 
     def ask(self, messages: list[dict]) -> str:
-        """The judge's reply, retried on transient failures; a :class:`JudgeEndpointError` once retries run out."""
+        """The judge's reply. The client itself retries timeouts, lost connections, 408/409/429 and 5xx (``max_retries``
+        times, with its own backoff); what is left becomes one :class:`JudgeEndpointError` line."""
         import openai
 
-        args, problem = self.args, ""
-        for attempt in range(args.max_retries + 1):
-            if attempt:
-                time.sleep(min(args.backoff * 2 ** (attempt - 1), 30.0))
-            try:
-                response = self.client.chat.completions.create(
-                    model=args.model, messages=messages, temperature=0, max_tokens=args.max_tokens)
-                content = response.choices[0].message.content
-                if not isinstance(content, str):
-                    raise TypeError("no message content")
-                return content
-            except openai.APITimeoutError:
-                problem = f"timed out after {args.timeout:g} s"
-            except openai.APIConnectionError as err:
-                problem = f"could not connect ({_cause(err)})"
-            except openai.APIStatusError as err:
-                if err.status_code != 429 and err.status_code < 500:  # the request itself is wrong: retrying cannot help
-                    hint = f" (check {args.api_key_env})" if err.status_code in (401, 403) else ""
-                    raise JudgeEndpointError(f"the judge endpoint {self.base_url} refused the request: HTTP {err.status_code}: "
-                                             f"{_message(err)}{hint}") from None
-                problem = f"HTTP {err.status_code}: {_message(err)}"
-            except (ValueError, TypeError, AttributeError, IndexError, openai.APIResponseValidationError) as err:
-                problem = f"malformed response ({type(err).__name__}: {err})"
-        raise JudgeEndpointError(f"the judge endpoint {self.base_url} failed {args.max_retries + 1} times; last: {problem}")
+        args = self.args
+        failed = f"the judge endpoint {self.base_url} failed {args.max_retries + 1} times; last:"
+        try:
+            response = self.client.chat.completions.create(
+                model=args.model, messages=messages, temperature=0, max_tokens=args.max_tokens)
+            content = response.choices[0].message.content
+            if not isinstance(content, str):
+                raise TypeError("no message content")
+            return content
+        except openai.APITimeoutError:
+            raise JudgeEndpointError(f"{failed} timed out after {args.timeout:g} s") from None
+        except openai.APIConnectionError as err:
+            raise JudgeEndpointError(f"{failed} could not connect ({_cause(err)})") from None
+        except openai.APIStatusError as err:
+            if err.status_code in (408, 409, 429) or err.status_code >= 500:
+                raise JudgeEndpointError(f"{failed} HTTP {err.status_code}: {_message(err)}") from None
+            hint = f" (check {args.api_key_env})" if err.status_code in (401, 403) else ""
+            raise JudgeEndpointError(f"the judge endpoint {self.base_url} refused the request: HTTP {err.status_code}: "
+                                     f"{_message(err)}{hint}") from None
+        except (ValueError, TypeError, AttributeError, IndexError, openai.APIResponseValidationError) as err:
+            raise JudgeEndpointError(f"the judge endpoint {self.base_url} sent a malformed response "
+                                     f"({type(err).__name__}: {err}); is it an OpenAI-compatible chat-completions endpoint?") from None
 
     def replies(self, cases: list[Case], done) -> None:
         stop = threading.Event()
@@ -395,12 +380,6 @@ class OpenAIJudge:
             list(pool.map(one, cases))
         if errors:
             raise errors[0]
-
-
-def _is_local(host: str) -> bool:
-    from earlyexit.serve import is_loopback
-
-    return is_loopback(host)
 
 
 def _cause(err: Exception) -> str:
@@ -479,24 +458,16 @@ def tally(verdicts: dict[tuple[int, int], dict], exit_layers: list[int]) -> list
 
 def format_table(rows: list[dict]) -> str:
     """The seed's ``| Layer | Correct |`` table (share with its 95% interval), then the counts."""
-    lines = ["| Layer | Correct |", "|---|---|"]
-    for r in rows:
-        low, high = r["accuracy_ci"]
-        lines.append(f"| {r['layer']} | {r['accuracy']:.1%} [{low:.1%}, {high:.1%}] |")
-    lines += ["", "| Layer | judged | correct | incorrect | unparsable |", "|---|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['n']} | {r['correct']} | {r['incorrect']} | {r['unparsable']} |" for r in rows]
-    return "\n".join(lines)
+    shares = [[r["layer"], f"{r['accuracy']:.1%} [{r['accuracy_ci'][0]:.1%}, {r['accuracy_ci'][1]:.1%}]"] for r in rows]
+    counts = [[r["layer"], r["n"], r["correct"], r["incorrect"], r["unparsable"]] for r in rows]
+    return (markdown_table(["Layer", "Correct"], shares) + "\n\n"
+            + markdown_table(["Layer", "judged", "correct", "incorrect", "unparsable"], counts))
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m earlyexit.judge", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML with model:, data:, generation:, judge: keys")
-    parser.add_class_arguments(ModelArgs, "model")
-    parser.add_class_arguments(JudgeData, "data")
-    parser.add_class_arguments(GenerationArgs, "generation")
+    parser = make_parser("python -m earlyexit.judge", __doc__)
+    add_answer_options(parser, JudgeData)
     parser.add_class_arguments(JudgeArgs, "judge")
-    parser.add_class_arguments(TrainerArgs, "trainer")
-    parser.add_argument("--exit_layers", type=ExitLayers, default="quarters", help="quarters, all, everyK, or a list like 8,16,24,32")
     parser.add_argument("--answers", type=str | None, default=None,
                         help="an evaluation results directory whose answers are reused; missing ones are generated into it "
                              "(default: <out_dir>/answers)")
@@ -527,7 +498,7 @@ def make_judge(args: JudgeArgs, model: ModelArgs, module: EarlyExitModule | None
     return LocalJudge(lm, tokenizer, name, args.max_tokens, args.batch_size)
 
 
-def run(cfg) -> dict:
+def run(cfg, parser: ArgumentParser | None = None) -> dict:
     model_args, generation, trainer_args = ModelArgs(**cfg.model), GenerationArgs(**cfg.generation), TrainerArgs(**cfg.trainer)
     data_args, judge_args = JudgeData(**cfg.data), JudgeArgs(**cfg.judge)
     check_evaluation_setup(trainer_args)
@@ -556,6 +527,8 @@ def run(cfg) -> dict:
     cache = VerdictCache(cfg.cache or out_dir / "verdicts.jsonl")
     verdicts = judge_cases(judge, cases, cache)
     results = ResultsDir(out_dir, {"judge": judge.name, "answers": str(answers.path)})
+    if parser is not None:
+        save_config(parser, cfg, out_dir)
     report = {
         "judge": judge.name, "judge_label": judge.label, "model": model_args.name, "adapter": model_args.adapter,
         "answers": str(answers.path), "data": data_args.source, "n_examples": len(items),
@@ -586,7 +559,9 @@ def write_plot(path: Path, report: dict) -> None:
 
 @report_errors
 def main(argv: list[str] | None = None) -> None:
-    run(build_parser().parse_args(argv))
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    run(cfg, parser)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from earlyexit.data import IGNORE_INDEX
+from earlyexit.loss import kl_to_teacher
+from earlyexit.results import markdown_table
 from earlyexit.errors import EarlyExitError, non_negative, positive, require
 from earlyexit.model import EarlyExitHead
 
@@ -65,6 +67,11 @@ class TunedLens(nn.Module):
         lens = cls(blob["n_layers"], blob["hidden_size"])
         lens.load_state_dict(blob["state_dict"])
         return lens
+
+
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats per row of ``[..., V]`` log-probabilities."""
+    return -(logp.exp() * logp).sum(-1)
 
 
 def layer_log_probs(ee: EarlyExitHead, hidden: torch.Tensor, layer: int, lens: TunedLens | None = None) -> torch.Tensor:
@@ -123,8 +130,8 @@ def token_lens(ee: EarlyExitHead, tokenizer, prompt_ids: list[int], answer_ids: 
         logp = layer_log_probs(ee, hidden[layer][:, start : start + T], layer, lens)[0]  # [T, V]
         rows["prob"].append(logp.gather(-1, target[:, None])[:, 0].exp().tolist())
         rows["top1"].append(logp.argmax(-1).tolist())
-        rows["entropy"].append((-(logp.exp() * logp).sum(-1)).tolist())
-        rows["kl"].append((final.exp() * (final - logp)).sum(-1).clamp(min=0).tolist())
+        rows["entropy"].append(entropy(logp).tolist())
+        rows["kl"].append(kl_to_teacher(final, logp).clamp(min=0).tolist())
     decode = lambda t: tokenizer.decode([t])  # noqa: E731
     return TokenLens(
         tokens=[decode(t) for t in answer_ids], token_ids=list(answer_ids), prob=rows["prob"], top1=rows["top1"],
@@ -161,9 +168,9 @@ def dataset_lens(ee: EarlyExitHead, batches, lens: TunedLens | None = None) -> d
             for layer in range(1, n + 1):
                 logp = layer_log_probs(ee, pick(hidden[layer]), layer, lens)  # [M, V], one layer at a time
                 sums[0, layer - 1] += -logp.gather(-1, tgt[:, None]).sum().item()
-                sums[1, layer - 1] += (final.exp() * (final - logp)).sum().clamp(min=0).item()
+                sums[1, layer - 1] += kl_to_teacher(final, logp).sum().clamp(min=0).item()
                 sums[2, layer - 1] += (logp.argmax(-1) == final_top1).sum().item()
-                sums[3, layer - 1] += (-(logp.exp() * logp).sum(-1)).sum().item()
+                sums[3, layer - 1] += entropy(logp).sum().item()
             count += int(keep.sum())
     if not count:
         raise EarlyExitError("no answer tokens to score")
@@ -219,7 +226,7 @@ def _fit(ee, lens, opt, batches, steps, history) -> None:
         total = 0.0
         for layer in range(1, n):
             logp = layer_log_probs(ee, pick(hidden[layer]), layer, lens)
-            loss = (final.exp() * (final - logp)).sum(-1).mean() / (n - 1)
+            loss = kl_to_teacher(final, logp).mean() / (n - 1)
             loss.backward()
             total += loss.item()
         opt.step()
@@ -312,25 +319,23 @@ def format_dataset_table(stats: dict[str, dict]) -> str:
     """Per layer: cross-entropy (perplexity), KL to final, top-1 agreement, entropy; lenses side by side."""
     names = list(stats)
     header = ["Layer"] + [f"{col} ({name})" for name in names for col in ("CE", "ppl", "KL", "top-1 agr.", "entropy")]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    rows = []
     for i in range(len(stats[names[0]]["cross_entropy"])):
-        cells = [str(i + 1)]
+        cells = [i + 1]
         for name in names:
             s = stats[name]
             cells += [f"{s['cross_entropy'][i]:.2f}", f"{s['perplexity'][i]:.3g}", f"{s['kl_to_final'][i]:.2f}",
                       f"{s['top1_agreement'][i]:.3f}", f"{s['entropy'][i]:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
+    from earlyexit.cli import make_parser
     from earlyexit.data import AlpacaDataModule
     from earlyexit.loading import ModelArgs
 
-    parser = ArgumentParser(prog="python -m earlyexit.lens", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile)
+    parser = make_parser("python -m earlyexit.lens", __doc__)
     parser.add_class_arguments(ModelArgs, "model")
     parser.add_class_arguments(AlpacaDataModule, "data")
     parser.add_class_arguments(TunedArgs, "tuned")
@@ -347,7 +352,7 @@ def build_parser():
     return parser
 
 
-def run(cfg) -> None:
+def run(cfg, parser=None) -> None:
     from earlyexit.data import AlpacaDataModule
     from earlyexit.loading import ModelArgs, load_model
     from earlyexit.model import parse_exit_layers
@@ -366,6 +371,10 @@ def run(cfg) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise EarlyExitError(f"results directory {cfg.out_dir!r} is not writable: {err.strerror}") from None
+    if parser is not None:
+        from earlyexit.cli import save_config
+
+        save_config(parser, cfg, out)
     data.attach_tokenizer(tokenizer)
     lenses: dict[str, TunedLens | None] = {"logit lens": None}
     if cfg.tuned.path:
@@ -415,7 +424,13 @@ def run(cfg) -> None:
 def main(argv: list[str] | None = None) -> None:
     from earlyexit.errors import report_errors
 
-    report_errors(lambda: run(build_parser().parse_args(argv)))()
+    @report_errors
+    def parse_and_run() -> None:
+        parser = build_parser()
+        cfg = parser.parse_args(argv)
+        run(cfg, parser)
+
+    parse_and_run()
 
 
 if __name__ == "__main__":

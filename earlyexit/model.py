@@ -19,6 +19,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from earlyexit.arch import ArchSpec, get_submodule, post_head, set_submodule, spec_for
 from earlyexit.errors import EarlyExitError
+from earlyexit.generation import GenerationArgs, options
 
 
 def quarter_layers(n_layers: int) -> list[int]:
@@ -246,39 +247,38 @@ class EarlyExitHead(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         exit_layer: int,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
+        generation: GenerationArgs | None = None,
+        *,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         ignore_eos: bool = False,
         streamer=None,
+        **changes,
     ) -> Generation:
-        """Decode from exit ``exit_layer`` with a KV cache for blocks 1..L only.
+        """Decode from exit ``exit_layer`` with the model's own ``generate`` and a KV cache for blocks 1..L only
+        (the reference path; :class:`earlyexit.engine.Engine` is the fast one).
 
         Args:
             input_ids: ``[B, T]`` left-padded prompts.
             attention_mask: ``[B, T]``.
             exit_layer: L in 1..N.
-            max_new_tokens: length limit.
-            do_sample: sample instead of greedy decoding (seed with ``torch.manual_seed`` beforehand).
-            temperature: sampling temperature (sampling only).
-            top_p: nucleus sampling mass (sampling only).
+            generation: decoding options (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``; seed
+                sampling with ``torch.manual_seed`` beforehand); keyword ``changes`` override single fields.
             eos_token_id: stop token(s); the model's generation config when None.
             pad_token_id: filler after EOS; the model's generation config (or the first EOS) when None.
             ignore_eos: never stop: EOS is masked out until ``max_new_tokens`` (fixed-length benchmarks).
             streamer: an HF streamer (batch 1) that receives tokens as they are decoded.
         """
+        args = options(generation, **changes)
         own = self.base.generation_config
         eos_ids, pad = self.eos_and_pad(eos_token_id, pad_token_id)
         # A fresh config, so a checkpoint's own sampling defaults (Llama-2's temperature 0.6 …) never leak in.
         config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens if ignore_eos else 0,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.max_new_tokens if ignore_eos else 0,
+            do_sample=args.do_sample,
+            temperature=args.temperature if args.do_sample else None,
+            top_p=args.top_p if args.do_sample else None,
             top_k=None,
             eos_token_id=eos_ids or None,
             pad_token_id=pad,
@@ -288,7 +288,7 @@ class EarlyExitHead(nn.Module):
         with self.truncated(exit_layer):
             out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer)
         tokens = out[:, prompt_len:]
-        return finish(tokens, [] if ignore_eos else eos_ids, pad, max_new_tokens)
+        return finish(tokens, [] if ignore_eos else eos_ids, pad, args.max_new_tokens)
 
 
 def positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -23,51 +23,8 @@ from earlyexit.loss import (
     exit_weights,
     layer_dropout_rates,
 )
+from earlyexit.generation import GenerationArgs, example_seed
 from earlyexit.model import EarlyExitHead, ExitLayers, parse_exit_layers
-
-
-@dataclass
-class GenerationArgs:
-    """How each exit decodes.
-
-    Args:
-        max_new_tokens: Length limit of each answer, in tokens.
-        do_sample: Sample instead of greedy decoding.
-        temperature: Sampling temperature (sampling only).
-        top_p: Nucleus sampling mass (sampling only).
-        seed: Seed of sampling; each batch derives its own, so resumed runs sample the same.
-        engine: decode all exits of a batch in one batched pass with :class:`earlyexit.engine.Engine` (CUDA graphs
-            on a GPU); False runs the model's own ``generate`` once per exit (the reference path).
-        compile: with the engine, compile its decode step (``torch.compile``; pays off on long runs of one shape).
-        exit: ``fixed``: every exit layer answers; ``dynamic``: one answer per example, each token exiting at the
-            first layer ≥ ``min_layer`` whose confidence reaches ``threshold`` (CALM), reported as layer N with
-            the mean layers used.
-        threshold: dynamic exit confidence threshold (0 exits at ``min_layer``; above 1 never exits early).
-        min_layer: dynamic exit's lowest exit; default N/4.
-        measure: dynamic exit confidence: ``softmax`` (top probability), ``margin`` (top-1 − top-2) or ``state``
-            (cosine of consecutive hidden states).
-    """
-
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    engine: bool = True
-    compile: bool = False
-    exit: Literal["fixed", "dynamic"] = "fixed"
-    threshold: float = 0.9
-    min_layer: int | None = None
-    measure: Literal["softmax", "margin", "state"] = "softmax"
-
-    def __post_init__(self):
-        positive("generation.max_new_tokens", self.max_new_tokens)
-        require(self.temperature > 0 or not self.do_sample, "generation.temperature", self.temperature,
-                "> 0 when sampling (generation.do_sample true)")
-        non_negative("generation.temperature", self.temperature)
-        in_unit("generation.top_p", self.top_p, low_open=True)
-        non_negative("generation.threshold", self.threshold)
-        positive("generation.min_layer", self.min_layer, optional=True)
 
 
 @dataclass
@@ -218,14 +175,14 @@ class EarlyExitModule(L.LightningModule):
             if generation.do_sample or not generation.engine:
                 raise EarlyExitError("generation.exit dynamic decodes greedily through the engine: "
                                      "set generation.do_sample false and generation.engine true")
-            self.min_layer = self.ee.check_layer(generation.min_layer or max(1, round(n / 4)))
+            self.ee.check_layer(generation.min_layer_of(n))
         self._engine = None
         self.train_exits = sorted(set(parse_exit_layers(loss.exit_layers, n)) | {n})
         self.dropout_rates = layer_dropout_rates(n, layer_dropout.p_max, layer_dropout.scale)
         self.loss_args, self.dropout_args, self.optim_args = loss, layer_dropout, optim
         self.strict_loading = False  # checkpoints hold the trainable (adapter) weights only
         self.done: dict[int, set[int]] = {}
-        """Example id → layers already generated (a resumed prediction skips them)."""
+        """Example id → layers already generated (a resumed prediction skips them); see :meth:`resume_from`."""
 
     # --- training -------------------------------------------------------------------------------------
 
@@ -319,6 +276,12 @@ class EarlyExitModule(L.LightningModule):
             self._engine = Engine(self.ee, compile=self.generation.compile)
         return self._engine
 
+    def resume_from(self, rows: list[dict]) -> None:
+        """Generation rows already written (``id``, ``layer``): ``predict_step`` skips those (example, exit) pairs."""
+        self.done = {}
+        for row in rows:
+            self.done.setdefault(row["id"], set()).add(row["layer"])
+
     def predict_step(self, batch: dict, batch_idx: int = 0) -> list[dict]:
         """One row per (example, exit layer) not yet done: id, layer, text, tokens, n_tokens, finished
         (and, for dynamic exits, each token's exit layer)."""
@@ -339,16 +302,13 @@ class EarlyExitModule(L.LightningModule):
 
     def _decode(self, batch, members: list[int], layers: tuple[int, ...], input_ids, mask):
         """``(layer, batch indices, Generation)`` for the examples ``members`` of ``batch``, missing ``layers``."""
-        gen = self.generation
-        options = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
-        sampling = dict(do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p)
+        gen, pad = self.generation, self.tokenizer.pad_token_id
         if gen.exit == "dynamic":
-            out = self.engine.generate_dynamic(input_ids, mask, gen.threshold, self.min_layer, gen.measure, **options)
-            yield self.ee.n_layers, members, out
+            yield self.ee.n_layers, members, self.engine.generate_dynamic(input_ids, mask, gen, pad_token_id=pad)
         elif gen.engine:
             if gen.do_sample:
-                torch.manual_seed(gen.seed * 1_000_003 + batch["ids"][members[0]] * 1_009)
-            for layer, out in self.engine.generate(input_ids, mask, list(layers), **options, **sampling).items():
+                torch.manual_seed(example_seed(gen.seed, batch["ids"][members[0]]))
+            for layer, out in self.engine.generate(input_ids, mask, list(layers), gen, pad_token_id=pad).items():
                 yield layer, members, out
         else:  # the reference path: the model's own generate, once per exit
             for layer in self.exit_layers:
@@ -356,8 +316,8 @@ class EarlyExitModule(L.LightningModule):
                 if not keep:
                     continue
                 if gen.do_sample:
-                    torch.manual_seed(gen.seed * 1_000_003 + batch["ids"][members[keep[0]]] * 1_009 + layer)
-                out = self.ee.generate(input_ids[keep], mask[keep], layer, **options, **sampling)
+                    torch.manual_seed(example_seed(gen.seed, batch["ids"][members[keep[0]]], layer))
+                out = self.ee.generate(input_ids[keep], mask[keep], layer, gen, pad_token_id=pad)
                 yield layer, [members[row] for row in keep], out
 
     def _rows(self, batch, indices: list[int], layer: int, out) -> list[dict]:

@@ -10,7 +10,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 LABELS = {
-    "bleu": "BLEU (0-100)", "rougeL": "ROUGE-L F1", "bertscore": "BERTScore F1",
     "mean_prob": "mean p(generated token)", "mean_kl": "KL(final ‖ layer), nats", "top1_agreement": "top-1 = final top-1",
     "mean_entropy": "entropy, nats", "cross_entropy": "cross-entropy of reference, nats", "kl_to_final": "KL(final ‖ layer), nats",
     "entropy": "entropy, nats", "correct": "share judged correct",
@@ -90,3 +89,23 @@ def _show(token: str) -> str:
     if text.strip() == "":
         return "␣" * max(len(text), 1)
     return text
+
+
+def quality_vs_depth(fixed_depth: list[float], fixed_quality: list[float],
+                     curves: dict[str, tuple[list[float], list[float], list[float]]], title: str = "",
+                     quality: str = "ROUGE-L", depth: str = "mean layers per generated token") -> Figure:
+    """Quality against depth: the fixed exits as squares, each curve (``label: (depth, quality, settings)``, e.g. a
+    dynamic-exit threshold sweep) as a line with each point labelled by its setting."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(fixed_depth, fixed_quality, "s--", label="fixed exit at L")
+    for label, (xs, ys, settings) in curves.items():
+        ax.plot(xs, ys, "o-", label=label)
+        for x, y, setting in zip(xs, ys, settings):
+            ax.annotate(f"{setting:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xlabel(depth)
+    ax.set_ylabel(quality)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -107,6 +107,14 @@ class ResultsDir:
         os.replace(tmp, self.path / "metrics.csv")
 
 
+def markdown_table(header: list, rows: list[list], align: str | None = None) -> str:
+    """A GitHub markdown table: ``header``, then ``rows`` of cells (``str()`` of each); ``align`` has one letter
+    per column, ``l`` or ``r`` (default: all left)."""
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in (align or "l" * len(header))) + "|"
+    lines = ["| " + " | ".join(map(str, header)) + " |", rule]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
 def drop_torn_tail(path: Path) -> None:
     """A run killed mid-write can leave a partial last line: cut it so appends start on a clean line."""
     if not path.is_file():

@@ -4,20 +4,20 @@ Any OpenAI client can talk to any model this package loads (an HF id or director
 optionally with a LoRA adapter). The extension field ``exit_layer`` (1..N, default N: the full model)
 picks the exit: only blocks 1..L run, exactly as :meth:`earlyexit.model.EarlyExitHead.generate`.
 
-    python -m earlyexit.serve --model smollm2-135m-instruct --port 8000
+    python -m earlyexit.serve --model.name smollm2-135m-instruct --server.port 8000
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="smollm2-135m-instruct", messages=[...], extra_body={"exit_layer": 15})
 
 Sampling follows the OpenAI API: ``temperature`` 0 is greedy decoding, otherwise sampling (``top_p``,
 ``seed``); ``stop`` strings cut the answer; ``stream`` sends server-sent events as tokens are decoded.
 Requests are served one at a time (one model, one lock). The server listens on the loopback interface
-unless told otherwise; another address needs a bearer token (``--token_env``) or ``--allow_unauthenticated``.
+unless told otherwise; another address needs a bearer token (``--server.token_env``) or
+``--server.allow_unauthenticated``.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -32,7 +32,11 @@ from typing import Callable
 import torch
 
 from earlyexit.errors import EarlyExitError, positive, report_errors, require
+from earlyexit.generation import GenerationArgs
+from earlyexit.loading import ModelArgs
+from earlyexit.data import encode_chat
 from earlyexit.model import EarlyExitHead
+from earlyexit.network import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +57,15 @@ class RequestError(Exception):
 
 @dataclass
 class ChatRequest:
-    """A validated chat-completions request."""
+    """A validated chat-completions request: the prompt, the exit, and OpenAI's sampling fields mapped onto the
+    library's one set of decoding options (``temperature`` 0 is greedy)."""
 
     input_ids: list[int]
     exit_layer: int
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
+    generation: GenerationArgs
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
-
-    @property
-    def do_sample(self) -> bool:
-        return self.temperature > 0
 
 
 @dataclass
@@ -145,7 +144,9 @@ class ChatModel:
         if window and len(input_ids) + max_tokens > window:
             raise RequestError(400, f"{len(input_ids)} prompt tokens + max_tokens {max_tokens} exceed the model's "
                                     f"context window of {window} tokens", "messages", "context_length_exceeded")
-        return ChatRequest(input_ids, layer, max_tokens, temperature, top_p, seed, stop, stream)
+        generation = GenerationArgs(max_new_tokens=max_tokens, do_sample=temperature > 0,
+                                    temperature=temperature if temperature > 0 else 1.0, top_p=top_p)
+        return ChatRequest(input_ids, layer, generation, seed, stop, stream)
 
     def encode(self, messages) -> list[int]:
         """Prompt token ids of ``messages``, rendered with the tokenizer's chat template."""
@@ -164,12 +165,7 @@ class ChatModel:
                 raise RequestError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
             role = "system" if message["role"] == "developer" else message["role"]
             turns.append({"role": role, "content": content})
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-            return tok(text, add_special_tokens=False)["input_ids"]
-        text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
-        return tok(text)["input_ids"]
+        return encode_chat(turns, self.tokenizer)
 
     # --- generation -----------------------------------------------------------------------------------
 
@@ -190,13 +186,10 @@ class ChatModel:
     def _generate(self, request: ChatRequest, streamer=None):
         ids = torch.tensor([request.input_ids], device=self.device)
         with self.lock:
-            if request.do_sample:
+            if request.generation.do_sample:
                 torch.manual_seed(request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little"))
-            return self.ee.generate(
-                ids, torch.ones_like(ids), request.exit_layer, max_new_tokens=request.max_tokens,
-                do_sample=request.do_sample, temperature=request.temperature, top_p=request.top_p,
-                pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
-            )
+            return self.ee.generate(ids, torch.ones_like(ids), request.exit_layer, request.generation,
+                                    pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
 
     def _stream(self, request: ChatRequest, on_text: Callable[[str], None]) -> Completion:
         streamer = TokenStreamer(self.tokenizer)
@@ -393,22 +386,13 @@ class Handler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_exposure(host: str, token: str | None, allow_unauthenticated: bool) -> None:
     """Refuse to listen beyond the loopback interface without a token, unless explicitly allowed."""
     if not is_loopback(host) and not token and not allow_unauthenticated:
         raise EarlyExitError(
             f"refusing to serve on {host!r} without a bearer token: anyone who can reach it could use the model; "
-            "set --token_env NAME (the token is read from that environment variable), "
-            "or pass --allow_unauthenticated true"
+            "set --server.token_env NAME (the token is read from that environment variable), "
+            "or pass --server.allow_unauthenticated true"
         )
 
 
@@ -427,39 +411,62 @@ def read_token(token_env: str | None) -> str | None:
         return None
     token = os.environ.get(token_env)
     if not token:
-        raise EarlyExitError(f"--token_env {token_env}: the environment variable {token_env} is not set (or empty)")
+        raise EarlyExitError(f"--server.token_env {token_env}: the environment variable {token_env} is not set (or empty)")
     return token
+
+
+@dataclass
+class ServeArgs:
+    """Where and how the server listens.
+
+    Args:
+        served_name: the model name clients send (default: ``--model.name``).
+        host: address to listen on (loopback by default; any other needs a token or an explicit allowance).
+        port: port, 0..65535 (0: any free port).
+        token_env: environment variable holding a bearer token that every request must carry.
+        allow_unauthenticated: allow a non-loopback ``--server.host`` without a token.
+        max_tokens: answer length when a request gives none.
+        max_tokens_limit: the most tokens a request may ask for.
+    """
+
+    served_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token_env: str | None = None
+    allow_unauthenticated: bool = False
+    max_tokens: int = 256
+    max_tokens_limit: int = 4096
+
+    def __post_init__(self):
+        require(0 <= self.port <= 65535, "server.port", self.port, "in 0..65535")
+        positive("server.max_tokens", self.max_tokens)
+        require(self.max_tokens_limit >= self.max_tokens, "server.max_tokens_limit", self.max_tokens_limit,
+                f"≥ server.max_tokens ({self.max_tokens})")
+
+
+def build_parser():
+    from earlyexit.cli import make_parser
+
+    parser = make_parser("python -m earlyexit.serve", __doc__)
+    parser.add_class_arguments(ModelArgs, "model")
+    parser.add_class_arguments(ServeArgs, "server")
+    return parser
 
 
 @report_errors
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import ArgumentParser
+    from earlyexit.cli import save_config
+    from earlyexit.loading import load_model
 
-    from earlyexit.loading import Dtype, ModelArgs, load_model
-
-    parser = ArgumentParser(prog="python -m earlyexit.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=str, default=ModelArgs.name, help="HF id, local directory, or smollm2-135m-instruct")
-    parser.add_argument("--adapter", type=str | None, default=None, help="peft LoRA adapter directory to apply")
-    parser.add_argument("--dtype", type=Dtype, default="auto", help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
-    parser.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 …")
-    parser.add_argument("--served_name", type=str | None, default=None, help="model name clients send (default: --model)")
-    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on (loopback by default)")
-    parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
-    parser.add_argument("--token_env", type=str | None, default=None,
-                        help="environment variable holding a bearer token that every request must carry")
-    parser.add_argument("--allow_unauthenticated", type=bool, default=False,
-                        help="allow a non-loopback --host without a token")
-    parser.add_argument("--max_tokens", type=int, default=256, help="answer length when a request gives none")
-    parser.add_argument("--max_tokens_limit", type=int, default=4096, help="the most tokens a request may ask for")
+    parser = build_parser()
     cfg = parser.parse_args(argv)
-    require(0 <= cfg.port <= 65535, "port", cfg.port, "in 0..65535")
-    positive("max_tokens", cfg.max_tokens)
-    require(cfg.max_tokens_limit >= cfg.max_tokens, "max_tokens_limit", cfg.max_tokens_limit, f"≥ --max_tokens ({cfg.max_tokens})")
-    token = read_token(cfg.token_env)
-    check_exposure(cfg.host, token, cfg.allow_unauthenticated)  # before minutes of model loading
-    lm, tokenizer = load_model(ModelArgs(name=cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device))
-    chat = ChatModel(lm, tokenizer, cfg.served_name or cfg.model, cfg.max_tokens, cfg.max_tokens_limit)
-    server = make_server(chat, cfg.host, cfg.port, token, cfg.allow_unauthenticated)
+    model_args, args = ModelArgs(**cfg.model), ServeArgs(**cfg.server)
+    token = read_token(args.token_env)
+    check_exposure(args.host, token, args.allow_unauthenticated)  # before minutes of model loading
+    save_config(parser, cfg, None)  # the server has no output directory: its resolved config goes to its log
+    lm, tokenizer = load_model(model_args)
+    chat = ChatModel(lm, tokenizer, args.served_name or model_args.name, args.max_tokens, args.max_tokens_limit)
+    server = make_server(chat, args.host, args.port, token, args.allow_unauthenticated)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     print(f"serving {chat.name} ({chat.ee.n_layers} layers) at {server.url}"
           f"{' (bearer token required)' if token else ''}; Ctrl-C stops", flush=True)

@@ -1,7 +1,8 @@
-"""Tiny random models of every family in the architecture table, built from configs (no network).
+"""Random models built from configs (no network): tiny ones of every family, and full-size shapes for speed.
 
-They are what the tests and ``configs/debug.yaml`` run on: ``--model.name tiny-random-<model_type>``
-(e.g. ``tiny-random-llama``) builds one, seeded, with a character-level tokenizer, and caches it.
+The tiny ones are what the tests and ``configs/debug.yaml`` run on: ``--model.name tiny-random-<model_type>``
+(e.g. ``tiny-random-llama``) builds one, seeded, with a character-level tokenizer, and caches it. The shapes of
+:data:`RANDOM_SHAPES` (``llama2-7b``) are what the benchmarks time: honest for speed, meaningless for quality.
 """
 
 from __future__ import annotations
@@ -64,3 +65,24 @@ def save_tiny(directory, model_type: str = "llama", seed: int = 0) -> str:
     char_tokenizer().save_pretrained(directory)
     return str(directory)
 
+
+
+RANDOM_SHAPES: dict[str, dict] = {
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+}
+
+
+def random_model(shape: str, device, dtype: torch.dtype) -> torch.nn.Module:
+    """A seeded randomly initialised ``*ForCausalLM`` of one of :data:`RANDOM_SHAPES`, built on ``device``."""
+    if shape not in RANDOM_SHAPES:
+        from earlyexit.errors import EarlyExitError
+
+        raise EarlyExitError(f"no random shape {shape!r}; choose from {', '.join(sorted(RANDOM_SHAPES))}")
+    spec = dict(RANDOM_SHAPES[shape])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 2, 0
+    return model.eval()

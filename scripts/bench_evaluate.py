@@ -1,6 +1,6 @@
 """Wall time of generating the quarter exits' answers relative to one full-depth generation of the same prompts.
 
-    python scripts/bench_evaluate.py [--data alpaca-sample] [--device cuda] [--limit 64] [--batch_size 16]
+    python scripts/bench_evaluate.py [--data alpaca-sample] [--model.device cuda] [--limit 64] [--batch_size 16]
 
 Every run is the evaluation's own generation (EarlyExitModule.predict_step: batched, stop at EOS, each exit
 running blocks 1..L only); scoring is not timed. Two paths: the engine (the default: all exits of a batch in
@@ -10,14 +10,15 @@ exit, about sum(L)/N = 2.5 full generations for quarters). Each path's full-dept
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from earlyexit.data import AlpacaDataModule
+from earlyexit.cli import run_function
+from earlyexit.data import SAMPLE, AlpacaDataModule
+from earlyexit.generation import GenerationArgs
 from earlyexit.loading import ModelArgs
-from earlyexit.module import EarlyExitModule, GenerationArgs
+from earlyexit.module import EarlyExitModule
 
 
 def run(module: EarlyExitModule, batches: list[dict], device: torch.device) -> tuple[float, dict[int, int]]:
@@ -33,34 +34,34 @@ def run(module: EarlyExitModule, batches: list[dict], device: torch.device) -> t
     return time.perf_counter() - start, tokens
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="alpaca-sample", help="alpaca-sample, a local alpaca_data.json, or a hub id")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--limit", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    args = parser.parse_args()
+def main(model: ModelArgs = ModelArgs(), data: str = SAMPLE, limit: int = 64, batch_size: int = 16,
+         max_new_tokens: int = 64, out_dir: str | None = None) -> None:
+    """Wall time of generating the quarter exits' answers relative to one full-depth generation of the same prompts.
 
-    module = EarlyExitModule(base=ModelArgs(args.model, dtype=args.dtype, device=args.device),
-                             generation=GenerationArgs(max_new_tokens=args.max_new_tokens), exit_layers="quarters")
+    Args:
+        model: the model.
+        data: Alpaca records: ``alpaca-sample``, a local file or a hub id (the first ``limit`` are used).
+        limit: prompts.
+        batch_size: prompts per batch.
+        max_new_tokens: length limit of each answer.
+        out_dir: keep the resolved config here.
+    """
+    module = EarlyExitModule(base=model, generation=GenerationArgs(max_new_tokens=max_new_tokens), exit_layers="quarters")
     device = next(module.lm.parameters()).device
-    data = AlpacaDataModule(args.data, limit=args.limit, eval_size=args.limit, batch_size=args.batch_size)
-    data.attach_tokenizer(module.tokenizer)
-    data.setup("predict")
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in data.predict_dataloader()]
+    records = AlpacaDataModule(data, limit=limit, eval_size=limit, batch_size=batch_size)
+    records.attach_tokenizer(module.tokenizer)
+    records.setup("predict")
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in records.predict_dataloader()]
     quarters = module.exit_layers
     n = module.ee.n_layers
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"{args.model} on {name} ({module.lm.dtype}), {args.limit} Alpaca prompts, batch {args.batch_size}, "
-          f"max {args.max_new_tokens} new tokens, exits {quarters}")
+    print(f"{model.name} on {name} ({module.lm.dtype}), {limit} Alpaca prompts, batch {batch_size}, "
+          f"max {max_new_tokens} new tokens, exits {quarters}")
     print("| path | run | wall (s) | tokens generated | ratio to the path's full depth |")
     print("|---|---|---|---|---|")
     answers = {}
     for engine in (True, False):
-        module.generation = GenerationArgs(max_new_tokens=args.max_new_tokens, engine=engine)
+        module.generation = GenerationArgs(max_new_tokens=max_new_tokens, engine=engine)
         label = "engine (one batched pass)" if engine else "reference (generate per exit)"
         with torch.inference_mode():
             module.exit_layers = [n]
@@ -77,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_function(main, "python scripts/bench_evaluate.py")

@@ -11,7 +11,8 @@ process and the peak is the growth of its maximum resident set size over the sam
 
 from __future__ import annotations
 
-import argparse
+from typing import Literal
+
 import json
 import resource
 import subprocess
@@ -19,6 +20,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
+from earlyexit.cli import run_function
 
 
 def measure(mode: str, device: str, answer_tokens: int) -> dict:
@@ -60,22 +63,24 @@ def measure(mode: str, device: str, answer_tokens: int) -> dict:
             "n_layers": n, "answer_tokens": answer_tokens, "vocab": v}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--answer_tokens", type=int, default=128)
-    parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.mode:
-        print(json.dumps(measure(args.mode, args.device, args.answer_tokens)))
+def main(device: str = "cpu", answer_tokens: int = 128, mode: Literal["lens", "all_layers"] | None = None) -> None:
+    """Peak memory of the per-layer lens pass vs holding all N × T × V exit logits at once.
+
+    Args:
+        device: ``cpu`` or ``cuda``.
+        answer_tokens: teacher-forced answer length.
+        mode: measure only this mode, in this process (each mode runs in a fresh process by default).
+    """
+    if mode:
+        print(json.dumps(measure(mode, device, answer_tokens)))
         return
     rows = []
     for mode in ("lens", "all_layers"):  # fresh processes, so one mode's peak never hides the other's
-        out = subprocess.run([sys.executable, __file__, "--device", args.device, "--answer_tokens", str(args.answer_tokens),
+        out = subprocess.run([sys.executable, __file__, "--device", device, "--answer_tokens", str(answer_tokens),
                               "--mode", mode], capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     first = rows[0]
-    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (max RSS growth)"
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU (max RSS growth)"
     print(f"SmolLM2-135M-Instruct, float32, {first['n_layers']} layers × {first['answer_tokens']} answer tokens × "
           f"{first['vocab']} vocab = {first['all_logits_mib']:.0f} MiB of float32 logits; {where}")
     print("| mode | peak memory above the loaded model (MiB) |")
@@ -85,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_function(main, "python scripts/bench_lens_memory.py")

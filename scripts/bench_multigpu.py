@@ -1,8 +1,8 @@
 """Several GPUs: evaluation throughput scaling of the sharded predict loop, and early-exit LoRA training
 throughput and peak memory under FSDP, 1 vs N devices measured in one run.
 
-    python scripts/bench_multigpu.py eval --config configs/smollm2_layers.yaml --limit 192 --devices 1 2
-    python scripts/bench_multigpu.py train --devices 1 2 --batch 8 --seq 512 --steps 10
+    python scripts/bench_multigpu.py eval --eval_config configs/smollm2_layers.yaml --limit 192 --devices '[1,2]'
+    python scripts/bench_multigpu.py train --devices '[1,2]' --batch 8 --seq 512 --steps 10
 
 ``eval`` runs ``python -m earlyexit.evaluate`` (quarter exits, scoring not timed) with 1 and with N devices
 (``ddp``: every rank holds the model, the predict loop shards the examples) and reports the generation
@@ -17,7 +17,6 @@ quality. Step times are measured on rank 0 after warm-up steps; peak memory is e
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -25,7 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from argparse import Namespace
 from pathlib import Path
+
+from earlyexit.cli import run_subcommands
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- evaluation scaling ----------------------------------------------------------------------------------
 
 
-def bench_eval(args) -> None:
+def bench_eval(eval_config: str = "configs/smollm2_layers.yaml", limit: int = 192, batch_size: int = 16,
+               devices: list[int] = [1, 2], device: str = "cuda") -> None:  # noqa: B006 (read only)
+    """Evaluation: generation time with 1 and N devices (``ddp``), and the share of identical answers.
+
+    Args:
+        eval_config: the ``evaluate`` config whose model and data are used.
+        limit: records of the evaluation split.
+        batch_size: prompts per batch.
+        devices: device counts to compare (the first is the baseline).
+        device: ``cuda``, or ``cpu`` (processes instead of GPUs).
+    """
+    args = Namespace(config=eval_config, limit=limit, batch_size=batch_size, devices=devices, device=device)
     runs = {}
     for devices in args.devices:
         out = Path(tempfile.mkdtemp(prefix=f"bench_eval_{devices}_"))
@@ -64,19 +77,10 @@ def bench_eval(args) -> None:
 # --- FSDP training -----------------------------------------------------------------------------------
 
 
-def random_llama(device):
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-
-
-def train_worker(args) -> None:
+def train_worker(model: str = "llama2-7b-random", devices: int = 1, batch: int = 8, seq: int = 512, steps: int = 10,
+                 warmup: int = 3) -> None:
     """One training run (``devices`` processes through Lightning; each rank runs this function)."""
+    args = Namespace(model=model, devices=devices, batch=batch, seq=seq, steps=steps, warmup=warmup)
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -85,10 +89,11 @@ def train_worker(args) -> None:
     from earlyexit.distributed import configure_strategy
     from earlyexit.loading import ModelArgs
     from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs, OptimArgs
+    from earlyexit.tiny import random_model
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     if args.model == "llama2-7b-random":  # built on this rank's GPU instead of loaded
-        module_lib.load_model = lambda base: (random_llama(f"cuda:{local}"), None)
+        module_lib.load_model = lambda base: (random_model("llama2-7b", f"cuda:{local}", torch.bfloat16), None)
     module = EarlyExitModule(
         base=ModelArgs(name=args.model), lora=LoraArgs(r=16, alpha=32),
         loss=ExitLossArgs(exit_layers="every2", weights="uniform", curriculum="rotational", rotation=2),
@@ -132,7 +137,19 @@ def train_worker(args) -> None:
         k: torch.stack([r[k] for r in rows]) for k in rows[0]}))
 
 
-def bench_train(args) -> None:
+def bench_train(model: str = "llama2-7b-random", devices: list[int] = [1, 2], batch: int = 8, seq: int = 512,  # noqa: B006
+                steps: int = 10, warmup: int = 3) -> None:
+    """FSDP training: tokens/s and peak memory with 1 device (no sharding) and N devices (``fsdp``).
+
+    Args:
+        model: ``llama2-7b-random`` (random bf16 weights of Llama-2-7B's shape) or a model name.
+        devices: device counts to compare.
+        batch: sequences per GPU per step.
+        seq: tokens per sequence.
+        steps: timed steps.
+        warmup: steps before timing.
+    """
+    args = Namespace(model=model, devices=devices, batch=batch, seq=seq, steps=steps, warmup=warmup)
     results = []
     for devices in args.devices:
         cmd = [sys.executable, __file__, "_train", "--devices", str(devices), "--model", args.model, "--batch", str(args.batch),
@@ -151,26 +168,5 @@ def bench_train(args) -> None:
               f"{', '.join(f'{p:.1f}' for p in r['peak_gib'])} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="job", required=True)
-    ev = sub.add_parser("eval")
-    ev.add_argument("--config", default="configs/smollm2_layers.yaml")
-    ev.add_argument("--limit", type=int, default=192)
-    ev.add_argument("--batch_size", type=int, default=16)
-    ev.add_argument("--devices", type=int, nargs="+", default=[1, 2])
-    ev.add_argument("--device", default="cuda", help="cuda, or cpu (processes instead of GPUs)")
-    for name in ("train", "_train"):
-        tr = sub.add_parser(name)
-        tr.add_argument("--model", default="llama2-7b-random")
-        tr.add_argument("--devices", type=int, nargs="+" if name == "train" else None, default=[1, 2] if name == "train" else 1)
-        tr.add_argument("--batch", type=int, default=8)
-        tr.add_argument("--seq", type=int, default=512)
-        tr.add_argument("--steps", type=int, default=10)
-        tr.add_argument("--warmup", type=int, default=3)
-    args = parser.parse_args()
-    {"eval": bench_eval, "train": bench_train, "_train": train_worker}[args.job](args)
-
-
 if __name__ == "__main__":
-    main()
+    run_subcommands({"eval": bench_eval, "train": bench_train, "_train": train_worker}, "python scripts/bench_multigpu.py", __doc__)

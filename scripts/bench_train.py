@@ -1,7 +1,7 @@
 """Early-exit LoRA training throughput, peak memory and model-FLOPs utilisation.
 
     python scripts/bench_train.py --model smollm2-135m-instruct --device cpu --batch 4 --seq 256 --steps 5
-    python scripts/bench_train.py --model llama2-7b-random --device cuda --batch 8 --seq 512 --steps 10
+    python scripts/bench_train.py --model llama2-7b-random --device cuda --batch 8 --seq 512 --steps 10 --checkpointing true
 
 Runs the real training step (EarlyExitModule's loss: LoRA on every linear layer, early-exit loss over
 every 2nd exit plus the last, chunked and checkpointed) with AdamW on random tokens of a fixed length
@@ -17,12 +17,13 @@ checkpointing's recomputation is not counted, as usual for MFU. Peak dense bf16 
 
 from __future__ import annotations
 
-import argparse
 import time
+from typing import Literal
 
 import torch
 
-from earlyexit.loss import early_exit_loss, exit_weights, active_exits
+from earlyexit.cli import run_function
+from earlyexit.loss import active_exits, early_exit_loss, exit_weights
 from earlyexit.model import EarlyExitHead, parse_exit_layers
 from earlyexit.module import LoraArgs, wrap_lora
 
@@ -31,35 +32,37 @@ H100_BF16 = 989e12
 
 def build(name: str, device: str, dtype: torch.dtype):
     if name == "llama2-7b-random":
-        from transformers import AutoModelForCausalLM, LlamaConfig
+        from earlyexit.tiny import random_model
 
-        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                             num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-        return model
+        return random_model("llama2-7b", device, dtype).train()
     from earlyexit.loading import ModelArgs, load_model
 
     model, _ = load_model(ModelArgs(name=name, device=device, dtype="float32" if dtype == torch.float32 else "bfloat16"))
     return model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--exits", default="every2")
-    parser.add_argument("--rotation", type=int, default=2)
-    parser.add_argument("--checkpointing", action="store_true")
-    args = parser.parse_args()
+def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Literal["float32", "bfloat16"] = "bfloat16",
+         batch: int = 8, seq: int = 512, steps: int = 10, warmup: int = 2, rank: int = 16, exits: str = "every2",
+         rotation: int = 2, checkpointing: bool = False) -> None:
+    """Early-exit LoRA training throughput, peak memory and model-FLOPs utilisation.
 
+    Args:
+        model: a model name, or ``llama2-7b-random`` (random weights of Llama-2-7B's shape).
+        device: ``cuda`` or ``cpu``.
+        dtype: weights dtype (float32 weights train under bf16 autocast on a GPU).
+        batch: sequences per step.
+        seq: tokens per sequence.
+        steps: timed steps.
+        warmup: steps before timing.
+        rank: LoRA rank (alpha = 2 × rank).
+        exits: trained exits (quarters, all, everyK or a list); the last layer is always one.
+        rotation: rotational curriculum: every k-th exit per step.
+        checkpointing: activation checkpointing of the blocks.
+    """
+    from argparse import Namespace
+
+    args = Namespace(model=model, device=device, dtype=dtype, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
+                     exits=exits, rotation=rotation, checkpointing=checkpointing)
     dtype = getattr(torch, args.dtype)
     model = build(args.model, args.device, dtype)
     if args.checkpointing:
@@ -125,4 +128,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_function(main, "python scripts/bench_train.py")

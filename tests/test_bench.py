@@ -16,11 +16,11 @@ def data_file(tmp_path_factory):
 
 
 def test_every_mode_against_hf(tiny_dir, data_file, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    main(["--model", tiny_dir, "--device", "cpu", "--data", data_file, "--batch", "2", "--new_tokens", "6",
-          "--repeats", "1", "--modes", "full,hf,exit,all_exits,dynamic,speculative", "--draft_layer", "1,2",
-          "--n_draft", "2", "--json", str(out)])
-    rows = json.loads(out.read_text())["rows"]
+    main(["--model.name", tiny_dir, "--model.device", "cpu", "--data", data_file, "--batch", "2",
+          "--generation.max_new_tokens", "6", "--repeats", "1", "--modes", "[full,hf,exit,all_exits,dynamic,speculative]",
+          "--draft_layer", "[1,2]", "--n_draft", "[2]", "--out_dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert "max_new_tokens: 6" in (tmp_path / "config.yaml").read_text()
     modes = [row["mode"] for row in rows]
     assert modes[:2] == ["full", "hf"] and "exit 1" in modes and "all_exits 1,2,3,4" in modes
     assert {"speculative E=1 d=2", "speculative E=2 d=2"} <= set(modes)
@@ -34,7 +34,13 @@ def test_every_mode_against_hf(tiny_dir, data_file, tmp_path, capsys):
     assert "| full |" in capsys.readouterr().out
 
 
-def test_unknown_mode_is_one_clear_error(tiny_dir, data_file, capsys):
+@pytest.mark.parametrize("extra, message", [
+    (["--modes", "[full,warp]"], 'Parser key "modes"'),
+    (["--batch", "0"], "batch = 0 is out of range: it must be an integer ≥ 1"),
+    (["--random_config", "gpt-5"], "random_config 'gpt-5': choose from llama2-7b"),
+    (["--generation.max_new_tokens", "0"], "generation.max_new_tokens = 0 is out of range"),
+])
+def test_bad_options_are_refused_before_loading(tiny_dir, data_file, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", tiny_dir, "--device", "cpu", "--data", data_file, "--modes", "full,warp"])
-    assert exit_info.value.code == 2 and "unknown modes ['warp']" in capsys.readouterr().err
+        main(["--model.name", tiny_dir, "--model.device", "cpu", "--data", data_file, *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

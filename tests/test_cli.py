@@ -49,3 +49,73 @@ def test_bad_input(paths, case):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, proc.stderr
+
+
+# --- one convention for every command ----------------------------------------------------------------
+
+import ast  # noqa: E402
+import runpy  # noqa: E402
+
+ENTRY_POINTS = ("evaluate", "train", "lens", "judge", "serve", "bench")
+SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("*.py"))
+
+
+def run_command(name: str, argv: list[str], monkeypatch) -> int:
+    """Run an entry point (``earlyexit.NAME``) or a script (``scripts/NAME``) in this process; its exit status."""
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    try:
+        if name.endswith(".py"):
+            runpy.run_path(str(ROOT / "scripts" / name), run_name="__main__")
+        else:
+            __import__(f"earlyexit.{name}", fromlist=["main"]).main(argv)
+    except SystemExit as stop:
+        return stop.code or 0
+    return 0
+
+
+@pytest.mark.parametrize("name", [*ENTRY_POINTS, *SCRIPTS])
+def test_every_command_answers_help_and_print_config_and_takes_its_own_config(name, tmp_path, monkeypatch, capsys):
+    assert run_command(name, ["--help"], monkeypatch) == 0
+    assert "--config" in capsys.readouterr().out
+    sub = ["eval"] if name == "bench_multigpu.py" else []
+    assert run_command(name, [*sub, "--print_config"], monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() and ":" in printed
+    config = tmp_path / "config.yaml"
+    config.write_text(printed)
+    assert run_command(name, [*sub, "--config", str(config), "--print_config"], monkeypatch) == 0
+    assert capsys.readouterr().out == printed  # what --print_config writes, --config reads back unchanged
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_no_module_imports_an_entry_point():
+    entry = {f"earlyexit.{name}" for name in ENTRY_POINTS}
+    offenders = {}
+    for path in sorted((ROOT / "earlyexit").rglob("*.py")):
+        own = f"earlyexit.{path.stem}"
+        hits = sorted(_imports(path) & (entry - {own}))
+        if hits:
+            offenders[str(path.relative_to(ROOT))] = hits
+    assert not offenders, f"modules importing entry points: {offenders}"
+
+
+def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "lens"
+    assert run_command("lens", ["--model.name", tiny_dir, "--model.device", "cpu", "--prompt", "hi",
+                                "--max_new_tokens", "3", "--out_dir", str(out)], monkeypatch) == 0
+    assert "max_new_tokens: 3" in (out / "config.yaml").read_text()
+    bench = tmp_path / "bench"
+    assert run_command("bench", ["--model.name", tiny_dir, "--model.device", "cpu", "--modes", "[full]", "--repeats", "1",
+                                 "--generation.max_new_tokens", "3", "--out_dir", str(bench)], monkeypatch) == 0
+    assert (bench / "config.yaml").is_file() and (bench / "bench.json").is_file()

@@ -4,8 +4,10 @@ run per exit), full-depth greedy for self-speculation, and a recompute-from-scra
 import pytest
 import torch
 
-from earlyexit.engine import Engine, StaticKV, additive_mask, confidence, nucleus, sliding_windows
+from earlyexit.arch import sliding_windows
+from earlyexit.engine import Engine, StaticKV, additive_mask, confidence
 from earlyexit.errors import EarlyExitError
+from earlyexit.generation import GenerationArgs, nucleus
 from earlyexit.model import EarlyExitHead
 from tiny import tiny_model
 
@@ -70,7 +72,7 @@ def test_programs_are_reused_across_calls_of_one_shape():
     first = engine.generate(ids, mask, [2, 4], max_new_tokens=8, ignore_eos=True)
     other = engine.generate(ids.flip(0), mask.flip(0), [2, 4], max_new_tokens=8, ignore_eos=True)
     again = engine.generate(ids, mask, [2, 4], max_new_tokens=8, ignore_eos=True)
-    assert len(engine._programs) == 1
+    assert engine.programs == 1
     assert all(torch.equal(first[layer].tokens, again[layer].tokens) for layer in (2, 4))
     assert torch.equal(other[4].tokens, first[4].tokens.flip(0))
     spec = [engine.generate_speculative(ids, mask, 2, 3, max_new_tokens=8, ignore_eos=True) for _ in range(2)]
@@ -125,38 +127,49 @@ def test_speculative_sampling_follows_the_full_model():
 
 @torch.no_grad()
 def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax"):
-    """CALM from scratch, batch 1, no cache: each step reruns the whole sequence block by block, feeding every
-    block above a generated token's exit that token's exit state (the propagation the engine implements)."""
-    engine = Engine(ee)
+    """CALM from scratch, batch 1, no cache, through the model's own forward: each step reruns the whole sequence,
+    and hooks on the blocks feed every block above a generated token's exit that token's exit state (the
+    propagation the engine implements) and pick the last position's exit."""
     tokens, exits = list(ids[0].tolist()), []
     prompt = len(tokens)
     for _ in range(steps):
-        seq = torch.tensor([tokens])
-        length = seq.shape[1]
-        slots = torch.arange(length)[None]
-        valid = torch.ones(1, length, dtype=torch.bool)
-        hidden, kwargs, masks = engine._inputs(seq, slots, valid, torch.zeros(1, dtype=torch.long), StaticKV(length))
-        frozen = {}  # position → exit state
-        for layer in range(1, ee.n_layers + 1):
-            inputs = hidden.clone()
-            for position, state in frozen.items():
-                inputs[0, position] = state
-            hidden = engine._blocks(inputs, kwargs, masks, range(layer, layer + 1))
-            for position in range(prompt, length - 1):  # generated tokens keep the exit they took as last token
-                if exits[position - prompt + 1] == layer:
-                    frozen[position] = hidden[0, position]
-            if layer >= min_layer and length - 1 not in frozen:
-                last = hidden[:, -1]
-                logits = ee.exit_logits(last)
-                logits[:, 1] = float("-inf")  # EOS is banned (ignore_eos)
-                score = confidence(logits, last, inputs[:, -1], measure)
-                if layer == ee.n_layers or float(score) >= threshold:
-                    frozen[length - 1] = last[0]
-                    choice = layer
+        length = len(tokens)
+        frozen, chosen, inputs = {}, {}, {}  # position → exit state; the last position's exit; each block's input
+
+        def before(layer):
+            def hook(_module, args, kwargs):
+                hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+                for position, state in frozen.items():
+                    hidden[0, position] = state
+                inputs[layer] = hidden
+                return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+            return hook
+
+        def after(layer):
+            def hook(_module, _args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                for position in range(prompt, length - 1):  # generated tokens keep the exit they took as last token
+                    if exits[position - prompt + 1] == layer:
+                        frozen[position] = hidden[0, position]
+                if layer >= min_layer and length - 1 not in frozen:
+                    last = hidden[:, -1]
+                    logits = ee.exit_logits(last)
+                    logits[:, 1] = float("-inf")  # EOS is banned (ignore_eos)
+                    if layer == ee.n_layers or float(confidence(logits, last, inputs[layer][:, -1], measure)) >= threshold:
+                        frozen[length - 1], chosen["layer"] = last[0], layer
+            return hook
+
+        handles = [block.register_forward_pre_hook(before(i + 1), with_kwargs=True) for i, block in enumerate(ee.blocks)]
+        handles += [block.register_forward_hook(after(i + 1)) for i, block in enumerate(ee.blocks)]
+        try:
+            ee.decoder(input_ids=torch.tensor([tokens]), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
         logits = ee.exit_logits(frozen[length - 1])
         logits[1] = float("-inf")
         tokens.append(int(logits.argmax()))
-        exits.append(choice)
+        exits.append(chosen["layer"])
     return tokens[prompt:], exits  # exits[k]: the layer that chose token k (k = 0 from the prompt's last token)
 
 
@@ -222,6 +235,19 @@ def test_bad_arguments_are_refused():
     with pytest.raises(EarlyExitError, match="out of range"):
         engine.generate(ids, mask, [5])
     with pytest.raises(EarlyExitError, match="measure"):
-        engine.generate_dynamic(ids, mask, 0.5, measure="entropy")
+        engine.generate_dynamic(ids, mask, threshold=0.5, measure="entropy")
     with pytest.raises(EarlyExitError, match="GPU"):
         Engine(ee, cuda_graphs=True)
+
+
+def test_every_mode_takes_one_options_object_and_keyword_changes():
+    ee = EarlyExitHead(tiny_model("llama"))
+    ids, mask = prompts()
+    engine, options = Engine(ee), GenerationArgs(max_new_tokens=6, threshold=0.0, min_layer=2)
+    assert torch.equal(engine.generate(ids, mask, [2], options, ignore_eos=True)[2].tokens,
+                       engine.generate(ids, mask, [2], max_new_tokens=6, ignore_eos=True)[2].tokens)
+    assert engine.generate_dynamic(ids, mask, options, ignore_eos=True).tokens.shape == (3, 6)
+    assert engine.generate_speculative(ids, mask, 2, 2, options, ignore_eos=True).tokens.shape == (3, 6)
+    assert ee.generate(ids, mask, 2, options, ignore_eos=True).tokens.shape == (3, 6)
+    with pytest.raises(EarlyExitError, match="generation.top_p = 2 is out of range"):
+        engine.generate(ids, mask, [2], options, top_p=2)

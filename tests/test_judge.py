@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from earlyexit import judge as J
+from earlyexit.data import encode_chat
 from earlyexit.errors import EarlyExitError
 from earlyexit.evaluate import main as evaluate_main
 from earlyexit.serve import ChatModel, make_server
@@ -92,7 +93,7 @@ def test_load_items_alpaca_and_custom_fields(tmp_path_factory):
     custom = J.load_items(J.JudgeData(source=str(path), question_field="q", context_field="passage", answer_field="gold",
                                       offset=1, limit=2))
     assert custom == [(1, {"instruction": "q1", "input": "p1", "output": "a1"}), (2, {"instruction": "q2", "input": "p2", "output": "a2"})]
-    with pytest.raises(EarlyExitError, match="record 0: the context field 'context' is missing"):
+    with pytest.raises(EarlyExitError, match=r"record 0: missing field .context. \(set --data.context_field"):
         J.load_items(J.JudgeData(source=str(path), question_field="q", context_field="context", answer_field="gold"))
     with pytest.raises(EarlyExitError, match="no record with a non-empty 'input'"):
         J.load_items(J.JudgeData(source=records_file(tmp_path_factory, [r | {"input": ""} for r in RECORDS])))
@@ -215,7 +216,7 @@ def flaky():
 
 
 def openai_judge(url: str, **kw) -> J.OpenAIJudge:
-    args = dict(kind="openai", model="m", base_url=url, max_retries=2, backoff=0.01, timeout=0.5, concurrency=1) | kw
+    args = dict(kind="openai", model="m", base_url=url, max_retries=2, timeout=0.5, concurrency=1) | kw
     return J.OpenAIJudge(J.JudgeArgs(**args))
 
 
@@ -223,8 +224,6 @@ def openai_judge(url: str, **kw) -> J.OpenAIJudge:
     ("500", "last: HTTP 500: injected 500"),
     ("429", "last: HTTP 429: injected 429"),
     ("slow", "last: timed out after 0.5 s"),
-    ("malformed", "last: malformed response (JSONDecodeError"),
-    ("shape", "last: malformed response"),
 ])
 def test_persistent_failures_retry_then_fail_clearly(flaky, tmp_path, mode, needle):
     server = flaky(default=mode)
@@ -234,6 +233,15 @@ def test_persistent_failures_retry_then_fail_clearly(flaky, tmp_path, mode, need
     assert f"the judge endpoint {server.url} failed 3 times; {needle}" in message, message
     assert "0 of 6 verdicts are kept" in message
     assert server.requests == 3  # one request, two retries; the other cases were never sent
+
+
+@pytest.mark.parametrize("mode", ["malformed", "shape"])
+def test_a_malformed_response_fails_at_once_with_one_line(flaky, tmp_path, mode):
+    server = flaky(default=mode)
+    with pytest.raises(EarlyExitError) as err:
+        J.judge_cases(openai_judge(server.url), cases(), J.VerdictCache(tmp_path / "v.jsonl"))
+    assert f"the judge endpoint {server.url} sent a malformed response" in str(err.value)
+    assert server.requests == 1  # not retried: the endpoint is not speaking the API
 
 
 def test_verdicts_obtained_before_a_failure_are_kept(flaky, tmp_path):
@@ -299,7 +307,7 @@ def test_local_judge_is_deterministic_and_equals_the_library(tiny_chat):
         runs.append(got)
     assert runs[0] == runs[1] and len(runs[0]) == 6
     case = cases()[3]
-    ids = torch.tensor([judge._encode(case.messages())])
+    ids = torch.tensor([encode_chat(case.messages(), tiny_chat.tokenizer)])
     out = tiny_chat.ee.generate(ids, torch.ones_like(ids), 4, max_new_tokens=6, pad_token_id=PAD)
     reply = tiny_chat.tokenizer.decode(out.tokens[0, : int(out.n_tokens[0])].tolist(), skip_special_tokens=True)
     assert runs[0][(case.id, case.layer)] == (J.parse_verdict(reply), reply)
@@ -346,11 +354,11 @@ def test_reuses_the_evaluation_generations(tiny_dir, tmp_path_factory, tmp_path)
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--data.context_field", "passage"], "the context field 'passage' is missing (set --data.context_field"),
+    (["--data.context_field", "passage"], "missing field 'passage' (set --data.context_field"),
     (["--judge.kind", "openai", "--judge.model", "gpt-4o-mini", "--judge.base_url", "https://api.example.com/v1",
       "--judge.api_key_env", "EARLYEXIT_NO_SUCH_KEY"], "set the environment variable EARLYEXIT_NO_SUCH_KEY"),
     (["--judge.kind", "openai"], "--judge.model is required with --judge.kind openai"),
-    (["--judge.kind", "openai", "--judge.model", "m", "--judge.base_url", "http://127.0.0.1:9/v1", "--judge.backoff", "0",
+    (["--judge.kind", "openai", "--judge.model", "m", "--judge.base_url", "http://127.0.0.1:9/v1",
       "--judge.max_retries", "1"], "failed 2 times; last: could not connect"),
 ])
 def test_cli_bad_input(tiny_dir, tmp_path_factory, tmp_path, extra, message):

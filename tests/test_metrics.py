@@ -84,7 +84,7 @@ def test_bertscore_equals_bert_score(minilm):
 
 
 def test_bertscore_model_choice(minilm, monkeypatch):
-    from earlyexit import hub
+    from earlyexit import network as hub
 
     assert minilm.num_layers == 6 and minilm.model.endswith("model")
     monkeypatch.setattr(hub, "_reachable", True)  # as on a machine with a network

@@ -2,7 +2,6 @@
 and asking the hub without a network fails in seconds with one line."""
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -78,7 +77,7 @@ def test_hub_model_without_network_fails_fast_with_one_line(tmp_path, env):
 
 
 def test_hub_probe_is_bounded():
-    from earlyexit import hub
+    from earlyexit import network as hub
 
     hub._reachable = None
     old = os.environ.get("HF_ENDPOINT")

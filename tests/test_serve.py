@@ -202,20 +202,23 @@ def test_first_stop():
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--host", "0.0.0.0"], "refusing to serve on '0.0.0.0' without a bearer token"),
-    (["--token_env", "EARLYEXIT_NO_SUCH_TOKEN"], "the environment variable EARLYEXIT_NO_SUCH_TOKEN is not set"),
+    (["--server.host", "0.0.0.0"], "refusing to serve on '0.0.0.0' without a bearer token"),
+    (["--server.token_env", "EARLYEXIT_NO_SUCH_TOKEN"], "the environment variable EARLYEXIT_NO_SUCH_TOKEN is not set"),
+    (["--server.port", "70000"], "server.port = 70000 is out of range: it must be in 0..65535"),
+    (["--server.max_tokens", "0"], "server.max_tokens = 0 is out of range"),
 ])
 def test_cli_refusals(tiny_dir, extra, message):
     env = {k: v for k, v in os.environ.items() if k != "EARLYEXIT_NO_SUCH_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "earlyexit.serve", "--model", tiny_dir, *extra], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "earlyexit.serve", "--model.name", tiny_dir, *extra], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
 
 
 def test_cli_serves_a_model_directory(tiny_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "earlyexit.serve", "--model", tiny_dir, "--served_name", "t", "--port", "0",
-                             "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "earlyexit.serve", "--model.name", tiny_dir, "--server.served_name", "t",
+                             "--server.port", "0", "--model.device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving t (4 layers) at http://127.0.0.1:"), line

@@ -124,10 +124,10 @@ def test_layer_dropout_only_in_training(tiny_dir):
     hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(module.ee.blocks, 1)]
     ids = torch.randint(3, 100, (2, 8))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    module._loss(batch, step=0, train=True)
+    module.training_step(batch, 0)
     assert ran == [1]  # p = 1 everywhere: every block but the first is skipped
     ran.clear()
-    module.validation_step(batch, 0) if False else module._loss(batch, step=0, train=False)
+    module.validation_step(batch, 0)
     assert ran == [1, 2, 3, 4]
     for h in hooks:
         h.remove()

@@ -1,4 +1,5 @@
-"""The Hugging Face hub, asked only when a user names something that lives there.
+"""The network: the Hugging Face hub, asked only when a user names something that lives there, and loopback
+addresses (what the server may expose and the judge may reach without a key).
 
 Without a network, ``from_pretrained`` and ``load_dataset`` retry for tens of seconds before they fail with a
 long traceback. :func:`require_hub` answers first, in a few seconds at most: it honours ``HF_HUB_OFFLINE`` at
@@ -8,6 +9,7 @@ once, otherwise opens one TCP connection to the hub with a short timeout, and tu
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import threading
@@ -69,3 +71,13 @@ def require_hub(what: str, instead: str) -> None:
 def offline_miss(what: str, instead: str) -> EarlyExitError:
     """The error for something the hub holds that the local cache lacks while ``HF_HUB_OFFLINE`` is set."""
     return EarlyExitError(f"{what} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; pass {instead}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface (``localhost``, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

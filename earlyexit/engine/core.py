@@ -1,0 +1,335 @@
+"""The engine's core: the model's own pieces driven step by step, decoding programs, CUDA graphs, all exits.
+
+:class:`Core` drives the decoder blocks itself instead of calling the model's ``generate``. Everything
+family-specific stays in the model: the embedding, positional encoding and rotary tables come from the model's
+own forward (a pre-hook on block 1 captures the block inputs and stops it there), and the blocks are the model's
+own modules, called with the keyword arguments the model itself passes them. We supply the cache
+(:class:`~earlyexit.engine.cache.StaticKV`) and the 4D additive attention masks.
+
+A *program* is the work of one shape (rows, prompt length, options): its buffers, cache and, on a GPU, the
+decode step captured once as a CUDA graph that advances its own inputs, so a token costs one graph replay and no
+Python per layer. Programs are kept and reused by later calls of the same shape.
+
+**All exits in one pass** (:meth:`Core.generate`): K exit layers × B prompts decode as K·B rows of one batch,
+ordered by exit (deepest first), so block ``l`` runs on the leading rows whose exit is ≥ ``l``: a slice, never a
+mask. A row's hidden state stops changing above its exit and the final norm and head read it there; each layer's
+KV cache holds only the rows that reach it. Greedy outputs equal the model's own ``generate`` truncated at each
+exit (tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from earlyexit.arch import CACHE_ARGS, UNBATCHED_ARGS, sliding_windows
+from earlyexit.engine.cache import StaticKV, additive_mask
+from earlyexit.errors import EarlyExitError
+from earlyexit.generation import GenerationArgs, options, select
+from earlyexit.model import EarlyExitHead, Generation, finish
+
+
+class _Stop(Exception):
+    """Raised by the block-1 pre-hook once the model's own forward has prepared the block inputs."""
+
+
+class Core:
+    """The engine's machinery and its all-exits mode (see :class:`earlyexit.engine.Engine` for the whole engine).
+
+    Args:
+        ee: the exit-aware model (eval mode; merge LoRA adapters first for speed).
+        cuda_graphs: capture the decode step as a CUDA graph; default: on when the model is on a GPU.
+        compile: run the decode step's blocks through ``torch.compile`` (fuses the norms, rotary and
+            element-wise work between the matmuls; compiles once per exit set and batch shape).
+    """
+
+    def __init__(self, ee: EarlyExitHead, cuda_graphs: bool | None = None, compile: bool = False):
+        self.ee = ee
+        self.device = next(ee.parameters()).device
+        self.dtype = ee.norm.weight.dtype if getattr(ee.norm, "weight", None) is not None else torch.float32
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise EarlyExitError("CUDA graphs need the model on a GPU")
+        self._programs: dict[tuple, Callable] = {}
+        self._decode_blocks = self._blocks
+        if compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._decode_blocks = torch.compile(self._blocks, dynamic=False)
+        self.windows = sliding_windows(ee.config)
+        self.n_layers = ee.n_layers
+        self._signature = inspect.signature(ee.blocks[0].forward)
+        params = self._params = self._signature.parameters
+        self._hidden_name = next(iter(params))
+        self._cache_name = next((name for name in CACHE_ARGS if name in params), None)
+        if self._cache_name is None:
+            raise EarlyExitError(f"{type(ee.blocks[0]).__name__} takes no cache argument; the engine cannot drive it")
+
+    # ----------------------------------------------------------------------------------------- model pieces
+    def _inputs(self, ids: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, npad: torch.Tensor, cache: StaticKV):
+        """The model's own embedding and positional inputs for tokens ``ids`` at ``slots``.
+
+        Returns the hidden state entering block 1, the keyword arguments the model passes its blocks (with
+        ``cache``, whose write slots become ``slots``), and one additive mask per distinct sliding window.
+        """
+        cache.slots = slots
+        positions = (slots - npad[:, None]).clamp(min=0)
+        masks = {w: additive_mask(slots, valid, w, self.dtype) for w in dict.fromkeys(self.windows)}
+        captured = {}
+
+        def hook(_module, args, kwargs):
+            bound = self._signature.bind_partial(*args, **kwargs)
+            for name, value in bound.arguments.items():
+                if self._params[name].kind is inspect.Parameter.VAR_KEYWORD:
+                    captured.update(value)
+                else:
+                    captured[name] = value
+            raise _Stop
+
+        handle = self.ee.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.ee.decoder(input_ids=ids, attention_mask=masks[self.windows[0]], position_ids=positions, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        hidden = captured.pop(self._hidden_name)
+        captured[self._cache_name] = cache
+        captured["use_cache"] = True
+        return hidden, captured, masks
+
+    def _blocks(self, hidden, kwargs, masks, layers: range, rows: list[int] | None = None) -> torch.Tensor:
+        """Run blocks ``layers`` (1-based). Block l runs on the first ``rows[l-1]`` rows; the others pass through."""
+        total = hidden.shape[0]
+        for layer in layers:
+            block = self.ee.blocks[layer - 1]
+            n = total if rows is None else rows[layer - 1]
+            call = {**kwargs, "attention_mask": masks[self.windows[layer - 1]]}
+            if n < total:
+                call = {name: value if name in UNBATCHED_ARGS else take_rows(value, n, total) for name, value in call.items()}
+            out = block(hidden[:n], **call)
+            out = out[0] if isinstance(out, tuple) else out
+            hidden = out if n == total else torch.cat([out, hidden[n:]])
+        return hidden
+
+    def _logits(self, hidden: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
+        """Float exit logits of block outputs; ``banned`` token ids (EOS under ``ignore_eos``) get -inf."""
+        logits = self.ee.exit_logits(hidden).float()
+        if banned is not None and banned.numel():
+            logits = logits.index_fill(-1, banned, float("-inf"))
+        return logits
+
+    def _graph(self, step: Callable[[], torch.Tensor], state: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """``step`` advances ``state`` in place; on a GPU capture it once and replay it."""
+        if not self.cuda_graphs:
+            return step
+        saved = [tensor.clone() for tensor in state]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            step()  # warm-up: lazy initialisation, cuBLAS workspaces
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
+
+        def replay():
+            graph.replay()
+            return out
+
+        return replay
+
+    # ------------------------------------------------------------------------------------------ set-up
+    @property
+    def programs(self) -> int:
+        """Decoding programs kept for reuse (one per shape of work)."""
+        return len(self._programs)
+
+    def _program(self, key: tuple, build: Callable[[], Callable]):
+        """A decoding program for one shape of work: its buffers, cache and captured graph, built once and
+        reused by later calls of the same shape (the few most recent ones are kept)."""
+        program = self._programs.pop(key, None) or build()
+        self._programs[key] = program
+        while len(self._programs) > 8:
+            self._programs.pop(next(iter(self._programs)))
+        return program
+
+    def _shape(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Prompts on the device; with CUDA graphs, left-padded to a multiple of 16 so programs are reused."""
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device).bool()
+        extra = -ids.shape[1] % 16 if self.cuda_graphs else 0
+        if extra:
+            ids = torch.cat([ids.new_zeros(ids.shape[0], extra), ids], 1)
+            mask = torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1)
+        return ids, mask
+
+    def _buffers(self, rows: int, prompt: int, capacity: int):
+        """The cache and the per-row validity of each slot (prompt padding is invalid) and pad counts."""
+        valid = torch.ones(rows, capacity, dtype=torch.bool, device=self.device)
+        npad = torch.zeros(rows, dtype=torch.long, device=self.device)
+
+        def load(ids, mask):
+            repeat = rows // ids.shape[0]
+            mask = mask.repeat(repeat, 1)
+            valid[:, :prompt] = mask
+            npad.copy_((~mask).sum(1))
+            return ids.repeat(repeat, 1)
+
+        return StaticKV(capacity), valid, npad, load
+
+    def _prefill(self, ids, valid, npad, cache, layers: range, rows=None) -> torch.Tensor:
+        slots = torch.arange(ids.shape[1], device=self.device).expand(ids.shape[0], -1)
+        hidden, kwargs, masks = self._inputs(ids, slots, valid, npad, cache)
+        return self._blocks(hidden, kwargs, masks, layers, rows)[:, -1:]
+
+    # ------------------------------------------------------------------------------------------ all exits
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        exit_layers: list[int],
+        generation: GenerationArgs | None = None,
+        *,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        ignore_eos: bool = False,
+        **changes,
+    ) -> dict[int, Generation]:
+        """Greedy (or sampled) decoding from every exit in ``exit_layers`` in one batched pass.
+
+        Args:
+            input_ids: ``[B, T]`` left-padded prompts.
+            attention_mask: ``[B, T]``.
+            exit_layers: exits 1..N; block l runs only on the rows of exits ≥ l.
+            generation: decoding options (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``); keyword
+                ``changes`` override single fields (``max_new_tokens=12``).
+            eos_token_id, pad_token_id, ignore_eos: as :meth:`EarlyExitHead.generate`.
+
+        Returns:
+            ``{layer: Generation}`` for each exit, each as :meth:`EarlyExitHead.generate` would return it.
+        """
+        args = options(generation, **changes)
+        exits = sorted({self.ee.check_layer(layer) for layer in exit_layers}, reverse=True)
+        stops = self.stops(eos_token_id, pad_token_id, ignore_eos)
+        ids, mask = self._shape(input_ids, attention_mask)
+        batch, prompt = ids.shape
+        key = ("exits", tuple(exits), batch, prompt, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, stops)
+        out = self._program(key, lambda: self._exits_program(exits, batch, prompt, args, stops))(ids, mask)
+        return {layer: stops.finish(out[i * batch : (i + 1) * batch], args.max_new_tokens) for i, layer in enumerate(exits)}
+
+    def _exits_program(self, exits: list[int], batch: int, prompt: int, args: GenerationArgs, stops: Stops):
+        total, new = len(exits) * batch, args.max_new_tokens
+        exit_of_row = [layer for layer in exits for _ in range(batch)]
+        rows = [sum(exit >= layer for exit in exit_of_row) for layer in range(1, self.n_layers + 1)]
+        cache, valid, npad, load = self._buffers(total, prompt, prompt + new)
+        banned, is_eos = stops.tensors(self.device)
+        choose = select(args)
+        loop = Columns(total, new, stops.pad, self.device)
+        layers = range(1, exits[0] + 1)
+        graphed = None
+
+        def step():
+            hidden, kwargs, masks = self._inputs(loop.last(), loop.slot, valid, npad, cache)
+            token = choose(self._logits(self._decode_blocks(hidden, kwargs, masks, layers, rows)[:, -1], banned))
+            loop.advance(token)
+            return token
+
+        def run(ids, mask):
+            nonlocal graphed
+            ids = load(ids, mask)
+            loop.start(prompt)
+            loop.out[:, 0] = choose(self._logits(self._prefill(ids, valid, npad, cache, layers, rows)[:, -1], banned))
+            if graphed is None:  # sampling draws host-side random state: it runs eagerly
+                graphed = step if args.do_sample else self._graph(step, loop.state())
+            until_done(graphed, loop.out, is_eos)
+            return loop.out.clone()
+
+        return run
+
+    def stops(self, eos_token_id=None, pad_token_id=None, ignore_eos: bool = False) -> Stops:
+        eos_ids, pad = self.ee.eos_and_pad(eos_token_id, pad_token_id)
+        return Stops(tuple(eos_ids), pad, ignore_eos)
+
+
+@dataclass(frozen=True)
+class Stops:
+    """When rows stop and what fills them afterwards: the EOS ids, the pad id, and ``ignore_eos`` (never stop:
+    EOS is banned from the logits instead, for fixed-length benchmarks)."""
+
+    eos_ids: tuple[int, ...]
+    pad: int
+    ignore_eos: bool = False
+
+    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``banned`` token ids (EOS under ``ignore_eos``) and the ``is_eos`` ids that end a row (None: never)."""
+        banned = torch.tensor(self.eos_ids if self.ignore_eos else [], dtype=torch.long, device=device)
+        ends = None if self.ignore_eos or not self.eos_ids else torch.tensor(self.eos_ids, dtype=torch.long, device=device)
+        return banned, ends
+
+    def finish(self, tokens: torch.Tensor, max_new_tokens: int) -> Generation:
+        return finish(tokens, [] if self.ignore_eos else list(self.eos_ids), self.pad, max_new_tokens)
+
+
+class Columns:
+    """A decode loop's state on the device, advanced in place so that a CUDA graph can replay the step.
+
+    ``out`` (``[R, new]``) holds each row's tokens, column 0 the prompt's answer; ``step`` is the column written
+    last and ``slot`` each row's cache slot of its next input token; ``extras`` are further ``[R, new]`` per-token
+    records (a dynamic exit's layer).
+    """
+
+    def __init__(self, rows: int, new: int, pad: int, device, extras: int = 0):
+        self.pad = pad
+        self.out = torch.full((rows, new), pad, dtype=torch.long, device=device)
+        self.extras = [torch.zeros((rows, new), dtype=torch.long, device=device) for _ in range(extras)]
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.slot = torch.zeros((rows, 1), dtype=torch.long, device=device)
+
+    def start(self, prompt: int) -> None:
+        self.out.fill_(self.pad)
+        for extra in self.extras:
+            extra.zero_()
+        self.step.zero_()
+        self.slot.fill_(prompt)
+
+    def last(self) -> torch.Tensor:
+        """``[R, 1]`` the tokens written last: the next step's inputs."""
+        return self.out.gather(1, self.step.expand(self.out.shape[0])[:, None])
+
+    def advance(self, token: torch.Tensor, *extras: torch.Tensor) -> None:
+        """Write ``token`` (and ``extras``, ``[R]`` each) to the next column and move every row one slot on."""
+        self.step.add_(1)
+        column = self.step.expand(self.out.shape[0])[:, None]
+        self.out.scatter_(1, column, token[:, None])
+        for buffer, value in zip(self.extras, extras):
+            buffer.scatter_(1, column, value[:, None])
+        self.slot.add_(1)
+
+    def state(self) -> list[torch.Tensor]:
+        """Every tensor a step changes (restored after a graph's warm-up and capture)."""
+        return [self.out, *self.extras, self.step, self.slot]
+
+
+def take_rows(value, n: int, total: int):
+    """The first n rows of every tensor (nested in tuples) whose leading dimension is the batch."""
+    if isinstance(value, torch.Tensor):
+        return value[:n] if value.dim() and value.shape[0] == total else value
+    if isinstance(value, tuple):
+        return tuple(take_rows(item, n, total) for item in value)
+    return value
+
+
+def until_done(step: Callable, out: torch.Tensor, eos: torch.Tensor | None) -> None:
+    """Run ``step`` (which writes column t of ``out``) for t = 1.. until ``out`` is full or, every 16 steps (a
+    host sync each), every row holds one of ``eos``."""
+    for t in range(1, out.shape[1]):
+        step()
+        if eos is not None and t % 16 == 0 and bool(torch.isin(out[:, : t + 1], eos).any(1).all()):
+            return

@@ -1,0 +1,161 @@
+"""Self-speculative decoding (LayerSkip, Elhoushi et al., 2024): draft with the first E blocks, verify with all.
+
+A cycle drafts d tokens from exit E, then verifies them with the full model in one pass that reuses the draft's
+KV and layer-E states below E. Greedy output equals full-depth greedy decoding; sampled output follows the full
+model's distribution (the speculative acceptance rule of Leviathan et al., 2023). Rows of a batch accept
+different numbers of drafts and continue at their own slots; a cycle is one CUDA graph replay on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from earlyexit.engine.core import Core, Stops
+from earlyexit.errors import EarlyExitError
+from earlyexit.generation import GenerationArgs, options, probabilities, sample
+from earlyexit.model import Generation
+
+
+@dataclass
+class SpeculativeGeneration(Generation):
+    """A :class:`Generation` plus draft statistics: ``drafted`` and ``accepted`` tokens, ``cycles`` run."""
+
+    drafted: int = 0
+    accepted: int = 0
+    cycles: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(1, self.drafted)
+
+
+class SelfSpeculation(Core):
+    """The engine's self-speculative mode (mixed into :class:`earlyexit.engine.Engine`)."""
+
+    @torch.no_grad()
+    def generate_speculative(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        draft_layer: int,
+        n_draft: int = 4,
+        generation: GenerationArgs | None = None,
+        *,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        ignore_eos: bool = False,
+        **changes,
+    ) -> SpeculativeGeneration:
+        """Self-speculative decoding (LayerSkip): draft ``n_draft`` tokens from exit ``draft_layer``, verify them
+        with the full model in one pass, keep the agreeing prefix plus the full model's next token.
+
+        The verification reuses the draft: blocks ≤ E already wrote the drafted tokens' KV and produced their
+        layer-E states, so it runs blocks ≤ E for the last draft only and blocks > E for all of them. Greedy
+        output equals full-depth greedy decoding; sampling uses the speculative acceptance rule (accept a draft
+        with probability min(1, p/q), else draw from the normalised max(0, p − q)), so tokens follow the full
+        model's distribution. Rows of a batch accept different numbers of tokens and continue at their own slots.
+
+        Args:
+            input_ids, attention_mask: ``[B, T]`` left-padded prompts.
+            draft_layer: E, the exit that drafts (1..N−1).
+            n_draft: d, tokens drafted per cycle.
+            generation, eos_token_id, pad_token_id, ignore_eos, changes: as :meth:`Core.generate`.
+        """
+        args = options(generation, **changes)
+        exit_layer = self.ee.check_layer(draft_layer)
+        if exit_layer >= self.n_layers:
+            raise EarlyExitError(f"draft layer {draft_layer} must be below the last layer {self.n_layers}")
+        if n_draft < 1:
+            raise EarlyExitError(f"n_draft must be at least 1, got {n_draft}")
+        stops = self.stops(eos_token_id, pad_token_id, ignore_eos)
+        ids, mask = self._shape(input_ids, attention_mask)
+        batch, prompt = ids.shape
+        key = ("speculative", exit_layer, n_draft, batch, prompt, args.max_new_tokens, args.do_sample, args.temperature,
+               args.top_p, stops)
+        program = self._program(key, lambda: self._speculative_program(exit_layer, n_draft, batch, prompt, args, stops))
+        out, (drafted, accepted, cycles) = program(ids, mask)
+        result = stops.finish(out[:, : args.max_new_tokens], args.max_new_tokens)
+        return SpeculativeGeneration(result.tokens, result.n_tokens, result.finished, drafted, accepted, cycles)
+
+    def _speculative_program(self, exit_layer: int, depth: int, batch: int, prompt: int, args: GenerationArgs, stops: Stops):
+        max_new_tokens, pad, do_sample = args.max_new_tokens, stops.pad, args.do_sample
+        width = max_new_tokens + depth + 2  # the last column takes the writes of rows that are done
+        cache, valid, npad, load = self._buffers(batch, prompt, prompt + width + depth)  # done rows still draft
+        banned, ends = stops.tensors(self.device)
+        out = torch.full((batch, width), pad, dtype=torch.long, device=self.device)
+        cur = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        pos = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+        count = torch.ones(batch, dtype=torch.long, device=self.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        stats = torch.zeros(3, dtype=torch.long, device=self.device)  # drafted, accepted, cycles
+        offsets = torch.arange(depth + 1, device=self.device)
+        rows = torch.arange(batch, device=self.device)
+        graphed = None
+
+        def dist(hidden):
+            logits = self._logits(hidden, banned)
+            return probabilities(logits, args.temperature, args.top_p) if do_sample else logits
+
+        def choose(scores):
+            return sample(scores) if do_sample else scores.argmax(-1)
+
+        def cycle():
+            token, states, drafts, draft_scores = cur, [], [], []
+            for j in range(depth + 1):  # d draft steps; the last one only runs blocks ≤ E for the last draft
+                hidden, kwargs, masks = self._inputs(token, pos + j, valid, npad, cache)
+                states.append(self._decode_blocks(hidden, kwargs, masks, range(1, exit_layer + 1)))
+                if j == depth:
+                    break
+                scores = dist(states[-1][:, -1])
+                token = choose(scores)[:, None]
+                drafts.append(token)
+                draft_scores.append(scores)
+            drafts = torch.cat(drafts, 1)  # [B, d]
+            _, kwargs, masks = self._inputs(torch.cat([cur, drafts], 1), pos + offsets, valid, npad, cache)
+            target = dist(self._decode_blocks(torch.cat(states, 1), kwargs, masks, range(exit_layer + 1, self.n_layers + 1)))
+            if do_sample:
+                q = torch.stack(draft_scores, 1)  # [B, d, V]
+                p_draft = target[:, :depth].gather(-1, drafts[..., None])[..., 0]
+                q_draft = q.gather(-1, drafts[..., None])[..., 0]
+                ok = torch.rand_like(p_draft) * q_draft < p_draft
+                residual = torch.cat([(target[:, :depth] - q).clamp(min=0), target[:, depth:]], 1)  # [B, d+1, V]
+                accepted = ok.long().cumprod(1).sum(1)
+                fix = residual[rows, accepted]
+                nxt = sample(fix / fix.sum(-1, keepdim=True).clamp(min=1e-30))
+            else:
+                best = target.argmax(-1)  # [B, d+1]
+                accepted = (drafts == best[:, :depth]).long().cumprod(1).sum(1)
+                nxt = best.gather(1, accepted[:, None])[:, 0]
+            new = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, d+1]
+            keep = (offsets[None, :] <= accepted[:, None]) & ~done[:, None]
+            out.scatter_(1, torch.where(keep, count[:, None] + offsets, width - 1), new)
+            advance = torch.where(done, 0, accepted + 1)
+            finished = (keep & torch.isin(new, ends)).any(1) if ends is not None else torch.zeros_like(done)
+            stats.add_(torch.stack([(~done).sum() * depth, torch.where(done, 0, accepted).sum(), (~done).any().long()]))
+            count.add_(advance)
+            pos.add_(advance[:, None])
+            cur.copy_(torch.where(done, cur[:, 0], nxt)[:, None])
+            done.logical_or_(finished | (count >= max_new_tokens))
+            return done
+
+        def run(ids, mask):
+            nonlocal graphed
+            ids = load(ids, mask)
+            out.fill_(pad)
+            first = choose(dist(self._prefill(ids, valid, npad, cache, range(1, self.n_layers + 1))[:, -1]))
+            out[:, 0] = first
+            cur.copy_(first[:, None])
+            pos.fill_(prompt)
+            count.fill_(1)
+            done.copy_(torch.isin(first, ends) if ends is not None else torch.zeros_like(done))
+            stats.zero_()
+            if graphed is None:
+                graphed = self._graph(cycle, [out, cur, pos, count, done, stats])
+            for _ in range(max_new_tokens):
+                if bool(graphed().all()):
+                    break
+            return out.clone(), stats.tolist()
+
+        return run

@@ -1,0 +1,115 @@
+"""Decoding options and the sampling rule, defined once for every decode path and command.
+
+:class:`GenerationArgs` is the one set of options: ``evaluate``, ``judge``, ``bench``, the scripts, the server's
+requests (mapped onto it), :meth:`earlyexit.model.EarlyExitHead.generate` and every mode of
+:class:`earlyexit.engine.Engine` read their defaults and checks from it. :func:`select` is the one token choice
+(greedy, or temperature / nucleus sampling) that the engine's programs call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Literal
+
+import torch
+
+from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, require
+
+Measure = Literal["softmax", "margin", "state"]
+ExitMode = Literal["fixed", "dynamic"]
+
+
+@dataclass(frozen=True)
+class GenerationArgs:
+    """How each exit decodes.
+
+    Args:
+        max_new_tokens: Length limit of each answer, in tokens.
+        do_sample: Sample instead of greedy decoding.
+        temperature: Sampling temperature (sampling only; > 0).
+        top_p: Nucleus sampling mass, in (0, 1] (sampling only).
+        seed: Seed of sampling; each example derives its own (:func:`example_seed`), so resumed runs sample the same.
+        engine: decode all exits of a batch in one batched pass with :class:`earlyexit.engine.Engine` (CUDA graphs
+            on a GPU); False runs the model's own ``generate`` once per exit (the reference path).
+        compile: with the engine, compile its decode step (``torch.compile``; pays off on long runs of one shape).
+        exit: ``fixed``: every exit layer answers; ``dynamic``: one answer per example, each token exiting at the
+            first layer ≥ ``min_layer`` whose confidence reaches ``threshold`` (CALM), reported as layer N with
+            the mean layers used.
+        threshold: dynamic exit confidence threshold (0 exits at ``min_layer``; above 1 never exits early).
+        min_layer: dynamic exit's lowest exit; :func:`default_min_layer` (N/4) when None.
+        measure: dynamic exit confidence: ``softmax`` (top probability), ``margin`` (top-1 − top-2) or ``state``
+            (cosine of consecutive hidden states).
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    engine: bool = True
+    compile: bool = False
+    exit: ExitMode = "fixed"
+    threshold: float = 0.9
+    min_layer: int | None = None
+    measure: Measure = "softmax"
+
+    def __post_init__(self):
+        positive("generation.max_new_tokens", self.max_new_tokens)
+        require(self.temperature > 0 or not self.do_sample, "generation.temperature", self.temperature,
+                "> 0 when sampling (generation.do_sample true)")
+        non_negative("generation.temperature", self.temperature)
+        in_unit("generation.top_p", self.top_p, low_open=True)
+        non_negative("generation.threshold", self.threshold)
+        positive("generation.min_layer", self.min_layer, optional=True)
+        if self.measure not in ("softmax", "margin", "state"):
+            raise EarlyExitError(f"generation.measure {self.measure!r}: choose softmax, margin or state")
+
+    def but(self, **changes) -> GenerationArgs:
+        """A copy with ``changes`` (checked again)."""
+        return replace(self, **changes) if changes else self
+
+    def min_layer_of(self, n_layers: int) -> int:
+        """The dynamic exit's lowest exit on a model of ``n_layers`` blocks."""
+        return self.min_layer if self.min_layer is not None else default_min_layer(n_layers)
+
+
+def options(given: GenerationArgs | None, **changes) -> GenerationArgs:
+    """``given`` (the defaults when None) with keyword ``changes``: how every decode path takes its options."""
+    return (given or GenerationArgs()).but(**{k: v for k, v in changes.items() if v is not None})
+
+
+def default_min_layer(n_layers: int) -> int:
+    """The dynamic exit's default lowest exit: a quarter of the depth, rounded (8 of 30, 8 of 32)."""
+    return max(1, round(n_layers / 4))
+
+
+def example_seed(seed: int, example_id: int, layer: int = 0) -> int:
+    """The sampling seed of one example (and exit): fixed by the run's seed, whatever the batching or resume."""
+    return seed * 1_000_003 + example_id * 1_009 + layer
+
+
+def select(args: GenerationArgs) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The token choice over ``[R, V]`` logits: greedy argmax, or temperature / nucleus sampling."""
+    if not args.do_sample:
+        return lambda logits: logits.argmax(-1)
+    return lambda logits: sample(probabilities(logits, args.temperature, args.top_p))
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution: softmax of temperature-scaled logits restricted to the top-p nucleus."""
+    return nucleus(logits / temperature, top_p).softmax(-1)
+
+
+def sample(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row: argmax of p / Exp(1) noise (exact, and needs no host sync, so CUDA graphs keep it)."""
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits with everything outside the top-p nucleus set to -inf (the top token always stays)."""
+    if top_p >= 1.0:
+        return logits
+    ordered, order = logits.sort(-1, descending=True)
+    mass = ordered.softmax(-1).cumsum(-1)
+    drop = mass - ordered.softmax(-1) > top_p
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
