@@ -34,12 +34,15 @@ class ArchSpec:
     """Names of the linear layers LoRA adapts by default (all linear layers of attention and MLP)."""
     softcap_attr: str | None = None
     """Config attribute holding a final-logit soft-capping value (``tanh(x / c) * c``), if the family has one."""
+    fast_block: bool = False
+    """Whether the blocks are llama-style (RMSNorm, rotary attention with q/k/v/o projections, SwiGLU ``gate/up/down``
+    MLP), so that the engine's fast path (:mod:`earlyexit.engine.fast`) can run them."""
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA),
-    "mistral": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA),
-    "qwen2": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA),
+    "llama": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA, fast_block=True),
+    "mistral": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA, fast_block=True),
+    "qwen2": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA, fast_block=True),
     "gemma": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA),
     "gemma2": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA, softcap_attr="final_logit_softcapping"),
     "phi": ArchSpec("model.layers", "model.final_layernorm", "lm_head", ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),

@@ -10,7 +10,8 @@ HF), greedy, after a warm-up run; the median of ``--repeats`` timed runs is repo
 - ``hf``: ``model.generate`` (dynamic cache, eager); ``hf_static``: ``cache_implementation="static"``, which
   compiles the forward with ``torch.compile`` on a GPU; ``hf_assistant``: ``assistant_early_exit=E`` (HF's
   LayerSkip, batch 1 only), each with the model's own layers.
-- ``full``: our engine at full depth; ``exit``: our engine at each quarter exit; ``all_exits``: all quarter
+- ``full``: our engine at full depth (on the fast path of llama-style families unless ``--generation.fast false``);
+  ``generic``: the same through the model's own blocks, for comparison; ``exit``: our engine at each quarter exit; ``all_exits``: all quarter
   exits in one batched pass; ``dynamic``: CALM exit at ``--generation.threshold`` (``--generation.measure``,
   ``--generation.min_layer``); ``speculative``: self-speculative decoding from each ``--draft_layer`` with each
   ``--n_draft`` (greedy text compared with ``full``).
@@ -18,6 +19,10 @@ HF), greedy, after a warm-up run; the median of ``--repeats`` timed runs is repo
 ``--random_config llama2-7b`` builds a randomly initialised model of Llama-2-7B's shape: honest for speed,
 meaningless for quality and for acceptance rates. An adapter is merged into the weights before timing.
 ``--out_dir`` keeps the rows (``bench.json``) and the resolved config.
+
+The bandwidth bound of a mode that reads the weights of blocks 1..L once per step is batch × bandwidth / (bytes of
+those blocks + the final norm and head): the card's memory bandwidth (by its name, or ``--bandwidth_gbs``) over
+the bytes a step must read. Each such mode's share of its bound is reported.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from earlyexit.model import EarlyExitHead, quarter_layers
 from earlyexit.results import markdown_table
 from earlyexit.tiny import RANDOM_SHAPES
 
-Mode = Literal["hf", "hf_static", "hf_assistant", "full", "exit", "all_exits", "dynamic", "speculative"]
+Mode = Literal["hf", "hf_static", "hf_assistant", "full", "generic", "exit", "all_exits", "dynamic", "speculative"]
 MODES: tuple[str, ...] = Mode.__args__
 
 
@@ -60,6 +65,7 @@ class BenchArgs:
         n_draft: speculative draft lengths d.
         repeats: timed runs per mode (the median is reported), after one warm-up run.
         out_dir: also write ``bench.json`` (the rows) and ``config.yaml`` here.
+        bandwidth_gbs: the card's memory bandwidth in GB/s (default: by its name, see :data:`BANDWIDTH_GBS`).
     """
 
     random_config: str | None = None
@@ -71,6 +77,7 @@ class BenchArgs:
     n_draft: list[int] = field(default_factory=lambda: [4])
     repeats: int = 3
     out_dir: str | None = None
+    bandwidth_gbs: float | None = None
 
     def __post_init__(self):
         positive("batch", self.batch)
@@ -80,6 +87,25 @@ class BenchArgs:
             positive("n_draft", d)
         if self.random_config is not None and self.random_config not in RANDOM_SHAPES:
             raise EarlyExitError(f"random_config {self.random_config!r}: choose from {', '.join(sorted(RANDOM_SHAPES))}")
+
+
+BANDWIDTH_GBS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
+                 "A100-SXM4-80GB": 2039.0, "A100": 1555.0, "L40S": 864.0}
+"""Peak memory bandwidth (GB/s) of cards by a part of their name, first match wins (vendors' data sheets)."""
+
+
+def bandwidth(device_name: str, given: float | None = None) -> float | None:
+    """Bytes per second the card can read: ``given`` GB/s, else :data:`BANDWIDTH_GBS` by name; None if unknown."""
+    if given:
+        return given * 1e9
+    return next((gbs * 1e9 for part, gbs in BANDWIDTH_GBS.items() if part in device_name), None)
+
+
+def weight_bytes(ee: EarlyExitHead, layers: int) -> int:
+    """Bytes a decode step reads to run blocks 1..``layers`` and the exit (the final norm and the head)."""
+    tensors = {p.data_ptr(): p for block in list(ee.blocks)[:layers] for p in block.parameters()}
+    tensors.update({p.data_ptr(): p for p in (*ee.norm.parameters(), *ee.head.parameters())})
+    return sum(p.numel() * p.element_size() for p in tensors.values())
 
 
 def build_parser():
@@ -139,7 +165,9 @@ def run(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> 
     modes = list(dict.fromkeys(bench.modes))
     model, tokenizer = load(model_args, bench)
     ee = EarlyExitHead(model)
-    engine = Engine(ee, compile=generation.compile)
+    options = dict(compile=generation.compile, compile_mode=generation.compile_mode)
+    generic = Engine(ee, fast=False, **options) if "generic" in bench.modes else None
+    engine = Engine(ee, fast=generation.fast, **options)
     greedy = generation.but(do_sample=False)
     device = next(model.parameters()).device
     ids, mask = prompts(bench, model, tokenizer)
@@ -157,8 +185,14 @@ def run(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> 
                                   pad_token_id=model.generation_config.pad_token_id, **extra)
         return lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
 
-    def add(mode, seconds, tokens=None, **extra):
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = bandwidth(card, bench.bandwidth_gbs) if device.type == "cuda" else None
+
+    def add(mode, seconds, tokens=None, depth=None, **extra):
         rows.append(dict(mode=mode, seconds=seconds, tokens_per_s=batch * new / seconds, **extra))
+        if depth and peak:
+            bound = batch * peak / weight_bytes(ee, depth)
+            rows[-1].update(bound_tokens_per_s=bound, share_of_bound=batch * new / seconds / bound)
         if tokens is not None:
             texts[mode] = tokens.cpu()
         print(f"{mode:>24}: {batch * new / seconds:9.1f} tokens/s  {seconds:.3f} s", flush=True)
@@ -166,18 +200,21 @@ def run(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> 
     with torch.inference_mode():
         if "full" in modes or "speculative" in modes or "hf_assistant" in modes:
             seconds, out = timed(lambda: engine.generate(ids, mask, [n], greedy, ignore_eos=True)[n], repeats, device)
-            add("full", seconds, out.tokens)
+            add("full", seconds, out.tokens, depth=n, fast=engine.fast is not None)
+        if "generic" in modes:
+            seconds, out = timed(lambda: generic.generate(ids, mask, [n], greedy, ignore_eos=True)[n], repeats, device)
+            add("generic", seconds, out.tokens, depth=n)
         if "hf" in modes:
             seconds, out = timed(hf(), repeats, device)
-            add("hf", seconds, out)
+            add("hf", seconds, out, depth=n)
         if "hf_static" in modes:
             seconds, out = timed(hf(cache_implementation="static"), repeats, device)
-            add("hf_static", seconds, out)
+            add("hf_static", seconds, out, depth=n)
         if "exit" in modes:
             for layer in quarter_layers(n)[:-1]:
                 seconds, out = timed(lambda: engine.generate(ids, mask, [layer], greedy, ignore_eos=True)[layer],
                                      repeats, device)
-                add(f"exit {layer}", seconds, layer=layer, ideal=layer / n)
+                add(f"exit {layer}", seconds, depth=layer, layer=layer, ideal=layer / n)
         if "all_exits" in modes:
             exits = quarter_layers(n)
             seconds, out = timed(lambda: engine.generate(ids, mask, exits, greedy, ignore_eos=True), repeats, device)
@@ -203,7 +240,7 @@ def run(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> 
         row["vs_full"] = full / row["seconds"] if full else None
         if "ideal" in row and full:
             row["cost_vs_full"] = row["seconds"] / full
-    for reference in ("hf", "hf_static"):
+    for reference in ("generic", "hf", "hf_static"):
         if reference in texts and "full" in texts:
             rows.append(dict(mode="check", reference=reference, **agreement(texts["full"], texts[reference])))
     return rows
@@ -238,6 +275,10 @@ def table(rows: list[dict]) -> str:
             notes.append(f"mean layers {row['mean_layers']:.1f}")
         if "acceptance" in row:
             notes.append(f"acceptance {row['acceptance']:.2f}")
+        if "share_of_bound" in row:
+            notes.append(f"{row['share_of_bound']:.0%} of the bandwidth bound ({row['bound_tokens_per_s']:,.0f})")
+        if row.get("fast"):
+            notes.append("fast path")
         if "identical" in row:
             notes.append(f"greedy text identical to full in {row['identical']:.0%} of rows, "
                          f"mean common prefix {row['common_prefix']:.0f} tokens")

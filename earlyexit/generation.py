@@ -32,6 +32,10 @@ class GenerationArgs:
         engine: decode all exits of a batch in one batched pass with :class:`earlyexit.engine.Engine` (CUDA graphs
             on a GPU); False runs the model's own ``generate`` once per exit (the reference path).
         compile: with the engine, compile its decode step (``torch.compile``; pays off on long runs of one shape).
+        compile_mode: ``torch.compile``'s mode: ``default``, or ``max-autotune-no-cudagraphs`` (searches kernels for
+            each matrix shape at the first call; minutes).
+        fast: with the engine, run llama-style blocks on its fast path (fused projections, SDPA on the static cache;
+            LoRA adapters merged first); None: whenever the family has one; False: the model's own blocks.
         exit: ``fixed``: every exit layer answers; ``dynamic``: one answer per example, each token exiting at the
             first layer ≥ ``min_layer`` whose confidence reaches ``threshold`` (CALM), reported as layer N with
             the mean layers used.
@@ -48,6 +52,8 @@ class GenerationArgs:
     seed: int = 0
     engine: bool = True
     compile: bool = False
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    fast: bool | None = None
     exit: ExitMode = "fixed"
     threshold: float = 0.9
     min_layer: int | None = None

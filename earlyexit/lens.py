@@ -357,10 +357,11 @@ def run(cfg, parser=None) -> None:
     from earlyexit.loading import ModelArgs, load_model
     from earlyexit.model import parse_exit_layers
 
-    if not (prompt_texts(cfg) or cfg.index or cfg.limit):
-        raise EarlyExitError("nothing to do: pass --prompt TEXT, --prompts LIST, --index I (with --data.source) or --limit K")
     positive("max_new_tokens", cfg.max_new_tokens)
     positive("limit", cfg.limit, optional=True)
+    tuned_args = TunedArgs(**cfg.tuned)  # its values are checked here, before any model loads
+    if not (prompt_texts(cfg) or cfg.index or cfg.limit):
+        raise EarlyExitError("nothing to do: pass --prompt TEXT, --prompts LIST, --index I (with --data.source) or --limit K")
     data = AlpacaDataModule(**cfg.data)
     model, tokenizer = load_model(ModelArgs(**cfg.model))
     ee = EarlyExitHead(model)
@@ -377,13 +378,13 @@ def run(cfg, parser=None) -> None:
         save_config(parser, cfg, out)
     data.attach_tokenizer(tokenizer)
     lenses: dict[str, TunedLens | None] = {"logit lens": None}
-    if cfg.tuned.path:
-        lenses["tuned lens"] = TunedLens.load(cfg.tuned.path).to(model.device)
-    elif cfg.tuned.train_steps:
+    if tuned_args.path:
+        lenses["tuned lens"] = TunedLens.load(tuned_args.path).to(model.device)
+    elif tuned_args.train_steps:
         data.setup("fit")
         train = [data.collate_train(data.train_set[i : i + data.hparams.batch_size])
-                 for i in range(0, min(cfg.tuned.train_records, len(data.train_set)), data.hparams.batch_size)]
-        tuned, history = train_tuned_lens(ee, train, cfg.tuned.train_steps, cfg.tuned.lr)
+                 for i in range(0, min(tuned_args.train_records, len(data.train_set)), data.hparams.batch_size)]
+        tuned, history = train_tuned_lens(ee, train, tuned_args.train_steps, tuned_args.lr)
         tuned.save(out / "tuned_lens.pt")
         (out / "tuned_lens_history.json").write_text(json.dumps({"mean_kl_per_step": history}) + "\n")
         print(f"tuned lens: mean KL {history[0]:.3f} → {history[-1]:.3f} nats over {len(history)} steps; "

@@ -273,7 +273,8 @@ class EarlyExitModule(L.LightningModule):
         from earlyexit.engine import Engine
 
         if self._engine is None:
-            self._engine = Engine(self.ee, compile=self.generation.compile)
+            gen = self.generation
+            self._engine = Engine(self.ee, compile=gen.compile, fast=gen.fast, compile_mode=gen.compile_mode)
         return self._engine
 
     def resume_from(self, rows: list[dict]) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from earlyexit.cli import run_function
 from earlyexit.data import SAMPLE, AlpacaDataModule
+from earlyexit.errors import positive
 from earlyexit.generation import GenerationArgs
 from earlyexit.loading import ModelArgs
 from earlyexit.module import EarlyExitModule
@@ -46,6 +47,8 @@ def main(model: ModelArgs = ModelArgs(), data: str = SAMPLE, limit: int = 64, ba
         max_new_tokens: length limit of each answer.
         out_dir: keep the resolved config here.
     """
+    for option, value in (("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        positive(option, value)
     module = EarlyExitModule(base=model, generation=GenerationArgs(max_new_tokens=max_new_tokens), exit_layers="quarters")
     device = next(module.lm.parameters()).device
     records = AlpacaDataModule(data, limit=limit, eval_size=limit, batch_size=batch_size)

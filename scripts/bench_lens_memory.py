@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from earlyexit.cli import run_function
+from earlyexit.errors import positive
 
 
 def measure(mode: str, device: str, answer_tokens: int) -> dict:
@@ -71,6 +72,7 @@ def main(device: str = "cpu", answer_tokens: int = 128, mode: Literal["lens", "a
         answer_tokens: teacher-forced answer length.
         mode: measure only this mode, in this process (each mode runs in a fresh process by default).
     """
+    positive("answer_tokens", answer_tokens)
     if mode:
         print(json.dumps(measure(mode, device, answer_tokens)))
         return

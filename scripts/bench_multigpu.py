@@ -28,6 +28,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from earlyexit.cli import run_subcommands
+from earlyexit.errors import positive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,8 @@ def bench_eval(eval_config: str = "configs/smollm2_layers.yaml", limit: int = 19
         devices: device counts to compare (the first is the baseline).
         device: ``cuda``, or ``cpu`` (processes instead of GPUs).
     """
+    for option, value in (("limit", limit), ("batch_size", batch_size), *(("devices", d) for d in devices)):
+        positive(option, value)
     args = Namespace(config=eval_config, limit=limit, batch_size=batch_size, devices=devices, device=device)
     runs = {}
     for devices in args.devices:
@@ -149,6 +152,8 @@ def bench_train(model: str = "llama2-7b-random", devices: list[int] = [1, 2], ba
         steps: timed steps.
         warmup: steps before timing.
     """
+    for option, value in (("batch", batch), ("seq", seq), ("steps", steps), *(("devices", d) for d in devices)):
+        positive(option, value)
     args = Namespace(model=model, devices=devices, batch=batch, seq=seq, steps=steps, warmup=warmup)
     results = []
     for devices in args.devices:

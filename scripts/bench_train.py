@@ -61,6 +61,11 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
     """
     from argparse import Namespace
 
+    from earlyexit.errors import non_negative, positive
+
+    for option, value in (("batch", batch), ("seq", seq), ("steps", steps), ("rank", rank), ("rotation", rotation)):
+        positive(option, value)
+    non_negative("warmup", warmup)
     args = Namespace(model=model, device=device, dtype=dtype, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
                      exits=exits, rotation=rotation, checkpointing=checkpointing)
     dtype = getattr(torch, args.dtype)

@@ -20,6 +20,7 @@ import torch
 from earlyexit.cli import run_function
 from earlyexit.data import SAMPLE, encode_prompt, pad, read_records
 from earlyexit.engine import Engine
+from earlyexit.errors import positive
 from earlyexit.generation import GenerationArgs
 from earlyexit.loading import ModelArgs, load_model
 from earlyexit.metrics import build_metric
@@ -50,12 +51,14 @@ def sweep(
         plot: write the figure here.
         out_dir: keep the resolved config here.
     """
+    for option, value in (("records", records), ("batch", batch)):
+        positive(option, value)
     args = model
     lm, tokenizer = load_model(args)
     if args.adapter:
         lm = lm.merge_and_unload()
     ee = EarlyExitHead(lm)
-    engine = Engine(ee)
+    engine = Engine(ee, compile=generation.compile, fast=generation.fast, compile_mode=generation.compile_mode)
     greedy = generation.but(do_sample=False)
     device = next(lm.parameters()).device
     chosen = read_records(data)[:records]

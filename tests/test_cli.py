@@ -119,3 +119,17 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     assert run_command("bench", ["--model.name", tiny_dir, "--model.device", "cpu", "--modes", "[full]", "--repeats", "1",
                                  "--generation.max_new_tokens", "3", "--out_dir", str(bench)], monkeypatch) == 0
     assert (bench / "config.yaml").is_file() and (bench / "bench.json").is_file()
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("lens", ["--prompt", "hi", "--tuned.lr", "0"], "tuned.lr = 0.0 is out of range: it must be > 0"),
+    ("lens", ["--limit", "0"], "limit = 0 is out of range"),
+    ("bench_train.py", ["--device", "cpu", "--batch", "0"], "batch = 0 is out of range"),
+    ("sweep_dynamic.py", ["--records", "0"], "records = 0 is out of range"),
+    ("bench_evaluate.py", ["--limit", "-1"], "limit = -1 is out of range"),
+    ("bench_multigpu.py", ["train", "--devices", "[0]"], "devices = 0 is out of range"),
+])
+def test_scripts_and_commands_refuse_bad_values_with_one_line(name, argv, message, monkeypatch, capsys):
+    assert run_command(name, argv, monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err[-1]

@@ -251,3 +251,68 @@ def test_every_mode_takes_one_options_object_and_keyword_changes():
     assert ee.generate(ids, mask, 2, options, ignore_eos=True).tokens.shape == (3, 6)
     with pytest.raises(EarlyExitError, match="generation.top_p = 2 is out of range"):
         engine.generate(ids, mask, [2], options, top_p=2)
+
+
+# --- the fast path for llama-style blocks --------------------------------------------------------------
+
+FAST_FAMILIES = ["llama", "mistral", "qwen2"]
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_fast_path_equals_the_generic_path_in_every_mode(family):
+    """float32, a padded batch of three prompt lengths, 12 tokens (past the sliding windows of 8)."""
+    ee = EarlyExitHead(tiny_model(family, seed=2))
+    ids, mask = prompts()
+    generic, fast = Engine(ee, fast=False), Engine(ee, fast=True)
+    assert generic.fast is None and fast.fast is not None
+    options = GenerationArgs(max_new_tokens=12)
+    for engine_out, reference in [
+        (fast.generate(ids, mask, [1, 2, 3, 4], options, ignore_eos=True), generic.generate(ids, mask, [1, 2, 3, 4], options, ignore_eos=True)),
+    ]:
+        for layer in (1, 2, 3, 4):
+            assert torch.equal(engine_out[layer].tokens, reference[layer].tokens), layer
+    assert torch.equal(fast.generate(ids, mask, [3], options, ignore_eos=True)[3].tokens,
+                       generic.generate(ids, mask, [3], options, ignore_eos=True)[3].tokens)
+    for threshold in (0.0, 0.0105, 1.01):
+        a = fast.generate_dynamic(ids, mask, options, threshold=threshold, min_layer=2, ignore_eos=True)
+        b = generic.generate_dynamic(ids, mask, options, threshold=threshold, min_layer=2, ignore_eos=True)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.layers, b.layers), threshold
+    for draft_layer, n_draft in ((1, 2), (2, 4)):
+        a = fast.generate_speculative(ids, mask, draft_layer, n_draft, options, ignore_eos=True)
+        b = generic.generate_speculative(ids, mask, draft_layer, n_draft, options, ignore_eos=True)
+        assert torch.equal(a.tokens, b.tokens) and a.accepted == b.accepted
+    full = ee.generate(ids, mask, 4, options, ignore_eos=True)  # the model's own generate, on the shared weights
+    assert torch.equal(fast.generate(ids, mask, [4], options, ignore_eos=True)[4].tokens, full.tokens)
+
+
+def test_fast_path_keeps_no_second_copy_of_the_weights():
+    ee = EarlyExitHead(tiny_model("llama"))
+    before = sum(p.numel() for p in ee.parameters())
+    engine = Engine(ee, fast=True)
+    attn, mlp, fused = ee.blocks[0].self_attn, ee.blocks[0].mlp, engine.fast[0]
+    assert attn.q_proj.weight.data_ptr() == fused.wqkv.data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == fused.wqkv.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == fused.wgu.untyped_storage().data_ptr()
+    assert sum(p.numel() for p in ee.parameters()) == before
+
+
+def test_fast_path_merges_lora_adapters_first():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lm = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    for name, param in lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # an adapter that changes the answers
+    ee = EarlyExitHead(lm)
+    ids, mask = prompts()
+    unmerged = Engine(ee, fast=False).generate(ids, mask, [2, 4], max_new_tokens=8, ignore_eos=True)
+    fast = Engine(ee, fast=True).generate(ids, mask, [2, 4], max_new_tokens=8, ignore_eos=True)
+    for layer in (2, 4):
+        assert torch.equal(fast[layer].tokens, unmerged[layer].tokens)
+
+
+def test_fast_path_is_refused_for_other_families():
+    with pytest.raises(EarlyExitError, match="no fast path for gpt2 blocks: it serves llama-style families"):
+        Engine(EarlyExitHead(tiny_model("gpt2")), fast=True)
+    assert Engine(EarlyExitHead(tiny_model("gpt2"))).fast is None  # automatic: the generic path

@@ -25,6 +25,8 @@ class Engine(DynamicExits, SelfSpeculation):
             is on a GPU.
         compile: run the decode step's blocks through ``torch.compile`` (fuses the norms, rotary and element-wise
             work between the matmuls; compiles once per exit set and batch shape).
+        fast: run llama-style blocks on the fast path (:mod:`earlyexit.engine.fast`: fused projections, SDPA on the
+            static cache; merges LoRA adapters); None: whenever the family has one, False: the model's own blocks.
     """
 
 

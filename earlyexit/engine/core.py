@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from earlyexit.arch import CACHE_ARGS, UNBATCHED_ARGS, sliding_windows
+from earlyexit.arch import ARCHITECTURES, CACHE_ARGS, UNBATCHED_ARGS, sliding_windows
 from earlyexit.engine.cache import StaticKV, additive_mask
 from earlyexit.errors import EarlyExitError
 from earlyexit.generation import GenerationArgs, options, select
@@ -46,7 +46,8 @@ class Core:
             element-wise work between the matmuls; compiles once per exit set and batch shape).
     """
 
-    def __init__(self, ee: EarlyExitHead, cuda_graphs: bool | None = None, compile: bool = False):
+    def __init__(self, ee: EarlyExitHead, cuda_graphs: bool | None = None, compile: bool = False, fast: bool | None = None,
+                 compile_mode: str = "default"):
         self.ee = ee
         self.device = next(ee.parameters()).device
         self.dtype = ee.norm.weight.dtype if getattr(ee.norm, "weight", None) is not None else torch.float32
@@ -54,10 +55,6 @@ class Core:
         if self.cuda_graphs and self.device.type != "cuda":
             raise EarlyExitError("CUDA graphs need the model on a GPU")
         self._programs: dict[tuple, Callable] = {}
-        self._decode_blocks = self._blocks
-        if compile:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._decode_blocks = torch.compile(self._blocks, dynamic=False)
         self.windows = sliding_windows(ee.config)
         self.n_layers = ee.n_layers
         self._signature = inspect.signature(ee.blocks[0].forward)
@@ -66,6 +63,21 @@ class Core:
         self._cache_name = next((name for name in CACHE_ARGS if name in params), None)
         if self._cache_name is None:
             raise EarlyExitError(f"{type(ee.blocks[0]).__name__} takes no cache argument; the engine cannot drive it")
+        self.fast = None  # llama-style families: fused blocks (earlyexit/engine/fast.py); others: the model's own blocks
+        if fast is not False:
+            from earlyexit.engine.fast import fast_blocks
+
+            self.fast = fast_blocks(ee)
+            if fast and self.fast is None:
+                raise EarlyExitError(f"no fast path for {ee.config.model_type} blocks: it serves llama-style families "
+                                     f"({', '.join(sorted(t for t, s in ARCHITECTURES.items() if s.fast_block))})")
+        self._decode_blocks, self._decode_inputs = self._blocks, self._inputs
+        if compile:  # the decode step's blocks; on the fast path its inputs too (embedding, rotary tables, masks)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            mode = None if compile_mode == "default" else compile_mode
+            self._decode_blocks = torch.compile(self._blocks, dynamic=False, mode=mode)
+            if self.fast is not None:
+                self._decode_inputs = torch.compile(self._inputs, dynamic=False, mode=mode)
 
     # ----------------------------------------------------------------------------------------- model pieces
     def _inputs(self, ids: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, npad: torch.Tensor, cache: StaticKV):
@@ -77,6 +89,11 @@ class Core:
         cache.slots = slots
         positions = (slots - npad[:, None]).clamp(min=0)
         masks = {w: additive_mask(slots, valid, w, self.dtype) for w in dict.fromkeys(self.windows)}
+        if self.fast is not None:  # llama-style: the model's own embedding and rotary tables, called directly
+            from earlyexit.engine.fast import fast_inputs
+
+            hidden, position_embeddings = fast_inputs(self.ee.decoder, ids, positions)
+            return hidden, {"position_embeddings": position_embeddings, self._cache_name: cache}, masks
         captured = {}
 
         def hook(_module, args, kwargs):
@@ -109,8 +126,11 @@ class Core:
             call = {**kwargs, "attention_mask": masks[self.windows[layer - 1]]}
             if n < total:
                 call = {name: value if name in UNBATCHED_ARGS else take_rows(value, n, total) for name, value in call.items()}
-            out = block(hidden[:n], **call)
-            out = out[0] if isinstance(out, tuple) else out
+            if self.fast is not None:
+                out = self.fast[layer - 1](hidden[:n], call["attention_mask"], call["position_embeddings"], call[self._cache_name])
+            else:
+                out = block(hidden[:n], **call)
+                out = out[0] if isinstance(out, tuple) else out
             hidden = out if n == total else torch.cat([out, hidden[n:]])
         return hidden
 
@@ -236,7 +256,7 @@ class Core:
         graphed = None
 
         def step():
-            hidden, kwargs, masks = self._inputs(loop.last(), loop.slot, valid, npad, cache)
+            hidden, kwargs, masks = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
             token = choose(self._logits(self._decode_blocks(hidden, kwargs, masks, layers, rows)[:, -1], banned))
             loop.advance(token)
             return token

@@ -104,7 +104,7 @@ class SelfSpeculation(Core):
         def cycle():
             token, states, drafts, draft_scores = cur, [], [], []
             for j in range(depth + 1):  # d draft steps; the last one only runs blocks ≤ E for the last draft
-                hidden, kwargs, masks = self._inputs(token, pos + j, valid, npad, cache)
+                hidden, kwargs, masks = self._decode_inputs(token, pos + j, valid, npad, cache)
                 states.append(self._decode_blocks(hidden, kwargs, masks, range(1, exit_layer + 1)))
                 if j == depth:
                     break
@@ -113,7 +113,7 @@ class SelfSpeculation(Core):
                 drafts.append(token)
                 draft_scores.append(scores)
             drafts = torch.cat(drafts, 1)  # [B, d]
-            _, kwargs, masks = self._inputs(torch.cat([cur, drafts], 1), pos + offsets, valid, npad, cache)
+            _, kwargs, masks = self._decode_inputs(torch.cat([cur, drafts], 1), pos + offsets, valid, npad, cache)
             target = dist(self._decode_blocks(torch.cat(states, 1), kwargs, masks, range(exit_layer + 1, self.n_layers + 1)))
             if do_sample:
                 q = torch.stack(draft_scores, 1)  # [B, d, V]

@@ -1,0 +1,114 @@
+"""A fast path for llama-style decoder blocks: fused projections, our own RMSNorm, RoPE and SDPA attention.
+
+A llama-style block (Llama, Mistral, Qwen2: pre-norm RMSNorm, rotary attention with grouped KV heads, a SwiGLU
+MLP) issues about 40 small kernels in its family's own code. Here the same maths runs as 4 matrix products (one
+``qkv``, one ``o``, one ``gate|up``, one ``down``) plus a few element-wise operations that ``torch.compile`` fuses,
+and attention reads the engine's static cache through ``scaled_dot_product_attention`` with our additive mask.
+
+The fused weights are the model's own: the q/k/v (and gate/up) weights are copied once into one tensor and the
+model's ``nn.Linear`` weights become views of it, so no weight is held twice and the model's own forward (the
+generic path, HF ``generate``) keeps working on the same numbers. LoRA adapters are merged into the weights first
+(peft ``merge_adapter``; ``unmerge_adapter`` restores them). The architecture table says which families take this
+path (:attr:`earlyexit.arch.ArchSpec.fast_block`); the others keep the generic path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from earlyexit.errors import EarlyExitError
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: normalise in float32, cast back, then scale (the order matters in bf16)."""
+    x = hidden.float()
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (the rotate-half convention). x: [R, heads, q, d]; cos, sin: [R, 1, q, d]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` holding the weights (under a peft LoRA layer, its base layer)."""
+    return getattr(module, "base_layer", module)
+
+
+def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections of the same input; each ``nn.Linear`` then views its rows."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    biases = [lin.bias for lin in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b.detach() if b is not None else weight.new_zeros(lin.out_features) for b, lin in zip(biases, linears)])
+    start = 0
+    for lin in linears:
+        rows = lin.out_features
+        lin.weight.data = weight[start : start + rows]
+        if lin.bias is not None:
+            lin.bias.data = bias[start : start + rows]
+        start += rows
+    return weight, bias
+
+
+class FusedBlock:
+    """One llama-style block on fused weights. ``__call__`` equals the block's own forward."""
+
+    def __init__(self, block: nn.Module, config):
+        attn, mlp = block.self_attn, block.mlp
+        self.layer_idx = attn.layer_idx
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.ln1, self.eps1 = block.input_layernorm.weight, block.input_layernorm.variance_epsilon
+        self.ln2, self.eps2 = block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon
+        self.wqkv, self.bqkv = _fuse([_linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj)])
+        self.wo, self.bo = _linear(attn.o_proj).weight, _linear(attn.o_proj).bias
+        self.wgu, self.bgu = _fuse([_linear(mlp.gate_proj), _linear(mlp.up_proj)])
+        self.wdown, self.bdown = _linear(mlp.down_proj).weight, _linear(mlp.down_proj).bias
+        self.inter = _linear(mlp.gate_proj).out_features
+        self.gqa = self.heads != self.kv_heads
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor, position_embeddings, cache) -> torch.Tensor:
+        """hidden: [R, q, D]; mask: [R, 1, q, S] additive; position_embeddings: (cos, sin) [R, q, d]; cache: StaticKV."""
+        rows, q, _ = hidden.shape
+        h, k, d = self.heads, self.kv_heads, self.head_dim
+        x = rms_norm(hidden, self.ln1, self.eps1)
+        qkv = F.linear(x, self.wqkv, self.bqkv)  # [R, q, (h + 2k) d]
+        query, key, value = qkv.split([h * d, k * d, k * d], dim=-1)
+        query = query.view(rows, q, h, d).transpose(1, 2)  # [R, h, q, d]
+        key = key.view(rows, q, k, d).transpose(1, 2)
+        value = value.view(rows, q, k, d).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        keys, values = cache.update(key, value, self.layer_idx)  # [R, k, S, d]
+        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=self.gqa)
+        hidden = hidden + F.linear(attn.transpose(1, 2).reshape(rows, q, h * d), self.wo, self.bo)
+        x = rms_norm(hidden, self.ln2, self.eps2)
+        gate, up = F.linear(x, self.wgu, self.bgu).split([self.inter, self.inter], dim=-1)
+        return hidden + F.linear(F.silu(gate) * up, self.wdown, self.bdown)
+
+
+def fast_inputs(decoder: nn.Module, ids: torch.Tensor, positions: torch.Tensor):
+    """The block inputs of a llama-style decoder: its own token embedding and rotary tables (cos, sin) at ``positions``."""
+    hidden = decoder.embed_tokens(ids)
+    return hidden, decoder.rotary_emb(hidden, position_ids=positions)
+
+
+def fast_blocks(ee) -> list[FusedBlock] | None:
+    """The fused blocks of ``ee``'s model when its family takes the fast path (else None); merges LoRA adapters."""
+    spec = ee.spec
+    if not spec.fast_block or getattr(ee.config, "hidden_act", "silu") != "silu":
+        return None
+    lm = ee.lm
+    if hasattr(lm, "merge_adapter") and any(hasattr(m, "lora_A") for m in lm.modules()):
+        lm.merge_adapter()  # the fused weights must hold the adapted weights
+    blocks = [FusedBlock(block, ee.config) for block in ee.blocks]
+    for block in blocks:
+        if block.heads % block.kv_heads:
+            raise EarlyExitError(f"{ee.config.model_type}: {block.heads} heads do not group over {block.kv_heads} KV heads")
+    return blocks
