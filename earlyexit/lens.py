@@ -75,10 +75,11 @@ def entropy(logp: torch.Tensor) -> torch.Tensor:
 
 
 def layer_log_probs(ee: EarlyExitHead, hidden: torch.Tensor, layer: int, lens: TunedLens | None = None) -> torch.Tensor:
-    """``hidden: [B, T, D]`` block-``layer`` output → exit log-probabilities ``[B, T, V]`` in float32."""
+    """``hidden: [B, T, D]`` block-``layer`` output → exit log-probabilities ``[B, T, V]`` in float32: through the tuned
+    ``lens`` when given, else the model's own exit (its exit adapter included, if it has one)."""
     if lens is not None:
-        hidden = lens(hidden, layer)
-    return F.log_softmax(ee.exit_logits(hidden).float(), dim=-1)
+        return F.log_softmax(ee.exit_logits(lens(hidden, layer)).float(), dim=-1)
+    return F.log_softmax(ee.exit_logits(hidden, layer).float(), dim=-1)
 
 
 @dataclass

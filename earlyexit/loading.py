@@ -209,9 +209,18 @@ def load_model(args: ModelArgs | None = None) -> tuple[PreTrainedModel, PreTrain
     except (OSError, ValueError) as err:
         raise EarlyExitError(f"could not load model {args.name!r}: {_first_sentence(err)}") from None
     if args.adapter:
-        if not Path(args.adapter).is_dir():
-            raise EarlyExitError(f"adapter path {args.adapter!r} is not a directory")
-        from peft import PeftModel
+        from earlyexit.adapters import CONFIG, ExitAdapters, attach
 
-        model = PeftModel.from_pretrained(model, args.adapter)
+        directory = Path(args.adapter)
+        if not directory.is_dir():
+            raise EarlyExitError(f"adapter path {args.adapter!r} is not a directory")
+        lora, exits = (directory / "adapter_config.json").is_file(), (directory / CONFIG).is_file()
+        if not (lora or exits):
+            raise EarlyExitError(f"adapter directory {args.adapter!r} holds neither a peft adapter (adapter_config.json) "
+                                 f"nor exit adapters ({CONFIG})")
+        if lora:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, args.adapter)
+        attach(model, ExitAdapters.load(directory))
     return model.to(device).eval(), tokenizer

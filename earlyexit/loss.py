@@ -10,6 +10,7 @@ most one ``[chunk, V]`` block of logits is alive at a time, in the forward and t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -80,7 +81,7 @@ def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tens
 def early_exit_loss(
     hidden: dict[int, torch.Tensor],
     labels: torch.Tensor,
-    head: Callable[[torch.Tensor], torch.Tensor],
+    head: Callable[[torch.Tensor, int], torch.Tensor],
     weights: dict[int, float],
     teacher: torch.Tensor | None = None,
     alpha: float = 0.0,
@@ -92,7 +93,8 @@ def early_exit_loss(
     Args:
         hidden: ``{layer: [B, T, D]}`` raw block outputs (see ``EarlyExitHead.hidden_states``).
         labels: ``[B, T]`` token ids, -100 where no loss is taken (the prompt, padding).
-        head: raw hidden ``[M, D]`` → logits ``[M, V]`` (the model's own final norm and head).
+        head: ``(raw hidden [M, D], exit layer)`` → logits ``[M, V]`` (exit adapter if any, the model's own final norm
+            and head: :meth:`earlyexit.model.EarlyExitHead.exit_logits`).
         weights: ``{layer: w}`` over the active exits (renormalised here).
         teacher: optional ``[M, V]`` log-probabilities at the answer positions (e.g. the base model's final
             layer), for self-distillation.
@@ -111,14 +113,15 @@ def early_exit_loss(
     per_exit = {}
     for layer, weight in weights.items():
         states = hidden[layer][:, :-1][keep]  # [M, D]
+        exit_head = functools.partial(head, layer=layer)
         ce_sum = kl_sum = None
         for start in range(0, states.shape[0], chunk_size):
             piece = slice(start, start + chunk_size)
             t_piece = teacher[piece] if teacher is not None else None
             if torch.is_grad_enabled() and states.requires_grad:
-                ce, kl = checkpoint(_chunk_loss, head, states[piece], tgt[piece], t_piece, alpha, use_reentrant=False)
+                ce, kl = checkpoint(_chunk_loss, exit_head, states[piece], tgt[piece], t_piece, alpha, use_reentrant=False)
             else:
-                ce, kl = _chunk_loss(head, states[piece], tgt[piece], t_piece, alpha)
+                ce, kl = _chunk_loss(exit_head, states[piece], tgt[piece], t_piece, alpha)
             ce_sum = ce if ce_sum is None else ce_sum + ce
             kl_sum = kl if kl_sum is None else kl_sum + kl
         if ce_sum is None:  # no answer token in this batch
@@ -127,6 +130,40 @@ def early_exit_loss(
         per_exit[layer] = (ce_sum / count).detach()
         total = weight / norm * loss if total is None else total + weight / norm * loss
     return LossOutput(total=total, per_exit=per_exit)
+
+
+@torch.no_grad()
+def top1_agreement(hidden: dict[int, torch.Tensor], labels: torch.Tensor, head: Callable[[torch.Tensor, int], torch.Tensor],
+                   final: int, chunk_size: int = 1024) -> dict[int, torch.Tensor]:
+    """Teacher-forced top-1 agreement of each exit with the final layer on the answer tokens: the share of positions
+    where exit L's most likely next token is the final layer's. It is what self-speculation from exit L accepts per
+    drafted token when drafts are checked greedily (the first disagreement ends a draft).
+
+    Args:
+        hidden: ``{layer: [B, T, D]}`` raw block outputs, ``final`` among them.
+        labels: ``[B, T]``, ``IGNORE_INDEX`` where there is no answer token.
+        head: ``(hidden [M, D], layer)`` → logits ``[M, V]``.
+        final: the last layer.
+
+    Returns:
+        ``{layer: agreement}`` (0-d tensors in [0, 1]) for every layer of ``hidden`` but ``final``.
+    """
+    keep = labels[:, 1:] != IGNORE_INDEX
+    pick = lambda layer: hidden[layer][:, :-1][keep]  # noqa: E731  [M, D]
+    reference = torch.cat([head(piece, final).argmax(-1) for piece in pick(final).split(chunk_size)])  # [M]
+    out = {}
+    for layer in hidden:
+        if layer == final:
+            continue
+        guess = torch.cat([head(piece, layer).argmax(-1) for piece in pick(layer).split(chunk_size)]) if reference.numel() else reference
+        out[layer] = (guess == reference).float().mean() if reference.numel() else reference.new_zeros((), dtype=torch.float)
+    return out
+
+
+def accepted_per_cycle(agreement: float, n_draft: int) -> float:
+    """Expected tokens a self-speculative cycle keeps, drafts and the verifier's own token, when each draft agrees
+    with probability ``agreement`` independently: 1 + a + a² + … + a^d."""
+    return sum(agreement**k for k in range(n_draft + 1))
 
 
 def layer_dropout_rates(n_layers: int, p_max: float, scale: Literal["exp", "linear", "uniform"] = "exp") -> list[float]:

@@ -130,15 +130,26 @@ class EarlyExitHead(nn.Module):
     def check_layer(self, layer: int) -> int:
         return check_layer(layer, self.n_layers)
 
-    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    @property
+    def adapters(self):
+        """The model's exit adapters (:mod:`earlyexit.adapters`), or None."""
+        from earlyexit.adapters import attached
+
+        return attached(self.lm)
+
+    def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Logits of an exit from the raw (un-normalised) output of a block.
 
         Args:
             hidden: ``[..., D]`` output of decoder block L, before any final norm.
+            layer: L; when given and the model has an exit adapter for L, it is applied before the norm.
 
         Returns:
             ``[..., V]`` logits, equal to the model's own logits when the block is the last one.
         """
+        adapters = self.adapters
+        if layer is not None and adapters is not None:
+            hidden = adapters(hidden, layer)
         return post_head(self.head(self.norm(hidden)), self.config)
 
     def hidden_states(
@@ -190,13 +201,25 @@ class EarlyExitHead(nn.Module):
                 handle.remove()
         return {layer: captured[max(r for r in run if r <= layer)] for layer in layers}
 
-    def truncated(self, exit_layer: int):
+    @contextmanager
+    def truncated(self, exit_layer: int) -> Iterator[None]:
         """Within this context the model *is* its first ``exit_layer`` blocks.
 
-        The model's own forward, KV cache and ``generate`` then run blocks 1..L only, followed by the final
-        norm and head: its logits are the exit-L logits. Everything is restored on leaving.
+        The model's own forward, KV cache and ``generate`` then run blocks 1..L only, followed by exit L's adapter
+        (if the model has one), the final norm and head: its logits are the exit-L logits. Everything is restored
+        on leaving.
         """
-        return self.running(range(1, self.check_layer(exit_layer) + 1))
+        layer = self.check_layer(exit_layer)
+        adapters, norm = self.adapters, self.norm
+        with self.running(range(1, layer + 1)):
+            if adapters is None or str(layer) not in adapters.maps:
+                yield
+                return
+            set_submodule(self.base, self.spec.norm, _AdaptedNorm(adapters, layer, norm))
+            try:
+                yield
+            finally:
+                set_submodule(self.base, self.spec.norm, norm)
 
     @contextmanager
     def running(self, layers: Iterable[int]) -> Iterator[None]:
@@ -289,6 +312,17 @@ class EarlyExitHead(nn.Module):
             out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer)
         tokens = out[:, prompt_len:]
         return finish(tokens, [] if ignore_eos else eos_ids, pad, args.max_new_tokens)
+
+
+class _AdaptedNorm(nn.Module):
+    """The final norm preceded by exit L's adapter (swapped in by :meth:`EarlyExitHead.truncated`)."""
+
+    def __init__(self, adapters: nn.Module, layer: int, norm: nn.Module):
+        super().__init__()
+        self.adapters, self.layer, self.norm = adapters, layer, norm
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.adapters(hidden, self.layer))
 
 
 def positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

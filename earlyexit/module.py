@@ -4,6 +4,7 @@ the loss and curricula in :mod:`earlyexit.loss`, exits in :mod:`earlyexit.model`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -11,17 +12,21 @@ from typing import Literal
 import lightning as L
 import torch
 
+from earlyexit.adapters import ExitAdapters, attach
 from earlyexit.data import IGNORE_INDEX
 from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, require
 from earlyexit.loading import ModelArgs, load_model
 from earlyexit.loss import (
     Curriculum,
+    LossOutput,
     WeightScheme,
+    accepted_per_cycle,
     active_exits,
     dropped_layers,
     early_exit_loss,
     exit_weights,
     layer_dropout_rates,
+    top1_agreement,
 )
 from earlyexit.generation import GenerationArgs, example_seed
 from earlyexit.model import EarlyExitHead, ExitLayers, parse_exit_layers
@@ -47,6 +52,22 @@ class LoraArgs:
         positive("lora.r", self.r)
         require(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
         in_unit("lora.dropout", self.dropout, high_open=True)
+
+
+@dataclass
+class ExitAdapterArgs:
+    """Exit adapters (:mod:`earlyexit.adapters`): a trainable map per exit in front of the shared norm and head.
+
+    Args:
+        exit_layers: exits that get an adapter: quarters, all, everyK or a list (the last layer never gets one).
+        rank: None for full D × D maps (as the tuned lens), r for low-rank maps.
+    """
+
+    exit_layers: ExitLayers = "all"
+    rank: int | None = None
+
+    def __post_init__(self):
+        positive("exit_adapters.rank", self.rank, optional=True)
 
 
 @dataclass
@@ -142,6 +163,7 @@ class EarlyExitModule(L.LightningModule):
         self,
         base: ModelArgs = ModelArgs(),
         lora: LoraArgs | None = None,
+        exit_adapters: ExitAdapterArgs | None = None,
         loss: ExitLossArgs = ExitLossArgs(),
         layer_dropout: LayerDropoutArgs = LayerDropoutArgs(),
         optim: OptimArgs = OptimArgs(),
@@ -150,21 +172,31 @@ class EarlyExitModule(L.LightningModule):
         exit_layers: ExitLayers = "quarters",
     ):
         super().__init__()
-        base, lora, loss, layer_dropout, optim, generation = (
-            _coerce(cls, value) for cls, value in ((ModelArgs, base), (LoraArgs, lora), (ExitLossArgs, loss),
-                                                   (LayerDropoutArgs, layer_dropout), (OptimArgs, optim), (GenerationArgs, generation))
+        base, lora, adapters, loss, layer_dropout, optim, generation = (
+            _coerce(cls, value) for cls, value in ((ModelArgs, base), (LoraArgs, lora), (ExitAdapterArgs, exit_adapters),
+                                                   (ExitLossArgs, loss), (LayerDropoutArgs, layer_dropout), (OptimArgs, optim),
+                                                   (GenerationArgs, generation))
         )
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({
-            "base": asdict(base), "lora": asdict(lora) if lora else None, "loss": asdict(loss), "layer_dropout": asdict(layer_dropout),
+            "base": asdict(base), "lora": asdict(lora) if lora else None,
+            "exit_adapters": asdict(adapters) if adapters else None, "loss": asdict(loss), "layer_dropout": asdict(layer_dropout),
             "optim": asdict(optim), "gradient_checkpointing": gradient_checkpointing, "generation": asdict(generation),
             "exit_layers": exit_layers,
         })
         self.lm, self.tokenizer = load_model(base)
         if lora is not None:
             self.lm = wrap_lora(self.lm, lora)
-        if loss.distill > 0 and not hasattr(self.lm, "disable_adapter"):
-            raise EarlyExitError("loss.distill needs LoRA adapters (model.lora): the teacher is the model without them")
+        if adapters is not None:
+            if lora is None:  # the adapters alone train; the trunk, norm and head stay the model's own
+                self.lm.requires_grad_(False)
+            n = EarlyExitHead(self.lm).n_layers
+            layers = [layer for layer in parse_exit_layers(adapters.exit_layers, n) if layer < n]
+            attach(self.lm, ExitAdapters(layers, self.lm.config.hidden_size, adapters.rank))
+        self.frozen_trunk = lora is None
+        if loss.distill > 0 and not (hasattr(self.lm, "disable_adapter") or adapters is not None):
+            raise EarlyExitError("loss.distill needs something that trains the exits (model.lora or model.exit_adapters): "
+                                 "the teacher is the model's own final layer")
         if gradient_checkpointing:
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ee = EarlyExitHead(self.lm)
@@ -186,16 +218,18 @@ class EarlyExitModule(L.LightningModule):
 
     # --- training -------------------------------------------------------------------------------------
 
-    def _loss(self, batch: dict, step: int, train: bool):
+    def _loss(self, batch: dict, step: int, train: bool) -> tuple[LossOutput, dict[int, torch.Tensor]]:
+        """The early-exit loss of ``batch`` at ``step``, and the block outputs it was computed from."""
         n = self.ee.n_layers
         la = self.loss_args
         exits = active_exits(step, self.train_exits, n, la.curriculum, la.rotation, la.gradual_interval) if train else self.train_exits
         skip = dropped_layers(step, self.dropout_rates, self.dropout_args.seed) if train else set()
         hidden = self.ee.hidden_states(batch["input_ids"], batch["attention_mask"], exit_layers=exits, skip=skip)
-        teacher = self._teacher(batch) if la.distill > 0 else None
+        teacher = self._teacher(batch, hidden if self.frozen_trunk and not skip else None) if la.distill > 0 else None
         weights = exit_weights(exits, n, la.weights, la.e_scale)
-        return early_exit_loss(hidden, batch["labels"], self.ee.exit_logits, weights, teacher, la.distill, la.chunk_size,
-                               tokens=self._tokens_per_rank(batch))
+        out = early_exit_loss(hidden, batch["labels"], self.ee.exit_logits, weights, teacher, la.distill, la.chunk_size,
+                              tokens=self._tokens_per_rank(batch))
+        return out, hidden
 
     def _world(self) -> int:
         return 1 if self._trainer is None else self.trainer.world_size
@@ -208,16 +242,25 @@ class EarlyExitModule(L.LightningModule):
         return self.trainer.strategy.reduce(local, reduce_op="sum") / self.trainer.world_size
 
     @torch.no_grad()
-    def _teacher(self, batch: dict) -> torch.Tensor:
-        """``[M, V]`` log-probabilities of the base model (adapters off) at the answer positions."""
+    def _teacher(self, batch: dict, hidden: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[M, V]`` log-probabilities of the base model's final layer at the answer positions.
+
+        ``hidden``: the training pass's block outputs when they are the base model's own (a frozen trunk, no block
+        skipped): its last layer is the teacher and no second forward runs. Otherwise one forward with the LoRA
+        adapters off.
+        """
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
-        with self.lm.disable_adapter():
-            hidden = self.ee.hidden_states(batch["input_ids"], batch["attention_mask"], exit_layers=[self.ee.n_layers])
-            logits = self.ee.exit_logits(hidden[self.ee.n_layers][:, :-1][keep])
+        n = self.ee.n_layers
+        if hidden is not None:
+            return torch.log_softmax(self.ee.exit_logits(hidden[n][:, :-1][keep].detach()).float(), dim=-1).detach()
+        off = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
+        with off:
+            hidden = self.ee.hidden_states(batch["input_ids"], batch["attention_mask"], exit_layers=[n])
+            logits = self.ee.exit_logits(hidden[n][:, :-1][keep])
         return torch.log_softmax(logits.float(), dim=-1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self._loss(batch, self.global_step, train=True)
+        out, _ = self._loss(batch, self.global_step, train=True)
         if not torch.isfinite(out.total):
             raise EarlyExitError(f"the training loss is {out.total.item()} at step {self.global_step} "
                                  "(lower optim.lr, or check the data); the last checkpoint is intact")
@@ -228,16 +271,21 @@ class EarlyExitModule(L.LightningModule):
         return out.total
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = self._loss(batch, self.global_step, train=False)
+        out, hidden = self._loss(batch, self.global_step, train=False)
         sync = self._world() > 1
         self.log("val/loss", out.total, prog_bar=True, sync_dist=sync)
         for layer, ce in out.per_exit.items():
             self.log(f"val/ce_exit_{layer}", ce, sync_dist=sync)
+        # what decoding needs of an exit: how often its top-1 token is the final layer's (and the drafts that keeps)
+        agreement = top1_agreement(hidden, batch["labels"], self.ee.exit_logits, self.ee.n_layers, self.loss_args.chunk_size)
+        for layer, share in agreement.items():
+            self.log(f"val/top1_agree_exit_{layer}", share, sync_dist=sync)
+            self.log(f"val/accepted_per_cycle_d4_exit_{layer}", accepted_per_cycle(float(share), 4), sync_dist=sync)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
-            raise EarlyExitError("nothing to train: configure LoRA adapters (model.lora)")
+            raise EarlyExitError("nothing to train: configure LoRA adapters (model.lora) or exit adapters (model.exit_adapters)")
         oa = self.optim_args
         optimizer = torch.optim.AdamW(params, lr=oa.lr, weight_decay=oa.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -342,7 +390,7 @@ class EarlyExitModule(L.LightningModule):
 
 def _coerce(cls, value):
     """A dataclass argument given as a dict (a checkpoint's hyperparameters) becomes the dataclass."""
-    if value is None and cls is not LoraArgs:
+    if value is None and cls not in (LoraArgs, ExitAdapterArgs):  # those two are optional: None means none
         return cls()
     return cls(**value) if isinstance(value, dict) else value
 

@@ -23,24 +23,31 @@ from lightning.pytorch.cli import LightningCLI
 
 from earlyexit.data import AlpacaDataModule
 from earlyexit.distributed import check_setup, configure_strategy, full_state_dict
+from earlyexit.adapters import attached
 from earlyexit.errors import EarlyExitError, report_errors
 from earlyexit.module import EarlyExitModule
 
 
 class AdapterExport(Callback):
-    """Saves the peft adapter to ``<default_root_dir>/adapter`` when training ends, once (rank 0).
+    """Saves what trained to ``<default_root_dir>/adapter`` when training ends, once (rank 0): the peft LoRA adapter
+    and the exit adapters (``exit_adapters.*``), whichever the run has.
 
-    Under FSDP the adapter weights are gathered first (every rank takes part), so the file holds full weights.
+    Under FSDP the weights are gathered first (every rank takes part), so the files hold full weights.
     """
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not hasattr(pl_module.lm, "save_pretrained"):
+        peft = hasattr(pl_module.lm, "peft_config")
+        adapters = attached(pl_module.lm)
+        if not peft and adapters is None:
             return
         state = full_state_dict(trainer, pl_module)
         if trainer.is_global_zero:
             target = Path(trainer.default_root_dir) / "adapter"
-            lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
-            pl_module.lm.save_pretrained(target, state_dict=lm_state)
+            if peft:
+                lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+                pl_module.lm.save_pretrained(target, state_dict=lm_state)
+            if adapters is not None:
+                adapters.save(target, {k.split("exit_adapters.", 1)[1]: v for k, v in state.items() if "exit_adapters." in k})
             print(f"adapter saved to {target}", file=sys.stderr)
 
 

@@ -124,7 +124,8 @@ def test_ddp_training_matches_one_process_and_resumes(tmp_path):
 
 def test_global_token_normalisation_makes_rank_losses_average_to_the_global_loss():
     torch.manual_seed(0)
-    head = torch.nn.Linear(8, 11)
+    linear = torch.nn.Linear(8, 11)
+    head = lambda h, layer: linear(h)  # noqa: E731 (the loss's head takes the exit layer too)
     hidden = {2: torch.randn(4, 6, 8)}
     labels = torch.randint(0, 11, (4, 6))
     labels[0, :4] = -100  # uneven answer lengths across the two halves

@@ -108,3 +108,21 @@ def test_skipped_blocks_are_not_run_and_pass_their_input_through(tiny):
         h.remove()
     assert ran == [1, 4]
     assert torch.equal(hidden[2], hidden[1]) and torch.equal(hidden[3], hidden[1])
+
+
+def test_top1_agreement_equals_a_naive_count_and_implies_the_accepted_drafts():
+    from earlyexit.loss import accepted_per_cycle, top1_agreement
+
+    ee = EarlyExitHead(tiny_model("llama"))
+    ids = torch.randint(3, 100, (3, 9))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    hidden = ee.hidden_states(ids)
+    got = top1_agreement(hidden, labels, ee.exit_logits, 4, chunk_size=4)
+    keep = labels[:, 1:] != -100
+    final = ee.exit_logits(hidden[4])[:, :-1][keep].argmax(-1)
+    for layer in (1, 2, 3):
+        naive = (ee.exit_logits(hidden[layer])[:, :-1][keep].argmax(-1) == final).float().mean()
+        assert float(got[layer]) == pytest.approx(float(naive))
+    assert set(got) == {1, 2, 3}
+    assert accepted_per_cycle(1.0, 4) == 5 and accepted_per_cycle(0.0, 4) == 1 and accepted_per_cycle(0.5, 2) == 1.75

@@ -134,9 +134,20 @@ class Core:
             hidden = out if n == total else torch.cat([out, hidden[n:]])
         return hidden
 
-    def _logits(self, hidden: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
+    def _adapt(self, hidden: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
+        """Exit adapters on rows grouped by exit: ``groups`` is ``(layer, rows)`` in row order (identity without adapters)."""
+        adapters = self.ee.adapters
+        if adapters is None:
+            return hidden
+        parts, start = [], 0
+        for layer, count in groups:
+            parts.append(adapters(hidden[start : start + count], layer))
+            start += count
+        return torch.cat(parts)
+
+    def _logits(self, hidden: torch.Tensor, banned: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
         """Float exit logits of block outputs; ``banned`` token ids (EOS under ``ignore_eos``) get -inf."""
-        logits = self.ee.exit_logits(hidden).float()
+        logits = self.ee.exit_logits(hidden, layer).float()
         if banned is not None and banned.numel():
             logits = logits.index_fill(-1, banned, float("-inf"))
         return logits
@@ -248,6 +259,7 @@ class Core:
         total, new = len(exits) * batch, args.max_new_tokens
         exit_of_row = [layer for layer in exits for _ in range(batch)]
         rows = [sum(exit >= layer for exit in exit_of_row) for layer in range(1, self.n_layers + 1)]
+        groups = [(layer, batch) for layer in exits]
         cache, valid, npad, load = self._buffers(total, prompt, prompt + new)
         banned, is_eos = stops.tensors(self.device)
         choose = select(args)
@@ -257,7 +269,7 @@ class Core:
 
         def step():
             hidden, kwargs, masks = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
-            token = choose(self._logits(self._decode_blocks(hidden, kwargs, masks, layers, rows)[:, -1], banned))
+            token = choose(self._logits(self._adapt(self._decode_blocks(hidden, kwargs, masks, layers, rows)[:, -1], groups), banned))
             loop.advance(token)
             return token
 
@@ -265,7 +277,8 @@ class Core:
             nonlocal graphed
             ids = load(ids, mask)
             loop.start(prompt)
-            loop.out[:, 0] = choose(self._logits(self._prefill(ids, valid, npad, cache, layers, rows)[:, -1], banned))
+            last = self._adapt(self._prefill(ids, valid, npad, cache, layers, rows)[:, -1], groups)
+            loop.out[:, 0] = choose(self._logits(last, banned))
             if graphed is None:  # sampling draws host-side random state: it runs eagerly
                 graphed = step if args.do_sample else self._graph(step, loop.state())
             until_done(graphed, loop.out, is_eos)

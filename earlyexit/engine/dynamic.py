@@ -96,7 +96,8 @@ class DynamicExits(Core):
             one token a row) a row that has exited feeds its exit state to every block above."""
             hidden, kwargs, masks = self._inputs(tokens, slots, valid, npad, cache)
             exited = torch.zeros(batch, 1, 1, dtype=torch.bool, device=self.device)
-            state = torch.zeros_like(hidden[:, -1:])
+            state = torch.zeros_like(hidden[:, -1:])  # the exit's raw output: what the blocks above take
+            adapted = torch.zeros_like(state)  # the exit's output through its adapter: what the head reads
             layer_of = torch.zeros(batch, dtype=torch.long, device=self.device)
             for layer in range(1, self.n_layers + 1):
                 inputs = torch.where(exited, state, hidden) if propagate else hidden
@@ -107,12 +108,15 @@ class DynamicExits(Core):
                 if layer == self.n_layers:
                     now = ~exited[:, 0, 0]
                 else:
-                    logits = None if measure == "state" else self._logits(last, banned)
+                    logits = None if measure == "state" else self._logits(last, banned, layer)
                     now = ~exited[:, 0, 0] & (confidence(logits, last, inputs[:, -1:], measure)[:, 0] >= threshold)
                 state = torch.where(now[:, None, None], last, state)
+                if self.ee.adapters is not None:
+                    adapted = torch.where(now[:, None, None], self._adapt(last, [(layer, batch)]), adapted)
                 layer_of = torch.where(now, layer, layer_of)
                 exited = exited | now[:, None, None]
-            return self._logits(state[:, -1], banned).argmax(-1), layer_of
+            exit_states = adapted if self.ee.adapters is not None else state
+            return self._logits(exit_states[:, -1], banned).argmax(-1), layer_of
 
         def step():
             token, layer = run_layers(loop.last(), loop.slot, propagate=True)

@@ -94,8 +94,8 @@ class SelfSpeculation(Core):
         rows = torch.arange(batch, device=self.device)
         graphed = None
 
-        def dist(hidden):
-            logits = self._logits(hidden, banned)
+        def dist(hidden, layer=None):
+            logits = self._logits(hidden, banned, layer)
             return probabilities(logits, args.temperature, args.top_p) if do_sample else logits
 
         def choose(scores):
@@ -108,7 +108,7 @@ class SelfSpeculation(Core):
                 states.append(self._decode_blocks(hidden, kwargs, masks, range(1, exit_layer + 1)))
                 if j == depth:
                     break
-                scores = dist(states[-1][:, -1])
+                scores = dist(states[-1][:, -1], exit_layer)  # the draft exit, through its adapter
                 token = choose(scores)[:, None]
                 drafts.append(token)
                 draft_scores.append(scores)

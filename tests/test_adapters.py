@@ -1,0 +1,139 @@
+"""Exit adapters: identity at initialisation, the same maths on every decode path, saved and loaded with the
+adapter, and trainable alone on a frozen model."""
+
+import torch
+from torch.testing import assert_close
+
+from earlyexit.adapters import ExitAdapters, attach
+from earlyexit.engine import Engine
+from earlyexit.loading import ModelArgs, load_model
+from earlyexit.model import EarlyExitHead
+from tiny import tiny_model
+
+
+def adapted(model_type: str = "llama", layers=(1, 2, 3), rank=None, seed: int = 0) -> EarlyExitHead:
+    """A tiny model with exit adapters that change its answers (random maps instead of the zero start)."""
+    model = tiny_model(model_type)
+    adapters = ExitAdapters(list(layers), model.config.hidden_size, rank)
+    torch.manual_seed(seed)
+    for param in adapters.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    attach(model, adapters)
+    return EarlyExitHead(model)
+
+
+def prompts():
+    torch.manual_seed(1)
+    ids = torch.randint(3, 100, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3], mask[2, :5] = 0, 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_untrained_adapters_are_the_identity():
+    model = tiny_model("llama")
+    ee = EarlyExitHead(model)
+    ids = torch.randint(3, 100, (2, 6))
+    before = {layer: ee(ids, exit_layer=layer) for layer in (1, 2, 4)}
+    attach(model, ExitAdapters([1, 2, 3], model.config.hidden_size))
+    for layer, logits in before.items():
+        assert_close(ee(ids, exit_layer=layer), logits)
+
+
+def test_exit_logits_apply_the_adapter_before_the_shared_norm_and_head():
+    ee = adapted(rank=None)
+    ids = torch.randint(3, 100, (2, 6))
+    hidden = ee.hidden_states(ids)
+    adapter = ee.adapters.maps["2"]
+    h = hidden[2]
+    assert_close(ee.exit_logits(h, 2), ee.head(ee.norm(h + adapter(h))))
+    assert_close(ee(ids, exit_layer=2), ee.exit_logits(h, 2))  # the truncated forward (generate's path) agrees
+    assert_close(ee.exit_logits(hidden[4], 4), ee(ids))  # the last layer has no adapter: the model's own output
+    assert not torch.allclose(ee.exit_logits(h, 2), ee.exit_logits(h))
+
+
+def test_every_engine_mode_uses_the_adapters():
+    for model_type in ("llama", "gpt2"):  # the fast path and the generic path
+        ee = adapted(model_type, rank=8 if model_type == "gpt2" else None)
+        ids, mask = prompts()
+        engine = Engine(ee)
+        got = engine.generate(ids, mask, [1, 2, 3, 4], max_new_tokens=10, ignore_eos=True)
+        for layer in (1, 2, 3, 4):
+            ref = ee.generate(ids, mask, layer, max_new_tokens=10, ignore_eos=True)
+            assert torch.equal(got[layer].tokens, ref.tokens), (model_type, layer)
+        at_min = engine.generate_dynamic(ids, mask, threshold=0.0, min_layer=2, max_new_tokens=10, ignore_eos=True)
+        assert torch.equal(at_min.tokens, got[2].tokens)
+        spec = engine.generate_speculative(ids, mask, 2, 3, max_new_tokens=10, ignore_eos=True)
+        assert torch.equal(spec.tokens, got[4].tokens)  # exact: the drafts (exit 2, adapted) only propose
+
+
+def test_adapters_are_saved_and_loaded_with_the_adapter(tiny_dir, tmp_path):
+    model, _ = load_model(ModelArgs(name=tiny_dir, device="cpu"))
+    adapters = ExitAdapters([2], model.config.hidden_size, rank=4)
+    for param in adapters.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    attach(model, adapters)
+    adapters.save(tmp_path / "adapter")
+    loaded, _ = load_model(ModelArgs(name=tiny_dir, device="cpu", adapter=str(tmp_path / "adapter")))
+    ids = torch.randint(3, 100, (2, 6))
+    assert_close(EarlyExitHead(loaded)(ids, exit_layer=2), EarlyExitHead(model)(ids, exit_layer=2))
+
+
+def test_adapters_alone_train_on_a_frozen_model(tiny_dir):
+    from earlyexit.module import EarlyExitModule, ExitAdapterArgs, ExitLossArgs, OptimArgs
+
+    module = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), exit_adapters=ExitAdapterArgs(exit_layers="all"),
+                             loss=ExitLossArgs(exit_layers="all", distill=1.0), optim=OptimArgs(lr=1e-2, warmup_steps=0))
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("exit_adapters" in name for name in trainable)
+    frozen = {name: p.detach().clone() for name, p in module.named_parameters() if not p.requires_grad}
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (4, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = module.training_step(batch, 0)
+        first = float(loss) if first is None else first
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float(loss) < 0.7 * first  # KL(final ‖ exit) of the early exits falls
+    assert all(torch.equal(p, frozen[name]) for name, p in module.named_parameters() if not p.requires_grad)
+    # the teacher of a frozen trunk is the training pass's own last layer: no second forward
+    hidden = module.ee.hidden_states(ids, torch.ones_like(ids))
+    assert_close(module._teacher(batch, hidden), module._teacher(batch))
+
+
+def test_the_train_command_exports_exit_adapters_that_evaluate_reads(tiny_dir, tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from earlyexit import evaluate, train
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "alpaca_data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"It is {i}."} for i in range(40)]))
+    train.main(["--config", str(root / "configs" / "debug.yaml"), "--model.base.name", tiny_dir, "--model.lora", "null",
+                "--model.exit_adapters", "{exit_layers: all}", "--model.layer_dropout.p_max", "0", "--model.optim.lr", "0.05",
+                "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--data.source", str(data),
+                "--data.eval_size", "4", "--data.val_size", "4", "--trainer.default_root_dir", str(tmp_path / "run")])
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "exit_adapters.safetensors").is_file() and not (adapter / "adapter_config.json").exists()
+    args = ["--model.name", tiny_dir, "--model.device", "cpu", "--data.source", str(data), "--data.limit", "2",
+            "--generation.max_new_tokens", "4", "--metrics.names", "[bleu]", "--metrics.bootstrap", "0", "--exit_layers", "all"]
+    evaluate.main([*args, "--out_dir", str(tmp_path / "base")])
+    evaluate.main([*args, "--model.adapter", str(adapter), "--out_dir", str(tmp_path / "adapted")])
+    rows = lambda d: {(r["id"], r["layer"]): r["tokens"] for r in map(json.loads, (d / "generations.jsonl").read_text().splitlines())}  # noqa: E731
+    base, tuned = rows(tmp_path / "base"), rows(tmp_path / "adapted")
+    assert all(base[k] == tuned[k] for k in base if k[1] == 4)  # the last layer is the model's own
+    assert any(base[k] != tuned[k] for k in base if k[1] < 4)  # the adapted exits answer differently
+
+
+def test_the_lens_reads_the_exits_through_their_adapters():
+    from earlyexit.lens import layer_log_probs
+
+    ee = adapted()
+    ids = torch.randint(3, 100, (1, 6))
+    hidden = ee.hidden_states(ids)
+    assert_close(layer_log_probs(ee, hidden[2], 2), torch.log_softmax(ee(ids, exit_layer=2).float(), -1))
