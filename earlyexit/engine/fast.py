@@ -10,6 +10,9 @@ model's ``nn.Linear`` weights become views of it, so no weight is held twice and
 generic path, HF ``generate``) keeps working on the same numbers. LoRA adapters are merged into the weights first
 (peft ``merge_adapter``; ``unmerge_adapter`` restores them). The architecture table says which families take this
 path (:attr:`earlyexit.arch.ArchSpec.fast_block`); the others keep the generic path.
+
+Since the q/k/v (and gate/up) weights then share one storage, a model that will be saved with ``save_pretrained``
+after decoding should be saved from a fresh load (or with ``fast=False`` engines): safetensors refuses shared memory.
 """
 
 from __future__ import annotations
