@@ -28,11 +28,11 @@ def quarter_layers(n_layers: int) -> list[int]:
 
 
 ExitLayers = str | int | list[int]
-"""How exit layers are given: ``quarters``, ``all``, ``everyK``, ``"8,16"``, one layer, or a list (``[8, 16]`` in YAML)."""
+"""How exit layers are given: ``quarters``, ``all``, ``last``, ``everyK``, ``"8,16"``, one layer, or a list (``[8, 16]`` in YAML)."""
 
 
 def parse_exit_layers(spec: str | int | Iterable[int], n_layers: int) -> list[int]:
-    """Turn ``"quarters"``, ``"all"``, ``"every3"``, ``"8,16"``, an int or a list into sorted, checked layers.
+    """Turn ``"quarters"``, ``"all"``, ``"last"``, ``"every3"``, ``"8,16"``, an int or a list into sorted, checked layers.
 
     ``"everyK"`` is every K-th layer counted from the top (so N is always included).
     """
@@ -42,6 +42,8 @@ def parse_exit_layers(spec: str | int | Iterable[int], n_layers: int) -> list[in
             return quarter_layers(n_layers)
         if text == "all":
             return list(range(1, n_layers + 1))
+        if text == "last":
+            return [n_layers]
         if text.startswith("every") and text[5:].isdigit() and int(text[5:]) > 0:
             return sorted(range(n_layers, 0, -int(text[5:])))
         try:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tiny import char_tokenizer, save_tiny
@@ -133,3 +134,28 @@ def test_scripts_and_commands_refuse_bad_values_with_one_line(name, argv, messag
     assert run_command(name, argv, monkeypatch) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]
+
+
+def test_self_answers_writes_the_models_own_greedy_answers(tiny_dir, tmp_path, monkeypatch):
+    import json
+
+    from earlyexit.loading import ModelArgs, load_model
+    from earlyexit.data import encode_prompt
+    from earlyexit.model import EarlyExitHead
+
+    data = tmp_path / "alpaca_data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"It is {i}."} for i in range(9)]))
+    out = tmp_path / "self.json"
+    argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--data", str(data), "--skip", "4", "--max_new_tokens", "5",
+            "--batch_size", "2", "--out", str(out), "--work_dir", str(tmp_path / "work")]
+    assert run_command("self_answers.py", argv, monkeypatch) == 0
+    written = json.loads(out.read_text())
+    assert [r["instruction"] for r in written] == [f"Say {i}." for i in range(4, 9)]  # the evaluation split is skipped
+    model, tokenizer = load_model(ModelArgs(name=tiny_dir, device="cpu"))
+    ee = EarlyExitHead(model)
+    for record in written:
+        ids = torch.tensor([encode_prompt({**record, "output": "-"}, tokenizer)])
+        gen = ee.generate(ids, torch.ones_like(ids), ee.n_layers, max_new_tokens=5)
+        assert record["output"] == tokenizer.decode(gen.tokens[0, : int(gen.n_tokens[0])].tolist(), skip_special_tokens=True).strip()
+    assert run_command("self_answers.py", argv, monkeypatch) == 0  # a rerun resumes: nothing left to generate
+    assert json.loads(out.read_text()) == written
