@@ -27,6 +27,7 @@ import torch
 
 from earlyexit.arch import ARCHITECTURES, CACHE_ARGS, UNBATCHED_ARGS, sliding_windows
 from earlyexit.engine.cache import StaticKV, additive_mask
+from earlyexit.engine.fast import fast_blocks, fast_inputs
 from earlyexit.errors import EarlyExitError
 from earlyexit.generation import GenerationArgs, options, select
 from earlyexit.model import EarlyExitHead, Generation, finish
@@ -65,8 +66,6 @@ class Core:
             raise EarlyExitError(f"{type(ee.blocks[0]).__name__} takes no cache argument; the engine cannot drive it")
         self.fast = None  # llama-style families: fused blocks (earlyexit/engine/fast.py); others: the model's own blocks
         if fast is not False:
-            from earlyexit.engine.fast import fast_blocks
-
             self.fast = fast_blocks(ee)
             if fast and self.fast is None:
                 raise EarlyExitError(f"no fast path for {ee.config.model_type} blocks: it serves llama-style families "
@@ -90,8 +89,6 @@ class Core:
         positions = (slots - npad[:, None]).clamp(min=0)
         masks = {w: additive_mask(slots, valid, w, self.dtype) for w in dict.fromkeys(self.windows)}
         if self.fast is not None:  # llama-style: the model's own embedding and rotary tables, called directly
-            from earlyexit.engine.fast import fast_inputs
-
             hidden, position_embeddings = fast_inputs(self.ee.decoder, ids, positions)
             return hidden, {"position_embeddings": position_embeddings, self._cache_name: cache}, masks
         captured = {}
