@@ -117,14 +117,14 @@ def build_parser():
 
 
 def load(model_args: ModelArgs, bench: BenchArgs) -> tuple[torch.nn.Module, object | None]:
-    from earlyexit.loading import load_model, resolve_device, resolve_dtype
-    from earlyexit.tiny import random_model
+    from dataclasses import replace
+
+    from earlyexit.loading import RANDOM_PREFIX, load_model
 
     if bench.random_config:
-        device = resolve_device(model_args.device)
-        return random_model(bench.random_config, device, resolve_dtype(model_args.dtype, device)), None
+        model_args = replace(model_args, name=RANDOM_PREFIX + bench.random_config)
     model, tokenizer = load_model(model_args)
-    if model_args.adapter:
+    if hasattr(model, "merge_and_unload"):  # a LoRA adapter (exit adapters alone leave a plain model)
         model = model.merge_and_unload()
     return model.eval(), tokenizer
 

@@ -184,6 +184,41 @@ def pad(sequences: list[list[int]], value: int, side: Literal["left", "right"]) 
     return torch.tensor(rows, dtype=torch.long)
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of examples grouped into rows of at most ``capacity`` tokens (first fit, longest first); an example
+    longer than ``capacity`` gets a row of its own. Rows keep their examples in the order given."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[row].append(i)
+            room[row] -= lengths[i]
+    return [sorted(row) for row in rows]
+
+
+def packed_batch(examples: list[dict], capacity: int, pad_id: int) -> dict:
+    """Several examples per row (sequence packing): ``input_ids``, ``labels`` and ``position_ids`` ``[R, T]``, positions
+    restarting at 0 on each example, and no ``attention_mask``: the model's own masks, given restarting positions and
+    no mask, keep each token's attention within its example. A row's tail is padding (label ``IGNORE_INDEX``,
+    positions running on). At an example's boundary the next token is the following example's first prompt token,
+    whose label is ``IGNORE_INDEX``, so no loss crosses examples: the loss is the unpacked batch's, token for token.
+    """
+    rows = pack_rows([len(e["input_ids"]) for e in examples], capacity)
+    ids, labels, position_ids = [], [], []
+    for row in rows:
+        ids.append([t for i in row for t in examples[i]["input_ids"]])
+        labels.append([t for i in row for t in examples[i]["labels"]])
+        position_ids.append([p for i in row for p in range(len(examples[i]["input_ids"]))])
+    width = max(len(r) for r in ids)
+    position_ids = [p + list(range(p[-1] + 1, p[-1] + 1 + width - len(p))) for p in position_ids]
+    return {"input_ids": pad(ids, pad_id, "right"), "labels": pad(labels, IGNORE_INDEX, "right"),
+            "position_ids": torch.tensor(position_ids, dtype=torch.long), "attention_mask": None}
+
+
 class EpochSampler(DistributedSampler):
     """A seeded permutation per epoch that can start part-way through one, for exact resume, and shards it
     across ``world`` ranks so that training on W ranks sees the same global batches as one process.
@@ -234,6 +269,9 @@ class AlpacaDataModule(L.LightningDataModule):
         val_size: training records held out for validation loss.
         max_length: tokens per training example (prompt + answer), and per prompt for generation.
         batch_size: examples per batch.
+        pack: training and validation batches put several examples in one row of up to ``max_length`` tokens
+            (sequence packing, attention kept within each example) instead of padding every row to the longest;
+            the same examples per step and the same loss, on fewer tokens.
         num_workers: DataLoader workers.
         seed: seed of the train/validation split and of training order.
         strict: fail on the first bad record instead of skipping and counting it.
@@ -249,6 +287,7 @@ class AlpacaDataModule(L.LightningDataModule):
         val_size: int = 100,
         max_length: int = 512,
         batch_size: int = 8,
+        pack: bool = False,
         num_workers: int = 0,
         seed: int = 0,
         strict: bool = False,
@@ -329,6 +368,8 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def collate_train(self, batch: list[dict]) -> dict:
         pad_id = self.tokenizer.pad_token_id
+        if self.hparams.pack:
+            return packed_batch(batch, self.hparams.max_length, pad_id)
         input_ids = pad([b["input_ids"] for b in batch], pad_id, "right")
         attention_mask = pad([[1] * len(b["input_ids"]) for b in batch], 0, "right")
         labels = pad([b["labels"] for b in batch], IGNORE_INDEX, "right")

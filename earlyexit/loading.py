@@ -37,7 +37,9 @@ class ModelArgs:
     """Which model to load, and how.
 
     Args:
-        name: HF hub id, local directory, or ``smollm2-135m-instruct`` (the embedded default).
+        name: HF hub id, local directory, ``smollm2-135m-instruct`` (the embedded default), ``tiny-random-<family>``
+            (a 4-layer random model) or ``random-shape-llama2-7b`` (random weights of that shape, built in memory and
+            without a tokenizer: for speed measurements only).
         adapter: Optional path of a peft LoRA adapter (``save_pretrained`` output) to apply.
         dtype: Weights dtype; ``auto`` is bfloat16 on a GPU and float32 on the CPU.
         device: ``cpu``, ``cuda``, ``cuda:1`` …; ``auto`` takes the GPU when there is one.
@@ -116,6 +118,7 @@ def materialize_default(root: Path | None = None) -> Path:
 
 
 TINY_PREFIX = "tiny-random-"
+RANDOM_PREFIX = "random-shape-"
 
 
 def materialize_tiny(name: str) -> str:
@@ -199,6 +202,12 @@ def load_model(args: ModelArgs | None = None) -> tuple[PreTrainedModel, PreTrain
     hf_logging.disable_progress_bar()  # per-tensor loading bars drown the job's own progress
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.name.startswith(RANDOM_PREFIX):
+        from earlyexit.tiny import random_model
+
+        if args.adapter:
+            raise EarlyExitError(f"{args.name} is random weights for speed measurements; it takes no adapter")
+        return random_model(args.name[len(RANDOM_PREFIX):], device, dtype), None
     path = resolve_model_path(args.name)
     try:
         from transformers import AutoConfig

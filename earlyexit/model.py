@@ -160,6 +160,7 @@ class EarlyExitHead(nn.Module):
         attention_mask: torch.Tensor | None = None,
         exit_layers: Iterable[int] | None = None,
         skip: Iterable[int] = (),
+        position_ids: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
         """Block outputs at several exits from one teacher-forced pass.
 
@@ -173,6 +174,9 @@ class EarlyExitHead(nn.Module):
             exit_layers: layers 1..N; all layers when None.
             skip: blocks not run at all (layer dropout); a skipped block passes its input through, so its
                 exit reads the output of the nearest block below it that ran. Block 1 always runs.
+            position_ids: ``[B, T]`` for packed rows (several examples per row, positions restarting at 0 on each, with
+                ``attention_mask`` None): the model's own masks then keep attention within each example. Derived from
+                ``attention_mask`` when None.
 
         Returns:
             ``{layer: hidden [B, T, D]}``.
@@ -195,7 +199,7 @@ class EarlyExitHead(nn.Module):
                 self.decoder(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
-                    position_ids=positions(attention_mask),
+                    position_ids=positions(attention_mask) if position_ids is None else position_ids,
                     use_cache=False,
                 )
         finally:

@@ -60,11 +60,13 @@ class ExitAdapterArgs:
 
     Args:
         exit_layers: exits that get an adapter: quarters, all, everyK or a list (the last layer never gets one).
-        rank: None for full D × D maps (as the tuned lens), r for low-rank maps.
+        rank: affine: None for full D × D maps (as the tuned lens), r for low-rank maps; mlp: hidden width (4·D if None).
+        kind: affine (``h + A h + b``, the tuned lens) or mlp (``h + W2 silu(W1 LayerNorm(h))``, position-wise).
     """
 
     exit_layers: ExitLayers = "all"
     rank: int | None = None
+    kind: Literal["affine", "mlp"] = "affine"
 
     def __post_init__(self):
         positive("exit_adapters.rank", self.rank, optional=True)
@@ -128,18 +130,21 @@ class OptimArgs:
 
     Args:
         lr: peak learning rate.
+        adapter_lr: peak learning rate of the exit adapters when they train beside LoRA (``lr`` when None).
         weight_decay: AdamW weight decay.
         warmup_steps: steps of linear warm-up from 0.
         min_lr_ratio: final learning rate as a share of the peak.
     """
 
     lr: float = 2e-4
+    adapter_lr: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
 
     def __post_init__(self):
         require(self.lr > 0, "optim.lr", self.lr, "> 0")
+        require(self.adapter_lr is None or self.adapter_lr > 0, "optim.adapter_lr", self.adapter_lr, "> 0")
         non_negative("optim.weight_decay", self.weight_decay)
         non_negative("optim.warmup_steps", self.warmup_steps)
         in_unit("optim.min_lr_ratio", self.min_lr_ratio)
@@ -192,7 +197,7 @@ class EarlyExitModule(L.LightningModule):
                 self.lm.requires_grad_(False)
             n = EarlyExitHead(self.lm).n_layers
             layers = [layer for layer in parse_exit_layers(adapters.exit_layers, n) if layer < n]
-            attach(self.lm, ExitAdapters(layers, self.lm.config.hidden_size, adapters.rank))
+            attach(self.lm, ExitAdapters(layers, self.lm.config.hidden_size, adapters.rank, adapters.kind))
         self.frozen_trunk = lora is None
         if loss.distill > 0 and not (hasattr(self.lm, "disable_adapter") or adapters is not None):
             raise EarlyExitError("loss.distill needs something that trains the exits (model.lora or model.exit_adapters): "
@@ -224,7 +229,8 @@ class EarlyExitModule(L.LightningModule):
         la = self.loss_args
         exits = active_exits(step, self.train_exits, n, la.curriculum, la.rotation, la.gradual_interval) if train else self.train_exits
         skip = dropped_layers(step, self.dropout_rates, self.dropout_args.seed) if train else set()
-        hidden = self.ee.hidden_states(batch["input_ids"], batch["attention_mask"], exit_layers=exits, skip=skip)
+        hidden = self.ee.hidden_states(batch["input_ids"], batch.get("attention_mask"), exit_layers=exits, skip=skip,
+                                       position_ids=batch.get("position_ids"))
         teacher = self._teacher(batch, hidden if self.frozen_trunk and not skip else None) if la.distill > 0 else None
         weights = exit_weights(exits, n, la.weights, la.e_scale)
         out = early_exit_loss(hidden, batch["labels"], self.ee.exit_logits, weights, teacher, la.distill, la.chunk_size,
@@ -255,7 +261,8 @@ class EarlyExitModule(L.LightningModule):
             return torch.log_softmax(self.ee.exit_logits(hidden[n][:, :-1][keep].detach()).float(), dim=-1).detach()
         off = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
         with off:
-            hidden = self.ee.hidden_states(batch["input_ids"], batch["attention_mask"], exit_layers=[n])
+            hidden = self.ee.hidden_states(batch["input_ids"], batch.get("attention_mask"), exit_layers=[n],
+                                           position_ids=batch.get("position_ids"))
             logits = self.ee.exit_logits(hidden[n][:, :-1][keep])
         return torch.log_softmax(logits.float(), dim=-1)
 
@@ -283,11 +290,14 @@ class EarlyExitModule(L.LightningModule):
             self.log(f"val/accepted_per_cycle_d4_exit_{layer}", accepted_per_cycle(float(share), 4), sync_dist=sync)
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        if not named:
             raise EarlyExitError("nothing to train: configure LoRA adapters (model.lora) or exit adapters (model.exit_adapters)")
         oa = self.optim_args
-        optimizer = torch.optim.AdamW(params, lr=oa.lr, weight_decay=oa.weight_decay)
+        adapters = [p for name, p in named if "exit_adapters." in name]
+        rest = [p for name, p in named if "exit_adapters." not in name]
+        groups = [{"params": group, "lr": lr} for group, lr in ((rest, oa.lr), (adapters, oa.adapter_lr or oa.lr)) if group]
+        optimizer = torch.optim.AdamW(groups, lr=oa.lr, weight_decay=oa.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, oa.warmup_steps, oa.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,18 +1,27 @@
-"""Early-exit LoRA training throughput, peak memory and model-FLOPs utilisation.
+"""Early-exit training throughput, peak memory and model-FLOPs utilisation: padded against packed batches.
 
-    python scripts/bench_train.py --model smollm2-135m-instruct --device cpu --batch 4 --seq 256 --steps 5
-    python scripts/bench_train.py --model llama2-7b-random --device cuda --batch 8 --seq 512 --steps 10 --checkpointing true
+    python scripts/bench_train.py --device cpu --dtype float32 --batch 4 --steps 2 --warmup 1
+    python scripts/bench_train.py --device cuda --dtype float32 --batch 16 --distill 0.7 --paths '[padded, packed]'
+    python scripts/bench_train.py --model random-shape-llama2-7b --data null --device cuda --batch 8 --seq 512 --checkpointing true
 
-Runs the real training step (EarlyExitModule's loss: LoRA on every linear layer, early-exit loss over
-every 2nd exit plus the last, chunked and checkpointed) with AdamW on random tokens of a fixed length
-(no padding), after warm-up steps. ``llama2-7b-random`` is a Llama-2-7B config with random bf16 weights:
-honest for speed, meaningless for quality.
+Runs the real training step, :meth:`EarlyExitModule._loss` (LoRA on every linear layer, the early-exit loss over
+every 2nd exit plus the last under the rotational curriculum, chunked and checkpointed, and with ``--distill`` the
+base model's final layer as teacher, one more forward with the adapters off), with AdamW, after warm-up steps.
+Every path trains on the same examples per step in one process, one after the other:
 
-Model FLOPs per token, for MFU: the frozen base costs 2·N (forward) + 2·N (gradients with respect to
-activations; frozen weights get no weight gradients) with N the non-embedding parameters, plus the
-attention scores (4·layers·seq·d for forward + backward of activations, ×1.5), plus the exit heads
-(6·d·V per active exit: forward, recompute under checkpointing is not counted, backward). Gradient
-checkpointing's recomputation is not counted, as usual for MFU. Peak dense bf16 of an H100 SXM: 989 TFLOP/s.
+* ``padded``: each batch padded to its longest example (the collation of ``data.pack false``);
+* ``packed``: the same examples packed into rows of up to ``--seq`` tokens (``data.pack true``).
+
+``--data`` takes Alpaca records (the shipped sample by default; the evaluation split is skipped); ``--data null``
+uses random tokens of exactly ``--seq`` per row, where the two paths coincide (no padding): the setting of the
+7B-shape figure, ``random-shape-llama2-7b`` being random bf16 weights (honest for speed, meaningless for quality).
+
+Model FLOPs, for MFU, are counted on real tokens only (padding is waste, not work): per token 4·N for the frozen base
+(forward, and gradients with respect to activations; frozen weights get no weight gradients), N the non-embedding
+parameters, plus attention 6·layers·d·L (L: the example's length; forward + backward of activations, ×1.5 for the
+causal half counted twice as usual), plus 6·d·V per active exit per answer token (the heads), plus the teacher's
+forward 2·N + 2·layers·d·L per token and 2·d·V per answer token when ``--distill`` > 0. Recomputation under
+checkpointing is not counted, as usual for MFU. Peak dense bf16 of an H100 or H200: 989 TFLOP/s.
 """
 
 from __future__ import annotations
@@ -23,113 +32,148 @@ from typing import Literal
 import torch
 
 from earlyexit.cli import run_function
-from earlyexit.loss import active_exits, early_exit_loss, exit_weights
-from earlyexit.model import EarlyExitHead, parse_exit_layers
-from earlyexit.module import LoraArgs, wrap_lora
+from earlyexit.data import IGNORE_INDEX, SAMPLE, AlpacaDataModule
+from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive
+from earlyexit.loading import ModelArgs
+from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs
 
-H100_BF16 = 989e12
+PEAK_BF16 = 989e12
+Path = Literal["padded", "packed"]
 
 
-def build(name: str, device: str, dtype: torch.dtype):
-    if name == "llama2-7b-random":
-        from earlyexit.tiny import random_model
+def batches(module: EarlyExitModule, data: str | None, batch: int, seq: int, count: int, path: Path) -> list[dict]:
+    """``count`` training batches of ``batch`` examples each: Alpaca records collated as ``path``, or random tokens."""
+    vocab = module.lm.config.vocab_size
+    if data is None:
+        gen = torch.Generator().manual_seed(0)
+        out = []
+        for _ in range(count):
+            ids = torch.randint(100, vocab, (batch, seq), generator=gen)
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        return out
+    if module.tokenizer is None:
+        raise EarlyExitError(f"{module.hparams['base']['name']} has no tokenizer: pass --data null (random tokens)")
+    dm = AlpacaDataModule(data, max_length=seq, batch_size=batch, pack=path == "packed")
+    dm.attach_tokenizer(module.tokenizer)
+    dm.setup("fit")
+    if len(dm.train_set) < batch * count:
+        raise EarlyExitError(f"{len(dm.train_set)} training examples in {data!r}, fewer than {count} batches of {batch}")
+    return [dm.collate_train(dm.train_set[k * batch : (k + 1) * batch]) for k in range(count)]
 
-        return random_model("llama2-7b", device, dtype).train()
-    from earlyexit.loading import ModelArgs, load_model
 
-    model, _ = load_model(ModelArgs(name=name, device=device, dtype="float32" if dtype == torch.float32 else "bfloat16"))
-    return model
+def model_flops(module: EarlyExitModule, batch: dict, active: int, distill: bool) -> float:
+    """FLOPs of one training step on ``batch`` as the module docstring counts them."""
+    cfg = module.lm.config
+    d, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    n = sum(p.numel() for name, p in module.lm.named_parameters()
+            if "embed" not in name and "lm_head" not in name and "lora_" not in name and "exit_adapters" not in name)
+    lengths = example_lengths(batch)
+    tokens = sum(lengths)
+    attention = sum(6 * layers * d * length * length for length in lengths)  # Σ over tokens of 6·layers·d·L
+    answers = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    flops = 4 * n * tokens + attention + 6 * d * vocab * active * answers
+    if distill:
+        flops += 2 * n * tokens + attention / 3 + 2 * d * vocab * answers
+    return flops
 
 
 def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Literal["float32", "bfloat16"] = "bfloat16",
-         batch: int = 8, seq: int = 512, steps: int = 10, warmup: int = 2, rank: int = 16, exits: str = "every2",
-         rotation: int = 2, checkpointing: bool = False) -> None:
-    """Early-exit LoRA training throughput, peak memory and model-FLOPs utilisation.
+         data: str | None = SAMPLE, batch: int = 16, seq: int = 512, steps: int = 10, warmup: int = 2, rank: int = 16,
+         exits: str = "every2", rotation: int = 2, distill: float = 0.0, paths: list[Path] = ["padded", "packed"],
+         checkpointing: bool = False) -> None:
+    """Early-exit training throughput, peak memory and MFU of the padded and packed paths.
 
     Args:
-        model: a model name, or ``llama2-7b-random`` (random weights of Llama-2-7B's shape).
+        model: a model name, or ``random-shape-llama2-7b`` (random weights of Llama-2-7B's shape; needs ``--data null``).
         device: ``cuda`` or ``cpu``.
         dtype: weights dtype (float32 weights train under bf16 autocast on a GPU).
-        batch: sequences per step.
-        seq: tokens per sequence.
-        steps: timed steps.
-        warmup: steps before timing.
+        data: Alpaca records (``alpaca-sample``, a file or a hub id), or null for random tokens of ``seq`` per row.
+        batch: examples per step.
+        seq: the packed row length and the truncation length of an example (random tokens: the row length).
+        steps: timed steps per path.
+        warmup: steps before timing, per path.
         rank: LoRA rank (alpha = 2 × rank).
         exits: trained exits (quarters, all, everyK or a list); the last layer is always one.
         rotation: rotational curriculum: every k-th exit per step.
+        distill: the loss's share of KL to the base model's final layer (a second forward with the adapters off).
+        paths: padded, packed, or both (side by side, same examples).
         checkpointing: activation checkpointing of the blocks.
     """
-    from argparse import Namespace
-
-    from earlyexit.errors import non_negative, positive
-
     for option, value in (("batch", batch), ("seq", seq), ("steps", steps), ("rank", rank), ("rotation", rotation)):
         positive(option, value)
     non_negative("warmup", warmup)
-    args = Namespace(model=model, device=device, dtype=dtype, batch=batch, seq=seq, steps=steps, warmup=warmup, rank=rank,
-                     exits=exits, rotation=rotation, checkpointing=checkpointing)
-    dtype = getattr(torch, args.dtype)
-    model = build(args.model, args.device, dtype)
-    if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = wrap_lora(model, LoraArgs(r=args.rank, alpha=2 * args.rank, dropout=0.0)).to(args.device)
-    model.train()
-    ee = EarlyExitHead(model)
-    n = ee.n_layers
-    exits = sorted(set(parse_exit_layers(args.exits, n)) | {n})
-    params = [p for p in model.parameters() if p.requires_grad]
+    in_unit("distill", distill)
+    if not paths:
+        raise EarlyExitError("paths: name at least one of padded, packed")
+    module = EarlyExitModule(
+        base=ModelArgs(name=model, device=device, dtype=dtype), lora=LoraArgs(r=rank, alpha=2 * rank),
+        loss=ExitLossArgs(exit_layers=exits, weights="uniform", curriculum="rotational", rotation=rotation, distill=distill),
+        gradient_checkpointing=checkpointing,
+    )
+    module.train()
+    cuda = device.startswith("cuda")
+    params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    ids = torch.randint(100, vocab, (args.batch, args.seq), generator=gen).to(args.device)
-    mask = torch.ones_like(ids)
-    cuda = args.device.startswith("cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and dtype == torch.float32 else torch.autocast("cpu", enabled=False)
-
-    def step(k: int) -> int:
-        active = active_exits(k, exits, n, "rotational", args.rotation)
-        with autocast:
-            hidden = ee.hidden_states(ids, mask, exit_layers=active)
-            out = early_exit_loss(hidden, ids, ee.exit_logits, exit_weights(active, n, "uniform"))
-        out.total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return len(active)
-
-    for k in range(args.warmup):
-        step(k)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    active_counts = [step(args.warmup + k) for k in range(args.steps)]
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    tokens = args.batch * args.seq * args.steps
-    cfg = model.config
-    d, layers = cfg.hidden_size, cfg.num_hidden_layers
-    non_embedding = sum(p.numel() for name, p in model.named_parameters()
-                        if "embed" not in name and "lm_head" not in name and "lora_" not in name)
-    per_token = 4 * non_embedding + 1.5 * 4 * layers * args.seq * d
-    per_token += 6 * d * vocab * sum(active_counts) / len(active_counts)
-    achieved = per_token * tokens / elapsed
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and dtype == "float32" else torch.autocast("cpu", enabled=False)
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    if cuda:
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (GPU, max allocated)"
-    else:
-        import resource
+    n = module.ee.n_layers
+    print(f"{model} on {name}: weights {dtype}, LoRA r={rank} on all linear layers ({sum(p.numel() for p in params) / 1e6:.1f}M "
+          f"trainable), exits {exits}+{n} rotating by {rotation}, distill {distill}, {batch} examples a step "
+          f"({'random tokens, ' + str(seq) + ' a row' if data is None else data + ', rows of up to ' + str(seq)}), "
+          f"gradient checkpointing {'on' if checkpointing else 'off'}, {warmup} warm-up + {steps} timed steps per path")
+    print("| path | rows × width (mean) | examples/s | real tokens/s | computed tokens/s | s/step | peak memory | TFLOP/s | MFU (989) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        todo = batches(module, data, batch, seq, warmup + steps, path)
+        todo = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in todo]
 
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB (process max RSS)"
-    print(f"{args.model} on {name}: weights {dtype}, LoRA r={args.rank} on all linear layers "
-          f"({sum(p.numel() for p in params) / 1e6:.1f}M trainable), exits {args.exits}+{n} rotating by {args.rotation} "
-          f"(mean {sum(active_counts) / len(active_counts):.1f} active), batch {args.batch} × {args.seq} tokens, "
-          f"gradient checkpointing {'on' if args.checkpointing else 'off'}, {args.steps} timed steps")
-    print("| tokens/s | s/step | peak memory | achieved TFLOP/s | MFU (H100 bf16 989) |")
-    print("|---|---|---|---|---|")
-    mfu = f"{achieved / H100_BF16:.1%}" if cuda else "n/a"
-    print(f"| {tokens / elapsed:,.0f} | {elapsed / args.steps:.3f} | {peak} | {achieved / 1e12:.1f} | {mfu} |")
+        def step(k: int) -> float:
+            with autocast:
+                out, _ = module._loss(todo[k], k, train=True)
+            out.total.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return model_flops(module, todo[k], len(out.per_exit), distill > 0)
+
+        for k in range(warmup):
+            step(k)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        flops = sum(step(warmup + k) for k in range(steps))
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        timed = todo[warmup:]
+        real = sum(sum(example_lengths(b)) for b in timed)
+        computed = sum(b["input_ids"].numel() for b in timed)
+        shape = f"{sum(b['input_ids'].shape[0] for b in timed) / steps:.1f} × {sum(b['input_ids'].shape[1] for b in timed) / steps:.0f}"
+        if cuda:
+            peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        else:
+            import resource
+
+            peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB RSS"
+        mfu = f"{flops / elapsed / PEAK_BF16:.1%}" if cuda else "n/a"
+        print(f"| {path} | {shape} | {batch * steps / elapsed:,.1f} | {real / elapsed:,.0f} | {computed / elapsed:,.0f} | "
+              f"{elapsed / steps:.3f} | {peak} | {flops / elapsed / 1e12:.1f} | {mfu} |")
+
+
+def example_lengths(batch: dict) -> list[int]:
+    """Tokens of each example of a batch: the mask's row sums, or in a packed batch the runs of restarting positions
+    (a row's last example ends at its last answer token, the padding after it excluded)."""
+    if batch.get("position_ids") is None:
+        return [int(n) for n in batch["attention_mask"].sum(1).tolist()]
+    out = []
+    for row, labels in zip(batch["position_ids"].tolist(), batch["labels"].tolist()):
+        last = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
+        for p in row[: last + 1]:
+            if p == 0:
+                out.append(0)
+            out[-1] += 1
+    return out
 
 
 if __name__ == "__main__":
