@@ -2,9 +2,11 @@
 
 Exit layer L's logits become ``head(norm(h + A_L h + b_L))`` instead of ``head(norm(h))``: the tuned lens's
 affine translators (Belrose et al., 2023) used as part of the model, so an exit can answer without moving the
-trunk or the shared head. ``A_L`` is a full ``D × D`` matrix or, with ``rank``, a low-rank product; every map
-starts at zero, so an untrained adapter is the identity and exit L starts as the logit lens. The last layer has
-no adapter: it stays the model's own output.
+trunk or the shared head. ``A_L`` is a full ``D × D`` matrix or, with ``rank``, a low-rank product. The ``mlp``
+kind is a residual two-layer perceptron per exit instead, ``h + W2 silu(W1 LayerNorm(h))`` (a block's MLP without
+attention: position-wise, so it needs no KV cache). Every map's output layer starts at zero, so an untrained
+adapter is the identity and exit L starts as the logit lens. The last layer has no adapter: it stays the model's
+own output.
 
 The adapters live on the model (``model.exit_adapters``), so :class:`earlyexit.model.EarlyExitHead` and every
 decode path built on it (evaluate, the engine's all-exits / dynamic / speculative modes, serve, lens) apply them,
@@ -16,7 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from earlyexit.errors import EarlyExitError
@@ -24,22 +29,44 @@ from earlyexit.errors import EarlyExitError
 WEIGHTS, CONFIG = "exit_adapters.safetensors", "exit_adapters.json"
 
 
+Kind = Literal["affine", "mlp"]
+
+
+class _Perceptron(nn.Module):
+    """``W2 silu(W1 LayerNorm(h))``, W2 zero-initialised (the adapter's residual branch)."""
+
+    def __init__(self, d: int, width: int):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, width), nn.Linear(width, d)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.up(self.norm(hidden))))
+
+
 class ExitAdapters(nn.Module):
-    """One zero-initialised map per exit layer: ``h + A_L h + b_L``.
+    """One zero-initialised map per exit layer: ``h + A_L h + b_L`` (affine) or ``h + W2 silu(W1 LN(h))`` (mlp).
 
     Args:
         layers: the exits that get an adapter (the last layer never does).
         hidden_size: D.
-        rank: None for full ``D × D`` maps; r for ``B_L (C_L h)`` with ``C_L: D → r``, ``B_L: r → D`` (B starts at 0).
+        rank: affine: None for full ``D × D`` maps, r for ``B_L (C_L h)`` with ``C_L: D → r``, ``B_L: r → D`` (B starts
+            at 0); mlp: the hidden width (4·D when None).
+        kind: affine or mlp.
     """
 
-    def __init__(self, layers: list[int], hidden_size: int, rank: int | None = None):
+    def __init__(self, layers: list[int], hidden_size: int, rank: int | None = None, kind: Kind = "affine"):
         super().__init__()
-        self.layers, self.hidden_size, self.rank = sorted(set(layers)), hidden_size, rank
-        self.maps = nn.ModuleDict({str(layer): self._map(hidden_size, rank) for layer in self.layers})
+        if kind not in ("affine", "mlp"):
+            raise EarlyExitError(f"exit adapter kind {kind!r}: affine or mlp")
+        self.layers, self.hidden_size, self.rank, self.kind = sorted(set(layers)), hidden_size, rank, kind
+        self.maps = nn.ModuleDict({str(layer): self._map(hidden_size, rank, kind) for layer in self.layers})
 
     @staticmethod
-    def _map(d: int, rank: int | None) -> nn.Module:
+    def _map(d: int, rank: int | None, kind: Kind) -> nn.Module:
+        if kind == "mlp":
+            return _Perceptron(d, rank or 4 * d)
         if rank is None:
             linear = nn.Linear(d, d)
             nn.init.zeros_(linear.weight)
@@ -57,7 +84,7 @@ class ExitAdapters(nn.Module):
         if key not in self.maps:
             return hidden
         adapter = self.maps[key]
-        weight = next(adapter.parameters())
+        weight = next(p for p in adapter.parameters() if p.dim() == 2)
         return hidden + adapter(hidden.to(weight.dtype)).to(hidden.dtype)
 
     def save(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -70,7 +97,7 @@ class ExitAdapters(nn.Module):
         weights = state or self.state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / WEIGHTS)
         (directory / CONFIG).write_text(json.dumps({"layers": self.layers, "hidden_size": self.hidden_size,
-                                                    "rank": self.rank}) + "\n")
+                                                    "rank": self.rank, "kind": self.kind}) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> ExitAdapters | None:
@@ -82,7 +109,7 @@ class ExitAdapters(nn.Module):
             return None
         try:
             config = json.loads((directory / CONFIG).read_text())
-            adapters = cls(config["layers"], config["hidden_size"], config.get("rank"))
+            adapters = cls(config["layers"], config["hidden_size"], config.get("rank"), config.get("kind", "affine"))
             adapters.load_state_dict(load_file(directory / WEIGHTS))
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise EarlyExitError(f"{directory}: cannot load the exit adapters ({type(err).__name__}: {err})") from None

@@ -10,7 +10,12 @@ libraries (see :mod:`earlyexit.metrics`), with paired-bootstrap 95% intervals.
 
     python -m earlyexit.evaluate                                   # SmolLM2, quarters, hub Alpaca
     python -m earlyexit.evaluate --config configs/smollm2_layers.yaml
-    python -m earlyexit.evaluate --compare '[results/base, results/finetuned]' 
+    python -m earlyexit.evaluate --compare '[results/base, results/finetuned]'
+    python -m earlyexit.evaluate --config configs/smollm2_layers.yaml --rescore results/from_gpu
+
+``--rescore DIR`` scores the answers a results directory already holds (generated elsewhere, e.g. on a GPU machine
+with ``--metrics.names '[bleu]'``) without loading the model or its adapter: the evaluation records (``--data.*``)
+and the model's content must be those the answers were generated from (``run.json``), else it refuses.
 """
 
 from __future__ import annotations
@@ -166,6 +171,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--compare", type=list[str] | None, default=None,
                         help="results directories to compare with the first, per layer (no evaluation runs)")
     parser.add_argument("--compare_plot", type=str | None, default=None, help="with --compare: save an overlaid figure here")
+    parser.add_argument("--rescore", type=str | None, default=None,
+                        help="score the answers this results directory holds (no generation, no model loaded)")
     return parser
 
 
@@ -187,13 +194,59 @@ def run(cfg, parser: ArgumentParser) -> dict:
     if not generate_answers(module, results, data, examples, trainer_args, device):
         return {}  # a sharded run's other ranks: rank 0 scores the gathered generations
     references = {i: r["output"] for i, r in examples}
-    report = score(results.generations(), references, module.exit_layers, module.ee.n_layers, metrics, bertscore)
+    return finish(results, references, module.exit_layers, module.ee.n_layers, metrics, bertscore,
+                  model=model_args.name, adapter=model_args.adapter, data=cfg.data.source, generation=asdict(generation))
+
+
+def rescore(cfg) -> dict:
+    """Score the answers held by the results directory ``cfg.rescore``, checking that the evaluation records and
+    the model are those its answers came from."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from earlyexit.identity import model_identity, records_sha256
+    from earlyexit.loading import resolve_model_path
+    from earlyexit.results import RUN
+
+    metrics = MetricArgs(**cfg.metrics)
+    check_metric_names(metrics.names)
+    run_file = Path(cfg.rescore) / RUN
+    if not run_file.is_file():
+        raise EarlyExitError(f"--rescore {cfg.rescore!r}: no {RUN} there (not a results directory of evaluate)")
+    fingerprint = json.loads(run_file.read_text())
+    if fingerprint.get("purpose"):
+        raise EarlyExitError(f"--rescore {cfg.rescore!r}: its answers were made by {fingerprint['purpose']}, not evaluate")
+    data = AlpacaDataModule(**cfg.data)
+    examples = data.eval_records()
+    loaded = data.load()
+    if records_sha256(list(zip(loaded.ids, loaded.records))[: data.hparams.eval_size]) != fingerprint["data_content"]:
+        raise EarlyExitError(f"--rescore {cfg.rescore!r}: its answers were generated for other evaluation records than "
+                             f"--data.source {data.hparams.source!r} with eval_size {data.hparams.eval_size}")
+    if model_identity(fingerprint["model"]) != fingerprint["model_content"]:
+        raise EarlyExitError(f"--rescore {cfg.rescore!r}: model {fingerprint['model']!r} here differs in content from the one "
+                             "that generated its answers")
+    n_layers = AutoConfig.from_pretrained(resolve_model_path(fingerprint["model"])).num_hidden_layers
+    bertscore = resolve_bertscore_model(metrics.bertscore_model, metrics.bertscore_layer) if "bertscore" in metrics.names else None
+    results = ResultsDir(cfg.rescore, fingerprint)
+    layers = sorted({row["layer"] for row in results.generations()})
+    if not layers:
+        raise EarlyExitError(f"--rescore {cfg.rescore!r}: it holds no answers")
+    references = {i: r["output"] for i, r in examples}
+    return finish(results, references, layers, n_layers, metrics, bertscore, model=fingerprint["model"],
+                  adapter=fingerprint["adapter"], data=fingerprint["data"], generation=fingerprint["generation"])
+
+
+def finish(results: ResultsDir, references: dict[int, str], exit_layers: list[int], n_layers: int, metrics: MetricArgs,
+           bertscore: BERTScoreModel | None, **about) -> dict:
+    """Score the answers of ``results``, write metrics.json / .csv, table.md and the figure, print the table."""
+    report = score(results.generations(), references, exit_layers, n_layers, metrics, bertscore)
     report.update({
-        "model": model_args.name,
-        "adapter": model_args.adapter,
-        "n_layers": module.ee.n_layers,
-        "data": cfg.data.source,
-        "generation": asdict(generation),
+        "model": about["model"],
+        "adapter": about["adapter"],
+        "n_layers": n_layers,
+        "data": about["data"],
+        "generation": about["generation"],
         "bleu_signature": CorpusBLEU.signature() if "bleu" in metrics.names else None,
         "rouge": {"variant": "rougeL", "use_stemmer": metrics.rouge_stemmer, "aggregate": "mean F-measure"},
         "bertscore": asdict(bertscore) if bertscore else None,
@@ -250,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parser.parse_args(argv)
     if cfg.compare:
         print(compare(cfg.compare, cfg.compare_plot))
+        return
+    if cfg.rescore:
+        rescore(cfg)
         return
     run(cfg, parser)
 

@@ -1,15 +1,15 @@
 """The model's own answers to the training prompts, as an Alpaca file: the data of on-policy self-distillation.
 
     python scripts/self_answers.py --model.name smollm2-135m-instruct --out data/smollm2_self_answers.json
-    python -m earlyexit.train --config configs/smollm2_exit_adapters.yaml --data.source data/smollm2_self_answers.json \\
-        --data.eval_size 0
+    python -m earlyexit.train --config configs/smollm2_ee.yaml   # reads data/smollm2_self_answers.json
 
 Exits that should draft for the full model (self-speculation) must learn the full model's distribution on the text
 the full model itself writes, not only on Alpaca's reference answers. This generates, once, the full model's greedy
 answer to every training prompt (records after the evaluation split, which is never used) with the decoding engine,
 resumably (the answers go to ``--work_dir`` batch by batch, as ``evaluate`` writes them), and writes the records
 with their ``output`` replaced by that answer. Records whose answer is empty are dropped and counted. Train on the
-file with ``loss.distill`` 1.0 (KL to the final layer on these answers) and ``--data.eval_size 0``.
+file with ``loss.distill`` 1.0 (KL to the final layer on these answers) and ``--data.eval_size 0``, as
+``configs/smollm2_ee.yaml`` does (``make smollm2-ee`` runs both).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Exit adapters: identity at initialisation, the same maths on every decode path, saved and loaded with the
 adapter, and trainable alone on a frozen model."""
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -11,10 +12,10 @@ from earlyexit.model import EarlyExitHead
 from tiny import tiny_model
 
 
-def adapted(model_type: str = "llama", layers=(1, 2, 3), rank=None, seed: int = 0) -> EarlyExitHead:
+def adapted(model_type: str = "llama", layers=(1, 2, 3), rank=None, seed: int = 0, kind: str = "affine") -> EarlyExitHead:
     """A tiny model with exit adapters that change its answers (random maps instead of the zero start)."""
     model = tiny_model(model_type)
-    adapters = ExitAdapters(list(layers), model.config.hidden_size, rank)
+    adapters = ExitAdapters(list(layers), model.config.hidden_size, rank, kind)
     torch.manual_seed(seed)
     for param in adapters.parameters():
         torch.nn.init.normal_(param, std=0.3)
@@ -30,12 +31,13 @@ def prompts():
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def test_untrained_adapters_are_the_identity():
+@pytest.mark.parametrize("kind", ["affine", "mlp"])
+def test_untrained_adapters_are_the_identity(kind):
     model = tiny_model("llama")
     ee = EarlyExitHead(model)
     ids = torch.randint(3, 100, (2, 6))
     before = {layer: ee(ids, exit_layer=layer) for layer in (1, 2, 4)}
-    attach(model, ExitAdapters([1, 2, 3], model.config.hidden_size))
+    attach(model, ExitAdapters([1, 2, 3], model.config.hidden_size, kind=kind))
     for layer, logits in before.items():
         assert_close(ee(ids, exit_layer=layer), logits)
 
@@ -52,9 +54,10 @@ def test_exit_logits_apply_the_adapter_before_the_shared_norm_and_head():
     assert not torch.allclose(ee.exit_logits(h, 2), ee.exit_logits(h))
 
 
-def test_every_engine_mode_uses_the_adapters():
+@pytest.mark.parametrize("kind", ["affine", "mlp"])
+def test_every_engine_mode_uses_the_adapters(kind):
     for model_type in ("llama", "gpt2"):  # the fast path and the generic path
-        ee = adapted(model_type, rank=8 if model_type == "gpt2" else None)
+        ee = adapted(model_type, rank=8 if model_type == "gpt2" else None, kind=kind)
         ids, mask = prompts()
         engine = Engine(ee)
         got = engine.generate(ids, mask, [1, 2, 3, 4], max_new_tokens=10, ignore_eos=True)
@@ -67,9 +70,10 @@ def test_every_engine_mode_uses_the_adapters():
         assert torch.equal(spec.tokens, got[4].tokens)  # exact: the drafts (exit 2, adapted) only propose
 
 
-def test_adapters_are_saved_and_loaded_with_the_adapter(tiny_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["affine", "mlp"])
+def test_adapters_are_saved_and_loaded_with_the_adapter(tiny_dir, tmp_path, kind):
     model, _ = load_model(ModelArgs(name=tiny_dir, device="cpu"))
-    adapters = ExitAdapters([2], model.config.hidden_size, rank=4)
+    adapters = ExitAdapters([2], model.config.hidden_size, rank=4, kind=kind)
     for param in adapters.parameters():
         torch.nn.init.normal_(param, std=0.3)
     attach(model, adapters)
@@ -137,3 +141,16 @@ def test_the_lens_reads_the_exits_through_their_adapters():
     ids = torch.randint(3, 100, (1, 6))
     hidden = ee.hidden_states(ids)
     assert_close(layer_log_probs(ee, hidden[2], 2), torch.log_softmax(ee(ids, exit_layer=2).float(), -1))
+
+
+def test_adapters_beside_lora_take_their_own_learning_rate(tiny_dir):
+    from earlyexit.module import EarlyExitModule, ExitAdapterArgs, LoraArgs, OptimArgs
+
+    module = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), lora=LoraArgs(r=2), exit_adapters=ExitAdapterArgs(),
+                             optim=OptimArgs(lr=1e-4, adapter_lr=1e-2))
+    module.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    optimizer = module.configure_optimizers()["optimizer"]
+    lrs = {id(p): group["initial_lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            assert lrs[id(p)] == (1e-2 if "exit_adapters." in name else 1e-4), name

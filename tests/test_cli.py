@@ -126,6 +126,9 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("lens", ["--prompt", "hi", "--tuned.lr", "0"], "tuned.lr = 0.0 is out of range: it must be > 0"),
     ("lens", ["--limit", "0"], "limit = 0 is out of range"),
     ("bench_train.py", ["--device", "cpu", "--batch", "0"], "batch = 0 is out of range"),
+    ("bench_train.py", ["--device", "cpu", "--paths", "[]"], "paths: name at least one of padded, packed"),
+    ("acceptance.py", ["--records", "0"], "records = 0 is out of range"),
+    ("acceptance.py", ["--n_draft", "[0]"], "n_draft ≥ 1"),
     ("sweep_dynamic.py", ["--records", "0"], "records = 0 is out of range"),
     ("bench_evaluate.py", ["--limit", "-1"], "limit = -1 is out of range"),
     ("bench_multigpu.py", ["train", "--devices", "[0]"], "devices = 0 is out of range"),
@@ -159,3 +162,32 @@ def test_self_answers_writes_the_models_own_greedy_answers(tiny_dir, tmp_path, m
         assert record["output"] == tokenizer.decode(gen.tokens[0, : int(gen.n_tokens[0])].tolist(), skip_special_tokens=True).strip()
     assert run_command("self_answers.py", argv, monkeypatch) == 0  # a rerun resumes: nothing left to generate
     assert json.loads(out.read_text()) == written
+
+
+def test_acceptance_reports_agreement_and_exact_speculation(tiny_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    data = tmp_path / "alpaca_data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"It is {i}."} for i in range(5)]))
+    argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--data", str(data), "--records", "5", "--batch", "2",
+            "--generation.max_new_tokens", "6", "--exit_layers", "all", "--draft_layers", "[1, 3]", "--n_draft", "[2]"]
+    assert run_command("acceptance.py", argv, monkeypatch) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"1", "2", "3"} <= set(rows)
+    spec = [line for line in out.splitlines() if line.startswith("| 1 | 2 |") or line.startswith("| 3 | 2 |")]
+    assert len(spec) == 2 and all(line.rstrip().endswith("| 5/5 |") for line in spec)  # speculation is exact
+
+
+def test_bench_train_runs_both_paths_on_the_same_examples(tiny_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    data = tmp_path / "alpaca_data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"It is {i} and more."} for i in range(400)]))
+    argv = ["--model", tiny_dir, "--device", "cpu", "--dtype", "float32", "--data", str(data), "--batch", "4", "--seq", "512",
+            "--steps", "1", "--warmup", "0", "--rank", "2", "--distill", "0.5"]
+    assert run_command("bench_train.py", argv, monkeypatch) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| pad") or line.startswith("| pack")]
+    assert [line.split("|")[1].strip() for line in lines] == ["padded", "packed"]
+    rows = [float(line.split("|")[2].split("×")[0]) for line in lines]
+    assert rows[0] == 4.0 and rows[1] < 4.0  # the same 4 examples, packed into fewer rows

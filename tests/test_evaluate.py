@@ -198,3 +198,32 @@ def test_dynamic_exit_refuses_sampling(tiny_dir, data_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args(tiny_dir, data_file, tmp_path / "dyn", "--generation.exit", "dynamic", "--generation.do_sample", "true"))
     assert exit_info.value.code == 2 and "decodes greedily" in capsys.readouterr().err
+
+
+def test_rescore_scores_answers_made_elsewhere_without_the_model(tiny_dir, data_file, tmp_path, capsys):
+    first = tmp_path / "gpu"
+    main(args(tiny_dir, data_file, first, "--metrics.names", "[bleu]"))  # generated "on the GPU", BLEU only
+    both = tmp_path / "cpu"
+    main(args(tiny_dir, data_file, both))  # the reference: generated and scored here
+    expected = json.loads((both / "metrics.json").read_text())
+    rows = (first / "generations.jsonl").read_text()
+    main(args(tiny_dir, data_file, tmp_path / "unused", "--rescore", str(first)))
+    got = json.loads((first / "metrics.json").read_text())
+    assert (first / "generations.jsonl").read_text() == rows  # nothing generated
+    for g, e in zip(got["layers"], expected["layers"], strict=True):
+        assert g["layer"] == e["layer"]
+        assert g["bleu"] == pytest.approx(e["bleu"]) and g["rougeL"] == pytest.approx(e["rougeL"])
+        assert g["agreement_with_final"] == pytest.approx(e["agreement_with_final"])
+    other = records_file_with_changed_reference(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        main(args(tiny_dir, other, tmp_path / "unused", "--rescore", str(first)))
+    assert err.value.code == 2
+    assert "other evaluation records" in capsys.readouterr().err
+
+
+def records_file_with_changed_reference(tmp_path):
+    changed = [dict(r) for r in RECORDS]
+    changed[0]["output"] = "Something else."
+    path = tmp_path / "changed.json"
+    path.write_text(json.dumps(changed))
+    return str(path)
