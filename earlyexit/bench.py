@@ -40,7 +40,7 @@ import torch
 from earlyexit.cli import make_parser, save_config
 from earlyexit.data import SAMPLE
 from earlyexit.engine import Engine
-from earlyexit.errors import EarlyExitError, positive, report_errors
+from earlyexit.errors import EarlyExitError, in_unit, positive, report_errors
 from earlyexit.generation import GenerationArgs
 from earlyexit.loading import ModelArgs
 from earlyexit.model import EarlyExitHead, quarter_layers
@@ -63,6 +63,7 @@ class BenchArgs:
         modes: the modes to time (see above).
         draft_layer: speculative draft exits E (default N/2).
         n_draft: speculative draft lengths d.
+        draft_threshold: adaptive drafting: a cycle stops drafting once no row's draft is this sure (0: always d).
         repeats: timed runs per mode (the median is reported), after one warm-up run.
         out_dir: also write ``bench.json`` (the rows) and ``config.yaml`` here.
         bandwidth_gbs: the card's memory bandwidth in GB/s (default: by its name, see :data:`BANDWIDTH_GBS`).
@@ -75,6 +76,7 @@ class BenchArgs:
     modes: list[Mode] = field(default_factory=lambda: list(MODES))
     draft_layer: list[int] | None = None
     n_draft: list[int] = field(default_factory=lambda: [4])
+    draft_threshold: float = 0.0
     repeats: int = 3
     out_dir: str | None = None
     bandwidth_gbs: float | None = None
@@ -85,6 +87,7 @@ class BenchArgs:
         positive("repeats", self.repeats)
         for d in self.n_draft:
             positive("n_draft", d)
+        in_unit("draft_threshold", self.draft_threshold)
         if self.random_config is not None and self.random_config not in RANDOM_SHAPES:
             raise EarlyExitError(f"random_config {self.random_config!r}: choose from {', '.join(sorted(RANDOM_SHAPES))}")
 
@@ -226,8 +229,10 @@ def run(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> 
             for n_draft in bench.n_draft:
                 if "speculative" in modes:
                     seconds, out = timed(lambda: engine.generate_speculative(ids, mask, draft_layer, n_draft, greedy,
+                                                                             draft_threshold=bench.draft_threshold,
                                                                              ignore_eos=True), repeats, device)
-                    add(f"speculative E={draft_layer} d={n_draft}", seconds, acceptance=out.acceptance,
+                    adaptive = f" stop<{bench.draft_threshold}" if bench.draft_threshold else ""
+                    add(f"speculative E={draft_layer} d={n_draft}{adaptive}", seconds, acceptance=out.acceptance,
                         **agreement(out.tokens.cpu(), texts["full"]))
                 if "hf_assistant" in modes and batch == 1:
                     seconds, out = timed(hf(assistant_early_exit=draft_layer, num_assistant_tokens=n_draft,

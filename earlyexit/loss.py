@@ -166,6 +166,20 @@ def accepted_per_cycle(agreement: float, n_draft: int) -> float:
     return sum(agreement**k for k in range(n_draft + 1))
 
 
+def speculative_speedup(agreement: float, draft_layer: int, n_layers: int, n_draft: int) -> float:
+    """Expected speed-up of self-speculation over full-depth decoding, in a memory-bound cost model (DEL's choice of E
+    and d from measured acceptance): a draft token costs E/N of a full-depth step, a verification
+    pass of d + 1 tokens costs one step, and a cycle keeps :func:`accepted_per_cycle` tokens. Overheads (host, head,
+    launch) are ignored, so it is an upper bound for small models."""
+    return accepted_per_cycle(agreement, n_draft) / (1 + n_draft * draft_layer / n_layers)
+
+
+def best_n_draft(agreement: float, draft_layer: int, n_layers: int, max_draft: int = 8) -> tuple[int, float]:
+    """The drafted tokens per cycle d (1..``max_draft``) with the highest :func:`speculative_speedup`, and that speed-up."""
+    return max(((d, speculative_speedup(agreement, draft_layer, n_layers, d)) for d in range(1, max_draft + 1)),
+               key=lambda pair: pair[1])
+
+
 def layer_dropout_rates(n_layers: int, p_max: float, scale: Literal["exp", "linear", "uniform"] = "exp") -> list[float]:
     """Skip probability of blocks 1..N: ``p_max · D(l)``, D rising from 0 at the first block to 1 at the last.
 

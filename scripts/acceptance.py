@@ -8,6 +8,8 @@ For the first ``--records`` records (the evaluation split, never trained on): th
 
 * per exit, **top-1 agreement**: on those answers, teacher-forced, the share of answer positions where the exit's most
   likely next token is the final layer's (what a greedy draft from that exit keeps per drafted token);
+  and what that agreement implies for self-speculation from that exit in a memory-bound cost model (a draft costs
+  E/N of a step, verification one step: :func:`earlyexit.loss.speculative_speedup`), at d = 4 and at the best d;
 * per (E, d), **self-speculation** through the engine: the share of drafted tokens the full model accepted, tokens kept
   per cycle, and the share of rows whose text equals full-depth greedy decoding (it must be all of them).
 """
@@ -22,7 +24,7 @@ from earlyexit.engine import Engine
 from earlyexit.errors import EarlyExitError, positive
 from earlyexit.generation import GenerationArgs
 from earlyexit.loading import ModelArgs, load_model
-from earlyexit.loss import top1_agreement
+from earlyexit.loss import best_n_draft, speculative_speedup, top1_agreement
 from earlyexit.model import EarlyExitHead, ExitLayers, parse_exit_layers
 from earlyexit.results import markdown_table
 
@@ -88,8 +90,14 @@ def main(model: ModelArgs = ModelArgs(), generation: GenerationArgs = Generation
     device = torch.cuda.get_device_name() if lm.device.type == "cuda" else "CPU"
     print(f"{model.name} (adapter {model.adapter}) on {device}: first {len(rows)} records of {data}, greedy, "
           f"{generation.max_new_tokens} new tokens at most, batch {batch}")
-    print(markdown_table(["exit", "teacher-forced top-1 agreement with the final layer"],
-                         [[layer, f"{a / max(m, 1):.3f}"] for layer, (a, m) in agree.items()]))
+    rows = []
+    for layer, (a, m) in agree.items():
+        share = a / max(m, 1)
+        d, speedup = best_n_draft(share, layer, n)
+        rows.append([layer, f"{share:.3f}", f"{speculative_speedup(share, layer, n, 4):.2f}×", f"d = {d}: {speedup:.2f}×"])
+    print(markdown_table(["exit", "teacher-forced top-1 agreement with the final layer", "expected speed-up at d = 4",
+                          "best d (expected)"], rows))
+    print("(expected: a draft token costs E/N of a full-depth step, a verification one step; overheads ignored)")
     print()
     # a row's cycle drafts d tokens and keeps the accepted ones plus the full model's own: 1 + d · acceptance
     print(markdown_table(["E", "d", "acceptance", "tokens per cycle", "rows equal to full depth"],

@@ -1,14 +1,18 @@
-"""Dynamic (CALM) exits: answer quality against the average depth used, next to the fixed exits.
+"""Dynamic (CALM) exits: answer quality and speed against the average depth used, next to the fixed exits; and the
+calibration of the threshold.
 
-    python scripts/sweep_dynamic.py [--model.adapter checkpoints/smollm2_lora_b/adapter] [--records 40]
+    python scripts/sweep_dynamic.py [--model.adapter checkpoints/smollm2_ee/adapter] [--records 40]
                                     [--thresholds '[0,0.3,0.5,0.7,0.9,1.01]'] [--generation.measure softmax]
-                                    [--plot docs/img/dynamic_sweep.png]
+                                    [--generation.check_every 7] [--plot docs/img/dynamic_sweep.png]
+    python scripts/sweep_dynamic.py --offset 200 --records 100 --target 0.95 ...   # calibrate off the evaluation split
 
-Greedy answers to Alpaca records 0.. (the evaluation split, never trained on) from our engine: one dynamic run
-per threshold (each token exits at the first layer ≥ ``--generation.min_layer``, default N/4, whose confidence
-reaches the threshold) and one all-exits pass over the fixed exits. Prints a markdown table of ROUGE-L
-(rouge-score, stemmed F-measure, mean over examples) and mean layers per generated token, and plots ROUGE-L
-against depth.
+Greedy answers to Alpaca records ``offset``.. (0: the evaluation split, never trained on) from our engine: one
+dynamic run per threshold (each token exits at the first check layer, from ``--generation.min_layer`` (default N/4)
+every ``--generation.check_every`` layers, whose confidence reaches the threshold) and one run per fixed exit (the
+last layer always among them: the full-depth reference). Prints a markdown table of ROUGE-L (rouge-score, stemmed
+F-measure, mean over examples), mean layers per generated token and generated tokens per second (wall-clock of that
+setting's batches, prompts included), and plots ROUGE-L against depth. With ``--target``, prints the threshold with
+the fewest layers per token that keeps that share of full depth's ROUGE-L.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from earlyexit.cli import run_function
 from earlyexit.data import SAMPLE, encode_prompt, pad, read_records
 from earlyexit.engine import Engine
-from earlyexit.errors import positive
+from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive
 from earlyexit.generation import GenerationArgs
 from earlyexit.loading import ModelArgs, load_model
 from earlyexit.metrics import build_metric
@@ -35,6 +39,8 @@ def sweep(
     batch: int = 20,
     thresholds: list[float] = [0.0, 0.3, 0.5, 0.7, 0.9, 1.01],  # noqa: B006 (read only)
     fixed: ExitLayers = "8,12,15,18,22,26,30",
+    offset: int = 0,
+    target: float | None = None,
     plot: str | None = None,
     out_dir: str | None = None,
 ) -> None:
@@ -47,21 +53,30 @@ def sweep(
         records: how many records.
         batch: prompts per batch.
         thresholds: dynamic thresholds to sweep.
-        fixed: fixed exits drawn beside the curve.
+        fixed: fixed exits drawn beside the curve (the last layer is always added: it is the full-depth reference).
+        offset: first record used: 0 is the evaluation split; calibrate on records it does not hold (e.g. 200 for the
+            shipped sample, whose first 200 records are the evaluation split).
+        target: calibration: pick the threshold with the fewest layers per token whose ROUGE-L is at least this share
+            of full depth's (e.g. 0.95), and print it.
         plot: write the figure here.
         out_dir: keep the resolved config here.
     """
     for option, value in (("records", records), ("batch", batch)):
         positive(option, value)
+    non_negative("offset", offset)
+    if target is not None:
+        in_unit("target", target, low_open=True)
     args = model
     lm, tokenizer = load_model(args)
-    if args.adapter:
+    if hasattr(lm, "merge_and_unload"):  # a LoRA adapter (exit adapters alone leave a plain model)
         lm = lm.merge_and_unload()
     ee = EarlyExitHead(lm)
     engine = Engine(ee, compile=generation.compile, fast=generation.fast, compile_mode=generation.compile_mode)
     greedy = generation.but(do_sample=False)
     device = next(lm.parameters()).device
-    chosen = read_records(data)[:records]
+    chosen = read_records(data)[offset : offset + records]
+    if not chosen:
+        raise EarlyExitError(f"no records from offset {offset} in {data!r}")
     references = [record["output"] for record in chosen]
     batches = []
     for start in range(0, len(chosen), batch):
@@ -79,16 +94,17 @@ def sweep(
         return [tokenizer.decode(t[:n].tolist(), skip_special_tokens=True).strip() for t, n in zip(tokens, n_tokens)]
 
     rows = []
-    fixed = parse_exit_layers(fixed, ee.n_layers)
+    fixed = sorted(set(parse_exit_layers(fixed, ee.n_layers)) | {ee.n_layers})
     texts = {layer: [] for layer in fixed}
     with torch.inference_mode():
-        start = time.perf_counter()
-        for ids, mask in batches:
-            for layer, out in engine.generate(ids, mask, fixed, greedy, pad_token_id=tokenizer.pad_token_id).items():
+        for layer in fixed:  # one exit at a time, so each gets its own time
+            start, made = time.perf_counter(), 0
+            for ids, mask in batches:
+                out = engine.generate(ids, mask, [layer], greedy, pad_token_id=tokenizer.pad_token_id)[layer]
                 texts[layer] += decode(out.tokens, out.n_tokens)
-        print(f"fixed exits {fixed}: {time.perf_counter() - start:.1f} s", flush=True)
-        for layer in fixed:
-            rows.append(dict(kind="fixed", setting=layer, depth=float(layer), rougeL=score(texts[layer])))
+                made += int(out.n_tokens.sum())
+            seconds = time.perf_counter() - start
+            rows.append(dict(kind="fixed", setting=layer, depth=float(layer), rougeL=score(texts[layer]), speed=made / seconds))
         for threshold in thresholds:
             start = time.perf_counter()
             answers, used = [], []
@@ -96,16 +112,29 @@ def sweep(
                 out = engine.generate_dynamic(ids, mask, greedy, threshold=threshold, pad_token_id=tokenizer.pad_token_id)
                 answers += decode(out.tokens, out.n_tokens)
                 used += [layer for row, n in zip(out.layers, out.n_tokens) for layer in row[:n].tolist()]
+            seconds = time.perf_counter() - start
             depth = sum(used) / max(1, len(used))
-            rows.append(dict(kind=f"dynamic {greedy.measure}", setting=threshold, depth=depth, rougeL=score(answers)))
-            print(f"threshold {threshold}: mean layers {depth:.2f}, {time.perf_counter() - start:.1f} s", flush=True)
+            rows.append(dict(kind=f"dynamic {greedy.measure}", setting=threshold, depth=depth, rougeL=score(answers),
+                             speed=len(used) / seconds))
+            print(f"threshold {threshold}: mean layers {depth:.2f}, {seconds:.1f} s", flush=True)
 
     name = args.name + (f" + {args.adapter.rstrip('/').split('/')[-2]}" if args.adapter and "/" in args.adapter.rstrip("/") else "")
-    print(f"\n{name}, {len(chosen)} records, greedy, at most {greedy.max_new_tokens} new tokens, "
-          f"min layer {greedy.min_layer_of(ee.n_layers)}\n")
-    print("| exit | setting | mean layers per token | ROUGE-L |\n|---|---|---|---|")
+    where = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"\n{name} on {where}, records {offset}..{offset + len(chosen) - 1} of {data}, greedy, at most "
+          f"{greedy.max_new_tokens} new tokens, batch {batch}, min layer {greedy.min_layer_of(ee.n_layers)}, checks every "
+          f"{greedy.check_every}, fast path {'on' if engine.fast is not None else 'off'}\n")
+    print("| exit | setting | mean layers per token | ROUGE-L | tokens/s |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['kind']} | {row['setting']} | {row['depth']:.2f} | {row['rougeL']:.3f} |")
+        print(f"| {row['kind']} | {row['setting']} | {row['depth']:.2f} | {row['rougeL']:.3f} | {row['speed']:,.1f} |")
+    if target is not None:
+        full = next(row["rougeL"] for row in rows if row["kind"] == "fixed" and row["setting"] == ee.n_layers)
+        good = [row for row in rows if row["kind"] != "fixed" and row["rougeL"] >= target * full]
+        if good:
+            best = min(good, key=lambda row: row["depth"])
+            print(f"\ncalibrated threshold: {best['setting']} (ROUGE-L {best['rougeL']:.3f} = "
+                  f"{best['rougeL'] / max(full, 1e-9):.0%} of full depth's {full:.3f}, {best['depth']:.2f} layers per token)")
+        else:
+            print(f"\nno threshold keeps {target:.0%} of full depth's ROUGE-L {full:.3f}: sweep higher thresholds")
     if plot:
         from earlyexit.plotting import quality_vs_depth
 

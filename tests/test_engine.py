@@ -91,6 +91,43 @@ def test_self_speculative_greedy_equals_full_depth(family, draft_layer, n_draft)
     assert 0 <= got.accepted <= got.drafted and got.cycles >= 20 / (n_draft + 1)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_adaptive_drafting_keeps_greedy_exact_and_drafts_less(family):
+    """Kangaroo-style: a cycle stops drafting once no running row is sure of its next draft. The answers stay the
+    full model's; a threshold above 1 drafts nothing (every cycle is one full-depth step); 0 is plain drafting."""
+    ee = EarlyExitHead(tiny_model(family))
+    ids, mask = prompts()
+    ref = ee.generate(ids, mask, 4, max_new_tokens=20, ignore_eos=True)
+    engine = Engine(ee)
+    plain = engine.generate_speculative(ids, mask, 2, 4, max_new_tokens=20, ignore_eos=True)
+    with torch.no_grad():  # a threshold some drafts pass and some do not: the draft exit's median top probability
+        sure = ee.exit_logits(ee.hidden_states(ids, mask)[2], 2).softmax(-1).max(-1).values
+    some = engine.generate_speculative(ids, mask, 2, 4, max_new_tokens=20, ignore_eos=True,
+                                       draft_threshold=float(sure.median()))
+    none = engine.generate_speculative(ids, mask, 2, 4, max_new_tokens=20, ignore_eos=True, draft_threshold=1.0)
+    for got in (plain, some, none):
+        assert torch.equal(got.tokens, ref.tokens)
+    assert none.drafted == 0 and none.accepted == 0 and none.cycles == 19  # one token a cycle after the prompt's
+    # one row: a sure draft goes on, an unsure one stops the cycle (in a batch, drafting goes on while any row is sure)
+    alone = engine.generate_speculative(ids[:1], mask[:1], 2, 4, max_new_tokens=20, ignore_eos=True)
+    fewer = engine.generate_speculative(ids[:1], mask[:1], 2, 4, max_new_tokens=20, ignore_eos=True,
+                                        draft_threshold=float(sure.median()))
+    assert torch.equal(fewer.tokens, ref.tokens[:1])
+    assert 0 < fewer.drafted < alone.drafted and some.drafted <= plain.drafted
+
+
+def test_adaptive_drafting_stops_at_eos_and_samples_the_full_model():
+    ee = EarlyExitHead(tiny_model("llama"))
+    ids, mask = prompts()
+    eos = int(ee.generate(ids, mask, 4, max_new_tokens=20, ignore_eos=True).tokens[1, 5])
+    ref = ee.generate(ids, mask, 4, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+    got = Engine(ee).generate_speculative(ids, mask, 2, 4, max_new_tokens=20, eos_token_id=eos, pad_token_id=0,
+                                          draft_threshold=0.0101)
+    assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.n_tokens, ref.n_tokens)
+    with pytest.raises(EarlyExitError, match="draft_threshold"):
+        Engine(ee).generate_speculative(ids, mask, 2, 4, max_new_tokens=4, draft_threshold=1.5)
+
+
 def test_self_speculative_stops_at_eos():
     ee = EarlyExitHead(tiny_model("llama"))
     ids, mask = prompts()
@@ -118,15 +155,16 @@ def test_speculative_sampling_follows_the_full_model():
         exact = first @ probs(ee(pairs)[:, -1])  # sum over t1 of p(t1) p(t2 | t1)
     n = 6000
     torch.manual_seed(0)
-    got = Engine(ee).generate_speculative(prompt.expand(n, -1), torch.ones(n, 4, dtype=torch.long), 1, 2, max_new_tokens=2,
-                                          ignore_eos=True, do_sample=True, temperature=temperature)
-    empirical = torch.bincount(got.tokens[:, 1], minlength=128).float() / n
-    assert 0.05 < got.acceptance < 0.9
-    assert 0.5 * (empirical - exact).abs().sum() < 0.05
+    for threshold in (0.0, 0.5):  # plain and adaptive drafting
+        got = Engine(ee).generate_speculative(prompt.expand(n, -1), torch.ones(n, 4, dtype=torch.long), 1, 2, max_new_tokens=2,
+                                              ignore_eos=True, do_sample=True, temperature=temperature, draft_threshold=threshold)
+        empirical = torch.bincount(got.tokens[:, 1], minlength=128).float() / n
+        assert 0.05 < got.acceptance < 0.9
+        assert 0.5 * (empirical - exact).abs().sum() < 0.05, threshold
 
 
 @torch.no_grad()
-def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax"):
+def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax", check_every=1):
     """CALM from scratch, batch 1, no cache, through the model's own forward: each step reruns the whole sequence,
     and hooks on the blocks feed every block above a generated token's exit that token's exit state (the
     propagation the engine implements) and pick the last position's exit."""
@@ -151,7 +189,8 @@ def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax"):
                 for position in range(prompt, length - 1):  # generated tokens keep the exit they took as last token
                     if exits[position - prompt + 1] == layer:
                         frozen[position] = hidden[0, position]
-                if layer >= min_layer and length - 1 not in frozen:
+                checked = layer >= min_layer and (layer - min_layer) % check_every == 0
+                if (checked or layer == ee.n_layers) and length - 1 not in frozen:
                     last = hidden[:, -1]
                     logits = ee.exit_logits(last)
                     logits[:, 1] = float("-inf")  # EOS is banned (ignore_eos)
@@ -183,6 +222,64 @@ def test_dynamic_exit_propagates_the_exit_state_like_the_reference(measure, thre
     assert got.tokens[0].tolist()[:12] == tokens[:12]
     assert got.layers[0].tolist() == exits
     assert len(set(exits)) > 1  # the threshold makes tokens exit at different layers
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_dynamic_exit_at_sparse_check_layers_equals_the_reference(fast):
+    ee = EarlyExitHead(tiny_model("llama", seed=3))
+    ids = torch.tensor([[5, 17, 42, 9, 33]])
+    got = Engine(ee, fast=fast).generate_dynamic(ids, torch.ones_like(ids), threshold=0.0105, min_layer=1, check_every=2,
+                                                 max_new_tokens=12, ignore_eos=True)
+    tokens, exits = dynamic_reference(ee, ids, 0.0105, 1, 12, check_every=2)
+    assert got.tokens[0].tolist() == tokens and got.layers[0].tolist() == exits
+    assert set(exits) <= {1, 3, 4} and len(set(exits)) > 1  # checks at 1 and 3; the last layer always exits
+
+
+def test_dynamic_exit_skips_the_blocks_above_the_exit_and_fills_their_kv():
+    """Threshold 0 at min_layer 2 of 4: after the prompt, blocks 3 and 4 never run; their K/V are filled per token."""
+    ee = EarlyExitHead(tiny_model("llama"))
+    ids, mask = prompts()
+    engine = Engine(ee, fast=True)
+    calls = {"run": [0] * 4, "fill": [0] * 4}
+    engine.fast = [_Counting(block, i, calls) for i, block in enumerate(engine.fast)]
+    out = engine.generate_dynamic(ids, mask, threshold=0.0, min_layer=2, max_new_tokens=6, ignore_eos=True)
+    assert calls["run"] == [6, 6, 1, 1]  # the prompt, then 5 decode steps through blocks 1-2 only
+    assert calls["fill"] == [0, 0, 5, 5]
+    assert torch.equal(out.tokens, ee.generate(ids, mask, 2, max_new_tokens=6, ignore_eos=True).tokens)
+    assert (out.layers == 2).all()
+
+
+class _Counting:
+    """A fused block that counts its full runs and its K/V fills."""
+
+    def __init__(self, block, index, calls):
+        self.block, self.index, self.calls = block, index, calls
+        self.head_dim = block.head_dim
+
+    def __call__(self, *args):
+        self.calls["run"][self.index] += 1
+        return type(self.block).__call__(self.block, *args)
+
+    def fill(self, *args):
+        self.calls["fill"][self.index] += 1
+        return type(self.block).fill(self.block, *args)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_skipping_equals_propagating_with_eos_and_padding(family):
+    """A padded batch that stops at EOS: rows that have ended do not hold the others back, and the answers equal the
+    propagating path's (every block run) token for token."""
+    ee = EarlyExitHead(tiny_model(family, seed=5))
+    ids, mask = prompts()
+    fast, generic = Engine(ee, fast=True), Engine(ee, fast=False)
+    eos = [int(t) for t in ee.generate(ids, mask, 4, max_new_tokens=4, ignore_eos=True).tokens[:, 2]]  # force early EOS
+    for threshold, every in ((0.0105, 1), (0.0105, 2), (0.0, 1), (1.01, 1)):
+        a = fast.generate_dynamic(ids, mask, threshold=threshold, min_layer=1, check_every=every, max_new_tokens=12,
+                                  eos_token_id=eos)
+        b = generic.generate_dynamic(ids, mask, threshold=threshold, min_layer=1, check_every=every, max_new_tokens=12,
+                                     eos_token_id=eos)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.layers, b.layers) and torch.equal(a.n_tokens, b.n_tokens)
+        assert (a.n_tokens < 12).any()
 
 
 @pytest.mark.parametrize("measure", ["softmax", "margin", "state"])

@@ -126,3 +126,14 @@ def test_top1_agreement_equals_a_naive_count_and_implies_the_accepted_drafts():
         assert float(got[layer]) == pytest.approx(float(naive))
     assert set(got) == {1, 2, 3}
     assert accepted_per_cycle(1.0, 4) == 5 and accepted_per_cycle(0.0, 4) == 1 and accepted_per_cycle(0.5, 2) == 1.75
+
+
+def test_speculative_speedup_and_the_best_number_of_drafts():
+    from earlyexit.loss import best_n_draft, speculative_speedup
+
+    assert speculative_speedup(1.0, 15, 30, 4) == pytest.approx(5 / 3)  # every draft kept: 5 tokens for 1 + 4·0.5 steps
+    assert speculative_speedup(0.0, 15, 30, 4) == pytest.approx(1 / 3)
+    assert speculative_speedup(0.5, 10, 30, 2) == pytest.approx(1.75 / (1 + 2 / 3))
+    d, best = best_n_draft(0.9, 6, 30)
+    assert best == max(speculative_speedup(0.9, 6, 30, k) for k in range(1, 9)) and 1 <= d <= 8 and best > 1
+    assert best_n_draft(0.1, 15, 30) == (1, pytest.approx(1.1 / 1.5))  # poor drafts: draft as little as possible

@@ -151,27 +151,32 @@ class Core:
 
     def _graph(self, step: Callable[[], torch.Tensor], state: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
         """``step`` advances ``state`` in place; on a GPU capture it once and replay it."""
+        return self._graphs([step], state)[0]
+
+    def _graphs(self, steps: list[Callable], state: list[torch.Tensor]) -> list[Callable]:
+        """Several pieces of one decode step that the host chains (each reads and writes buffers allocated before
+        it, in place); on a GPU each is captured once, in order, and replayed. ``state``: the tensors they change,
+        restored after the warm-up and the capture."""
         if not self.cuda_graphs:
-            return step
+            return steps
         saved = [tensor.clone() for tensor in state]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            step()  # warm-up: lazy initialisation, cuBLAS workspaces
+            for step in steps:
+                step()  # warm-up: lazy initialisation, cuBLAS workspaces
         torch.cuda.current_stream(self.device).wait_stream(stream)
         for tensor, value in zip(state, saved):
             tensor.copy_(value)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        replays = []
+        for step in steps:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            replays.append(_replay(graph, out))
         for tensor, value in zip(state, saved):
             tensor.copy_(value)
-
-        def replay():
-            graph.replay()
-            return out
-
-        return replay
+        return replays
 
     # ------------------------------------------------------------------------------------------ set-up
     @property
@@ -345,6 +350,14 @@ class Columns:
     def state(self) -> list[torch.Tensor]:
         """Every tensor a step changes (restored after a graph's warm-up and capture)."""
         return [self.out, *self.extras, self.step, self.slot]
+
+
+def _replay(graph: torch.cuda.CUDAGraph, out):
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
 
 
 def take_rows(value, n: int, total: int):

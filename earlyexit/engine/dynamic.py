@@ -1,8 +1,22 @@
 """Dynamic early exits (CALM, Schuster et al., 2022): each token stops at the first confident layer.
 
-A token exits at the first layer ≥ ``min_layer`` whose :func:`confidence` reaches the threshold; the last layer
-always exits. Tokens after it still need keys and values at the layers it skipped: its exit state is propagated
-upwards (CALM's choice), i.e. every block above the exit takes the exit hidden state as that token's input.
+A token exits at the first check layer (``min_layer``, ``min_layer + check_every``, …) whose :func:`confidence`
+reaches the threshold; the last layer always exits. Tokens after it still need keys and values at the layers it
+skipped: its exit state is propagated upwards (CALM's choice), i.e. every block above the exit takes the exit
+hidden state as that token's input, so its keys and values there are the K/V projections of that state.
+
+Two ways to run the same rule:
+
+* **skipping** (the fast path of llama-style families): the step is cut at the check layers. After each, the host
+  reads one flag: once every row of the batch has exited (or has already ended its answer), the blocks above are
+  not run; only their K/V projections of the exit state are written to the cache (:meth:`FusedBlock.fill`, about
+  a sixth of a block's weights for SmolLM2, a third for Llama-2-7B), then one head reads the exit states. On a GPU
+  each piece is a CUDA graph; a check layer costs one host synchronisation.
+* **propagating** (other families, the model's own blocks): every block still runs for every token, the exited rows
+  taking their exit state as input; one CUDA graph per step. It measures quality against depth, not time.
+
+A batch skips only above the layer where its *last* row exits: rows that exited earlier ride along (their inputs
+held at their exit state) until then.
 """
 
 from __future__ import annotations
@@ -39,6 +53,48 @@ class DynamicGeneration(Generation):
     layers: torch.Tensor | None = None
 
 
+class _Exits:
+    """One decode step's exits, in buffers updated in place (so that separately captured graphs share them):
+    each row's exit ``state`` (the raw block output the blocks above take), its ``adapted`` state (what the head
+    reads), whether it has ``exited`` and at which layer."""
+
+    def __init__(self, core: Core, rows: int, threshold: float, measure: Measure, banned: torch.Tensor):
+        width = core.ee.config.hidden_size
+        self.core, self.threshold, self.measure, self.banned = core, threshold, measure, banned
+        self.state = torch.zeros(rows, 1, width, dtype=core.dtype, device=core.device)
+        self.adapted = torch.zeros_like(self.state)
+        self.exited = torch.zeros(rows, dtype=torch.bool, device=core.device)
+        self.layer = torch.zeros(rows, dtype=torch.long, device=core.device)
+
+    def reset(self) -> None:
+        self.exited.zero_()
+        self.layer.zero_()
+
+    def inputs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A block's inputs: the exit state for rows that have exited (one token a row)."""
+        return torch.where(self.exited[:, None, None], self.state, hidden)
+
+    def decide(self, layer: int, last: torch.Tensor, previous: torch.Tensor, final: bool) -> None:
+        """Rows not yet exited whose confidence at ``layer`` reaches the threshold (all of them at the last layer)
+        exit here. last, previous: ``[R, 1, D]`` this layer's output and input at the deciding position."""
+        if final:
+            now = ~self.exited
+        else:
+            logits = None if self.measure == "state" else self.core._logits(last, self.banned, layer)
+            now = ~self.exited & (confidence(logits, last, previous, self.measure)[:, 0] >= self.threshold)
+        pick = now[:, None, None]
+        self.state.copy_(torch.where(pick, last, self.state))
+        if self.core.ee.adapters is not None:
+            self.adapted.copy_(torch.where(pick, self.core._adapt(last, [(layer, last.shape[0])]), self.adapted))
+        self.layer.copy_(torch.where(now, layer, self.layer))
+        self.exited.copy_(self.exited | now)
+
+    def token(self) -> torch.Tensor:
+        """``[R]`` the greedy token of each row's exit state."""
+        states = self.adapted if self.core.ee.adapters is not None else self.state
+        return self.core._logits(states[:, -1], self.banned).argmax(-1)
+
+
 class DynamicExits(Core):
     """The engine's dynamic-exit mode (mixed into :class:`earlyexit.engine.Engine`)."""
 
@@ -54,73 +110,66 @@ class DynamicExits(Core):
         ignore_eos: bool = False,
         **changes,
     ) -> DynamicGeneration:
-        """Greedy decoding where each token exits at the first layer ≥ ``min_layer`` whose
-        :func:`confidence` reaches ``threshold`` (the last layer always exits).
+        """Greedy decoding where each token exits at the first check layer whose :func:`confidence` reaches
+        ``threshold`` (the last layer always exits).
 
-        The prompt runs at full depth. Skipped layers' KV: the exit state is propagated upwards (CALM): every
-        block above a token's exit takes the exit hidden state as that token's input, so later tokens attend to
-        keys and values computed from it. Those blocks still run for the token to fill its KV, so a dynamic exit
-        saves the exit's head and the blocks' outputs, not their weights' reads: it measures quality against
-        average depth (``layers``), not wall-clock speed.
+        The prompt runs at full depth. Skipped layers' keys and values come from the exit state (CALM's
+        propagation). On the fast path the blocks above the layer where a step's last row exits do not run (only
+        their K/V projections of the exit states do); elsewhere they run with the exit state as input (see the
+        module docstring).
 
         Args:
             input_ids, attention_mask: ``[B, T]`` left-padded prompts.
-            generation: the options; ``threshold``, ``min_layer`` (default N/4), ``measure`` and ``max_new_tokens``
-                are read (decoding is greedy). Keyword ``changes`` override single fields.
+            generation: the options; ``threshold``, ``min_layer`` (default N/4), ``check_every``, ``measure`` and
+                ``max_new_tokens`` are read (decoding is greedy). Keyword ``changes`` override single fields.
             eos_token_id, pad_token_id, ignore_eos: as :meth:`Core.generate`.
         """
         args = options(generation, **changes)
-        min_layer = self.ee.check_layer(args.min_layer_of(self.n_layers))
+        self.ee.check_layer(args.min_layer_of(self.n_layers))
+        checks = tuple(args.check_layers_of(self.n_layers))
         stops = self.stops(eos_token_id, pad_token_id, ignore_eos)
         ids, mask = self._shape(input_ids, attention_mask)
         batch, prompt = ids.shape
-        key = ("dynamic", args.threshold, min_layer, args.measure, batch, prompt, args.max_new_tokens, stops)
-        program = self._program(key, lambda: self._dynamic_program(args.threshold, min_layer, args.measure, batch, prompt,
-                                                                   args.max_new_tokens, stops))
+        key = ("dynamic", args.threshold, checks, args.measure, batch, prompt, args.max_new_tokens, stops)
+        build = self._skipping_program if self.fast is not None else self._propagating_program
+        program = self._program(key, lambda: build(args.threshold, checks, args.measure, batch, prompt, args.max_new_tokens,
+                                                   stops))
         out, used = program(ids, mask)
         result = stops.finish(out, args.max_new_tokens)
         steps = torch.arange(args.max_new_tokens, device=out.device)[None, :]
         layers = torch.where(steps < result.n_tokens[:, None], used, 0)
         return DynamicGeneration(result.tokens, result.n_tokens, result.finished, layers)
 
-    def _dynamic_program(self, threshold: float, min_layer: int, measure: Measure, batch: int, prompt: int,
-                         max_new_tokens: int, stops: Stops):
+    def _prompt_exits(self, exits: _Exits, checks: tuple[int, ...], ids, slots, valid, npad, cache) -> torch.Tensor:
+        """The prompt at full depth (every block, every position); its last position picks its exit; its token."""
+        hidden, kwargs, masks = self._inputs(ids, slots, valid, npad, cache)
+        exits.reset()
+        for layer in range(1, self.n_layers + 1):
+            inputs = hidden
+            hidden = self._blocks(inputs, kwargs, masks, range(layer, layer + 1))
+            if layer in checks or layer == self.n_layers:
+                exits.decide(layer, hidden[:, -1:], inputs[:, -1:], final=layer == self.n_layers)
+        return exits.token()
+
+    def _propagating_program(self, threshold: float, checks: tuple[int, ...], measure: Measure, batch: int, prompt: int,
+                             max_new_tokens: int, stops: Stops):
         cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens)
         banned, ends = stops.tensors(self.device)
         loop = Columns(batch, max_new_tokens, stops.pad, self.device, extras=1)
         used = loop.extras[0]
+        exits = _Exits(self, batch, threshold, measure, banned)
         graphed = None
 
-        def run_layers(tokens, slots, propagate: bool):
-            """One pass over ``tokens`` at ``slots``; the last position picks its exit. With ``propagate`` (decode,
-            one token a row) a row that has exited feeds its exit state to every block above."""
-            hidden, kwargs, masks = self._inputs(tokens, slots, valid, npad, cache)
-            exited = torch.zeros(batch, 1, 1, dtype=torch.bool, device=self.device)
-            state = torch.zeros_like(hidden[:, -1:])  # the exit's raw output: what the blocks above take
-            adapted = torch.zeros_like(state)  # the exit's output through its adapter: what the head reads
-            layer_of = torch.zeros(batch, dtype=torch.long, device=self.device)
-            for layer in range(1, self.n_layers + 1):
-                inputs = torch.where(exited, state, hidden) if propagate else hidden
-                hidden = self._blocks(inputs, kwargs, masks, range(layer, layer + 1))
-                if layer < min_layer:
-                    continue
-                last = hidden[:, -1:]
-                if layer == self.n_layers:
-                    now = ~exited[:, 0, 0]
-                else:
-                    logits = None if measure == "state" else self._logits(last, banned, layer)
-                    now = ~exited[:, 0, 0] & (confidence(logits, last, inputs[:, -1:], measure)[:, 0] >= threshold)
-                state = torch.where(now[:, None, None], last, state)
-                if self.ee.adapters is not None:
-                    adapted = torch.where(now[:, None, None], self._adapt(last, [(layer, batch)]), adapted)
-                layer_of = torch.where(now, layer, layer_of)
-                exited = exited | now[:, None, None]
-            exit_states = adapted if self.ee.adapters is not None else state
-            return self._logits(exit_states[:, -1], banned).argmax(-1), layer_of
-
         def step():
-            token, layer = run_layers(loop.last(), loop.slot, propagate=True)
-            loop.advance(token, layer)
+            hidden, kwargs, masks = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
+            exits.reset()
+            for layer in range(1, self.n_layers + 1):
+                inputs = exits.inputs(hidden)
+                hidden = self._decode_blocks(inputs, kwargs, masks, range(layer, layer + 1))
+                if layer in checks or layer == self.n_layers:
+                    exits.decide(layer, hidden, inputs, final=layer == self.n_layers)
+            token = exits.token()
+            loop.advance(token, exits.layer)
             return token
 
         def run(ids, mask):
@@ -128,10 +177,96 @@ class DynamicExits(Core):
             ids = load(ids, mask)
             loop.start(prompt)
             slots = torch.arange(prompt, device=self.device).expand(batch, -1)
-            loop.out[:, 0], used[:, 0] = run_layers(ids, slots, propagate=False)  # the prompt runs at full depth
+            loop.out[:, 0] = self._prompt_exits(exits, checks, ids, slots, valid, npad, cache)
+            used[:, 0] = exits.layer
             if graphed is None:
-                graphed = self._graph(step, loop.state())
+                graphed = self._graph(step, loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted])
             until_done(graphed, loop.out, ends)
+            return loop.out.clone(), used.clone()
+
+        return run
+
+    def _skipping_program(self, threshold: float, checks: tuple[int, ...], measure: Measure, batch: int, prompt: int,
+                          max_new_tokens: int, stops: Stops):
+        n = self.n_layers
+        cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens)
+        banned, ends = stops.tensors(self.device)
+        loop = Columns(batch, max_new_tokens, stops.pad, self.device, extras=1)
+        used = loop.extras[0]
+        exits = _Exits(self, batch, threshold, measure, banned)
+        # the step's inputs, written by its first piece and read by the others
+        hidden = torch.zeros(batch, 1, self.ee.config.hidden_size, dtype=self.dtype, device=self.device)
+        rotary = tuple(torch.zeros(batch, 1, self.fast[0].head_dim, dtype=self.dtype, device=self.device) for _ in range(2))
+        masks = {w: torch.zeros(batch, 1, 1, valid.shape[1], dtype=self.dtype, device=self.device) for w in dict.fromkeys(self.windows)}
+        kwargs = {"position_embeddings": rotary, self._cache_name: cache}
+        ended = torch.zeros(batch, dtype=torch.bool, device=self.device)  # rows whose answer has ended (EOS written)
+        skip = torch.zeros((), dtype=torch.bool, device=self.device)  # every row has exited or ended
+        bounds = [0, *checks, n]  # piece j runs blocks bounds[j] + 1 .. bounds[j + 1]
+        columns = torch.arange(max_new_tokens, device=self.device)
+
+        def begin():
+            h, kw, mk = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
+            hidden.copy_(h)
+            for buffer, value in zip(rotary, kw["position_embeddings"]):
+                buffer.copy_(value)
+            for window, buffer in masks.items():
+                buffer.copy_(mk[window])
+            exits.reset()
+            if ends is not None:
+                ended.copy_((torch.isin(loop.out, ends) & (columns <= loop.step)).any(1))
+
+        def piece(j: int):
+            def run():
+                if j == 0:
+                    begin()
+                h = hidden
+                for layer in range(bounds[j] + 1, bounds[j + 1] + 1):
+                    inputs = exits.inputs(h)
+                    h = self._decode_blocks(inputs, kwargs, masks, range(layer, layer + 1))
+                top = bounds[j + 1]
+                exits.decide(top, h, inputs, final=top == n)
+                if top == n:
+                    token = exits.token()
+                    loop.advance(token, exits.layer)
+                    return token
+                hidden.copy_(h)
+                skip.copy_((exits.exited | ended).all())
+                return skip
+
+            return run
+
+        def fill(j: int):
+            def run():  # every row has exited at or below bounds[j + 1]: only the K/V of the blocks above
+                for layer in range(bounds[j + 1] + 1, n + 1):
+                    self.fast[layer - 1].fill(exits.state, rotary, cache)
+                token = exits.token()
+                loop.advance(token, exits.layer)
+                return token
+
+            return run
+
+        pieces = [piece(j) for j in range(len(bounds) - 1)]
+        fills = [fill(j) for j in range(len(checks))]
+        graphed = None
+
+        def step():
+            for j, check in enumerate(graphed[: len(checks)]):
+                if bool(check()):  # one host synchronisation per check layer
+                    return graphed[len(pieces) + j]()
+            return graphed[len(checks)]()
+
+        def run(ids, mask):
+            nonlocal graphed
+            ids = load(ids, mask)
+            loop.start(prompt)
+            slots = torch.arange(prompt, device=self.device).expand(batch, -1)
+            loop.out[:, 0] = self._prompt_exits(exits, checks, ids, slots, valid, npad, cache)
+            used[:, 0] = exits.layer
+            if graphed is None:
+                state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted, hidden, *rotary, ended, skip,
+                                        *masks.values()]
+                graphed = self._graphs(pieces + fills, state)
+            until_done(step, loop.out, ends)
             return loop.out.clone(), used.clone()
 
         return run

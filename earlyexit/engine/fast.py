@@ -96,6 +96,20 @@ class FusedBlock:
         return hidden + F.linear(F.silu(gate) * up, self.wdown, self.bdown)
 
 
+    def fill(self, hidden: torch.Tensor, position_embeddings, cache) -> None:
+        """Write the keys and values this block computes for input ``hidden`` into ``cache``, and nothing else: the
+        K/V projections of its input norm, rotated (a dynamic exit's state propagated to a block it skips)."""
+        rows, q, _ = hidden.shape
+        h, k, d = self.heads, self.kv_heads, self.head_dim
+        x = rms_norm(hidden, self.ln1, self.eps1)
+        kv = F.linear(x, self.wqkv[h * d :], None if self.bqkv is None else self.bqkv[h * d :])  # [R, q, 2k d]
+        key, value = kv.split([k * d, k * d], dim=-1)
+        key = key.view(rows, q, k, d).transpose(1, 2)
+        value = value.view(rows, q, k, d).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        cache.update(rotate(key, cos, sin), value, self.layer_idx)
+
+
 def fast_inputs(decoder: nn.Module, ids: torch.Tensor, positions: torch.Tensor):
     """The block inputs of a llama-style decoder: its own token embedding and rotary tables (cos, sin) at ``positions``."""
     hidden = decoder.embed_tokens(ids)

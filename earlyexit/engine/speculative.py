@@ -43,6 +43,7 @@ class SelfSpeculation(Core):
         n_draft: int = 4,
         generation: GenerationArgs | None = None,
         *,
+        draft_threshold: float = 0.0,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         ignore_eos: bool = False,
@@ -60,7 +61,11 @@ class SelfSpeculation(Core):
         Args:
             input_ids, attention_mask: ``[B, T]`` left-padded prompts.
             draft_layer: E, the exit that drafts (1..N−1).
-            n_draft: d, tokens drafted per cycle.
+            n_draft: d, tokens drafted per cycle at most.
+            draft_threshold: adaptive drafting (Kangaroo): a cycle stops drafting at the first draft that no running
+                row's draft exit gives at least this probability, and verifies the drafts before it (none: one
+                full-depth step). Exactness is unchanged; each draft step then costs a host synchronisation. 0 always
+                drafts d (one CUDA graph per cycle).
             generation, eos_token_id, pad_token_id, ignore_eos, changes: as :meth:`Core.generate`.
         """
         args = options(generation, **changes)
@@ -69,17 +74,21 @@ class SelfSpeculation(Core):
             raise EarlyExitError(f"draft layer {draft_layer} must be below the last layer {self.n_layers}")
         if n_draft < 1:
             raise EarlyExitError(f"n_draft must be at least 1, got {n_draft}")
+        if not 0 <= draft_threshold <= 1:
+            raise EarlyExitError(f"draft_threshold must be in [0, 1], got {draft_threshold}")
         stops = self.stops(eos_token_id, pad_token_id, ignore_eos)
         ids, mask = self._shape(input_ids, attention_mask)
         batch, prompt = ids.shape
-        key = ("speculative", exit_layer, n_draft, batch, prompt, args.max_new_tokens, args.do_sample, args.temperature,
-               args.top_p, stops)
-        program = self._program(key, lambda: self._speculative_program(exit_layer, n_draft, batch, prompt, args, stops))
+        key = ("speculative", exit_layer, n_draft, draft_threshold, batch, prompt, args.max_new_tokens, args.do_sample,
+               args.temperature, args.top_p, stops)
+        program = self._program(key, lambda: self._speculative_program(exit_layer, n_draft, batch, prompt, args, stops,
+                                                                       draft_threshold))
         out, (drafted, accepted, cycles) = program(ids, mask)
         result = stops.finish(out[:, : args.max_new_tokens], args.max_new_tokens)
         return SpeculativeGeneration(result.tokens, result.n_tokens, result.finished, drafted, accepted, cycles)
 
-    def _speculative_program(self, exit_layer: int, depth: int, batch: int, prompt: int, args: GenerationArgs, stops: Stops):
+    def _speculative_program(self, exit_layer: int, depth: int, batch: int, prompt: int, args: GenerationArgs, stops: Stops,
+                             draft_threshold: float = 0.0):
         max_new_tokens, pad, do_sample = args.max_new_tokens, stops.pad, args.do_sample
         width = max_new_tokens + depth + 2  # the last column takes the writes of rows that are done
         cache, valid, npad, load = self._buffers(batch, prompt, prompt + width + depth)  # done rows still draft
@@ -92,6 +101,12 @@ class SelfSpeculation(Core):
         stats = torch.zeros(3, dtype=torch.long, device=self.device)  # drafted, accepted, cycles
         offsets = torch.arange(depth + 1, device=self.device)
         rows = torch.arange(batch, device=self.device)
+        # a cycle's drafts, written by its pieces in place: layer-E states of cur and of each draft, the drafts, their
+        # draft distributions (sampling), and whether every running row's last draft fell below draft_threshold
+        states = torch.zeros(batch, depth + 1, self.ee.config.hidden_size, dtype=self.dtype, device=self.device)
+        drafts = torch.zeros(batch, depth, dtype=torch.long, device=self.device)
+        q = torch.zeros(batch, depth, self.ee.config.vocab_size, device=self.device) if do_sample else None
+        unsure = torch.zeros((), dtype=torch.bool, device=self.device)
         graphed = None
 
         def dist(hidden, layer=None):
@@ -101,44 +116,71 @@ class SelfSpeculation(Core):
         def choose(scores):
             return sample(scores) if do_sample else scores.argmax(-1)
 
+        def lower(j: int) -> None:
+            """Blocks ≤ E for the token at ``pos + j`` (cur, or draft j − 1): its KV and its layer-E state."""
+            token = cur if j == 0 else drafts[:, j - 1 : j]
+            hidden, kwargs, masks = self._decode_inputs(token, pos + j, valid, npad, cache)
+            states[:, j : j + 1].copy_(self._decode_blocks(hidden, kwargs, masks, range(1, exit_layer + 1)))
+
+        def draft(j: int):
+            def run():
+                lower(j)
+                scores = dist(states[:, j], exit_layer)  # the draft exit, through its adapter
+                drafts[:, j].copy_(choose(scores))
+                if do_sample:
+                    q[:, j].copy_(scores)
+                if draft_threshold > 0:  # Kangaroo: stop drafting once no running row is sure of its next draft
+                    sure = (scores if do_sample else scores.softmax(-1)).max(-1).values
+                    unsure.copy_(((sure < draft_threshold) | done).all())
+                return unsure
+
+            return run
+
+        def verify(k: int):
+            def run():  # k drafts proposed: blocks > E over cur and the k drafts, then keep the agreeing prefix
+                if k == depth:
+                    lower(depth)
+                proposed = drafts[:, :k]
+                _, kwargs, masks = self._decode_inputs(torch.cat([cur, proposed], 1), pos + offsets[: k + 1], valid, npad, cache)
+                target = dist(self._decode_blocks(states[:, : k + 1], kwargs, masks, range(exit_layer + 1, self.n_layers + 1)))
+                if do_sample:
+                    p_draft = target[:, :k].gather(-1, proposed[..., None])[..., 0]
+                    q_draft = q[:, :k].gather(-1, proposed[..., None])[..., 0]
+                    ok = torch.rand_like(p_draft) * q_draft < p_draft
+                    residual = torch.cat([(target[:, :k] - q[:, :k]).clamp(min=0), target[:, k:]], 1)  # [B, k+1, V]
+                    accepted = ok.long().cumprod(1).sum(1)
+                    fix = residual[rows, accepted]
+                    nxt = sample(fix / fix.sum(-1, keepdim=True).clamp(min=1e-30))
+                else:
+                    best = target.argmax(-1)  # [B, k+1]
+                    accepted = (proposed == best[:, :k]).long().cumprod(1).sum(1)
+                    nxt = best.gather(1, accepted[:, None])[:, 0]
+                new = torch.cat([proposed, nxt[:, None]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, k+1]
+                keep = (offsets[None, : k + 1] <= accepted[:, None]) & ~done[:, None]
+                out.scatter_(1, torch.where(keep, count[:, None] + offsets[: k + 1], width - 1), new)
+                advance = torch.where(done, 0, accepted + 1)
+                finished = (keep & torch.isin(new, ends)).any(1) if ends is not None else torch.zeros_like(done)
+                stats.add_(torch.stack([(~done).sum() * k, torch.where(done, 0, accepted).sum(), (~done).any().long()]))
+                count.add_(advance)
+                pos.add_(advance[:, None])
+                cur.copy_(torch.where(done, cur[:, 0], nxt)[:, None])
+                done.logical_or_(finished | (count >= max_new_tokens))
+                return done
+
+            return run
+
+        def whole_cycle():
+            for j in range(depth):
+                draft(j)()
+            return verify(depth)()
+
         def cycle():
-            token, states, drafts, draft_scores = cur, [], [], []
-            for j in range(depth + 1):  # d draft steps; the last one only runs blocks ≤ E for the last draft
-                hidden, kwargs, masks = self._decode_inputs(token, pos + j, valid, npad, cache)
-                states.append(self._decode_blocks(hidden, kwargs, masks, range(1, exit_layer + 1)))
-                if j == depth:
-                    break
-                scores = dist(states[-1][:, -1], exit_layer)  # the draft exit, through its adapter
-                token = choose(scores)[:, None]
-                drafts.append(token)
-                draft_scores.append(scores)
-            drafts = torch.cat(drafts, 1)  # [B, d]
-            _, kwargs, masks = self._decode_inputs(torch.cat([cur, drafts], 1), pos + offsets, valid, npad, cache)
-            target = dist(self._decode_blocks(torch.cat(states, 1), kwargs, masks, range(exit_layer + 1, self.n_layers + 1)))
-            if do_sample:
-                q = torch.stack(draft_scores, 1)  # [B, d, V]
-                p_draft = target[:, :depth].gather(-1, drafts[..., None])[..., 0]
-                q_draft = q.gather(-1, drafts[..., None])[..., 0]
-                ok = torch.rand_like(p_draft) * q_draft < p_draft
-                residual = torch.cat([(target[:, :depth] - q).clamp(min=0), target[:, depth:]], 1)  # [B, d+1, V]
-                accepted = ok.long().cumprod(1).sum(1)
-                fix = residual[rows, accepted]
-                nxt = sample(fix / fix.sum(-1, keepdim=True).clamp(min=1e-30))
-            else:
-                best = target.argmax(-1)  # [B, d+1]
-                accepted = (drafts == best[:, :depth]).long().cumprod(1).sum(1)
-                nxt = best.gather(1, accepted[:, None])[:, 0]
-            new = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, d+1]
-            keep = (offsets[None, :] <= accepted[:, None]) & ~done[:, None]
-            out.scatter_(1, torch.where(keep, count[:, None] + offsets, width - 1), new)
-            advance = torch.where(done, 0, accepted + 1)
-            finished = (keep & torch.isin(new, ends)).any(1) if ends is not None else torch.zeros_like(done)
-            stats.add_(torch.stack([(~done).sum() * depth, torch.where(done, 0, accepted).sum(), (~done).any().long()]))
-            count.add_(advance)
-            pos.add_(advance[:, None])
-            cur.copy_(torch.where(done, cur[:, 0], nxt)[:, None])
-            done.logical_or_(finished | (count >= max_new_tokens))
-            return done
+            if draft_threshold <= 0:  # always d drafts: the whole cycle is one graph
+                return graphed[0]()
+            for j in range(depth):  # one graph per draft step, a host synchronisation after each
+                if bool(graphed[j]()):
+                    return graphed[depth + j]()  # draft j is not proposed: verify the j before it
+            return graphed[2 * depth]()
 
         def run(ids, mask):
             nonlocal graphed
@@ -152,9 +194,11 @@ class SelfSpeculation(Core):
             done.copy_(torch.isin(first, ends) if ends is not None else torch.zeros_like(done))
             stats.zero_()
             if graphed is None:
-                graphed = self._graph(cycle, [out, cur, pos, count, done, stats])
+                state = [out, cur, pos, count, done, stats, states, drafts, unsure] + ([q] if do_sample else [])
+                pieces = [whole_cycle] if draft_threshold <= 0 else [draft(j) for j in range(depth)] + [verify(k) for k in range(depth + 1)]
+                graphed = self._graphs(pieces, state)
             for _ in range(max_new_tokens):
-                if bool(graphed().all()):
+                if bool(cycle().all()):
                     break
             return out.clone(), stats.tolist()
 
