@@ -140,8 +140,12 @@ class DynamicExits(Core):
         layers = torch.where(steps < result.n_tokens[:, None], used, 0)
         return DynamicGeneration(result.tokens, result.n_tokens, result.finished, layers)
 
-    def _prompt_exits(self, exits: _Exits, checks: tuple[int, ...], ids, slots, valid, npad, cache) -> torch.Tensor:
-        """The prompt at full depth (every block, every position); its last position picks its exit; its token."""
+    def _start(self, exits: _Exits, checks: tuple[int, ...], loop: Columns, ids, valid, npad, cache) -> None:
+        """Start ``loop`` with the prompt's answer: the prompt runs at full depth (every block, every position), its
+        last position picks its exit, and column 0 gets that token and its layer."""
+        batch, prompt = ids.shape
+        loop.start(prompt)
+        slots = torch.arange(prompt, device=self.device).expand(batch, -1)
         hidden, kwargs, masks = self._inputs(ids, slots, valid, npad, cache)
         exits.reset()
         for layer in range(1, self.n_layers + 1):
@@ -149,7 +153,8 @@ class DynamicExits(Core):
             hidden = self._blocks(inputs, kwargs, masks, range(layer, layer + 1))
             if layer in checks or layer == self.n_layers:
                 exits.decide(layer, hidden[:, -1:], inputs[:, -1:], final=layer == self.n_layers)
-        return exits.token()
+        loop.out[:, 0] = exits.token()
+        loop.extras[0][:, 0] = exits.layer
 
     def _propagating_program(self, threshold: float, checks: tuple[int, ...], measure: Measure, batch: int, prompt: int,
                              max_new_tokens: int, stops: Stops):
@@ -174,11 +179,7 @@ class DynamicExits(Core):
 
         def run(ids, mask):
             nonlocal graphed
-            ids = load(ids, mask)
-            loop.start(prompt)
-            slots = torch.arange(prompt, device=self.device).expand(batch, -1)
-            loop.out[:, 0] = self._prompt_exits(exits, checks, ids, slots, valid, npad, cache)
-            used[:, 0] = exits.layer
+            self._start(exits, checks, loop, load(ids, mask), valid, npad, cache)
             if graphed is None:
                 graphed = self._graph(step, loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted])
             until_done(graphed, loop.out, ends)
@@ -257,11 +258,7 @@ class DynamicExits(Core):
 
         def run(ids, mask):
             nonlocal graphed
-            ids = load(ids, mask)
-            loop.start(prompt)
-            slots = torch.arange(prompt, device=self.device).expand(batch, -1)
-            loop.out[:, 0] = self._prompt_exits(exits, checks, ids, slots, valid, npad, cache)
-            used[:, 0] = exits.layer
+            self._start(exits, checks, loop, load(ids, mask), valid, npad, cache)
             if graphed is None:
                 state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted, hidden, *rotary, ended, skip,
                                         *masks.values()]
