@@ -156,6 +156,11 @@ class EarlyExitModule(L.LightningModule):
     Args:
         base: which model to load (HF id, local directory, or the embedded SmolLM2).
         lora: the adapters that train (only they do); None loads the model without adapters (prediction).
+        exit_adapters: a trainable map per exit in front of the shared norm and head (with ``lora`` None and
+            ``full_finetune`` false, the only thing that trains).
+        full_finetune: train every decoder block's own weights (LayerSkip's full-parameter recipe; the embeddings,
+            final norm and head stay frozen); needs ``lora`` None. The distillation teacher is then a frozen copy of
+            the model as loaded (the model's memory twice).
         loss: the early-exit loss and curriculum.
         layer_dropout: LayerSkip layer dropout.
         optim: optimiser and schedule.
@@ -169,6 +174,7 @@ class EarlyExitModule(L.LightningModule):
         base: ModelArgs = ModelArgs(),
         lora: LoraArgs | None = None,
         exit_adapters: ExitAdapterArgs | None = None,
+        full_finetune: bool = False,
         loss: ExitLossArgs = ExitLossArgs(),
         layer_dropout: LayerDropoutArgs = LayerDropoutArgs(),
         optim: OptimArgs = OptimArgs(),
@@ -185,23 +191,35 @@ class EarlyExitModule(L.LightningModule):
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({
             "base": asdict(base), "lora": asdict(lora) if lora else None,
-            "exit_adapters": asdict(adapters) if adapters else None, "loss": asdict(loss), "layer_dropout": asdict(layer_dropout),
+            "exit_adapters": asdict(adapters) if adapters else None, "full_finetune": full_finetune, "loss": asdict(loss),
+            "layer_dropout": asdict(layer_dropout),
             "optim": asdict(optim), "gradient_checkpointing": gradient_checkpointing, "generation": asdict(generation),
             "exit_layers": exit_layers,
         })
+        if full_finetune and lora is not None:
+            raise EarlyExitError("model.full_finetune trains the blocks' own weights: set model.lora null")
         self.lm, self.tokenizer = load_model(base)
+        self.teacher_lm = None
+        """Full fine-tuning with distillation: a frozen copy of the model as loaded, the teacher."""
         if lora is not None:
             self.lm = wrap_lora(self.lm, lora)
+        else:  # only what is asked for trains: the blocks (full fine-tuning), the exit adapters, or nothing
+            self.lm.requires_grad_(False)
+            if full_finetune:
+                if loss.distill > 0:
+                    import copy
+
+                    self.teacher_lm = copy.deepcopy(self.lm).eval()
+                EarlyExitHead(self.lm).blocks.requires_grad_(True)
         if adapters is not None:
-            if lora is None:  # the adapters alone train; the trunk, norm and head stay the model's own
-                self.lm.requires_grad_(False)
             n = EarlyExitHead(self.lm).n_layers
             layers = [layer for layer in parse_exit_layers(adapters.exit_layers, n) if layer < n]
             attach(self.lm, ExitAdapters(layers, self.lm.config.hidden_size, adapters.rank, adapters.kind))
-        self.frozen_trunk = lora is None
-        if loss.distill > 0 and not (hasattr(self.lm, "disable_adapter") or adapters is not None):
-            raise EarlyExitError("loss.distill needs something that trains the exits (model.lora or model.exit_adapters): "
-                                 "the teacher is the model's own final layer")
+        self.frozen_trunk = lora is None and not full_finetune
+        self.full_finetune = full_finetune
+        if loss.distill > 0 and not (hasattr(self.lm, "disable_adapter") or adapters is not None or full_finetune):
+            raise EarlyExitError("loss.distill needs something that trains the exits (model.lora, model.exit_adapters or "
+                                 "model.full_finetune): the teacher is the model's own final layer")
         if gradient_checkpointing:
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ee = EarlyExitHead(self.lm)
@@ -253,17 +271,18 @@ class EarlyExitModule(L.LightningModule):
 
         ``hidden``: the training pass's block outputs when they are the base model's own (a frozen trunk, no block
         skipped): its last layer is the teacher and no second forward runs. Otherwise one forward with the LoRA
-        adapters off.
+        adapters off, or through the frozen copy of full fine-tuning.
         """
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
         n = self.ee.n_layers
         if hidden is not None:
             return torch.log_softmax(self.ee.exit_logits(hidden[n][:, :-1][keep].detach()).float(), dim=-1).detach()
+        ee = self.ee if self.teacher_lm is None else EarlyExitHead(self.teacher_lm)
         off = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
         with off:
-            hidden = self.ee.hidden_states(batch["input_ids"], batch.get("attention_mask"), exit_layers=[n],
-                                           position_ids=batch.get("position_ids"))
-            logits = self.ee.exit_logits(hidden[n][:, :-1][keep])
+            hidden = ee.hidden_states(batch["input_ids"], batch.get("attention_mask"), exit_layers=[n],
+                                      position_ids=batch.get("position_ids"))
+            logits = ee.exit_logits(hidden[n][:, :-1][keep])
         return torch.log_softmax(logits.float(), dim=-1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -292,7 +311,8 @@ class EarlyExitModule(L.LightningModule):
     def configure_optimizers(self):
         named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
         if not named:
-            raise EarlyExitError("nothing to train: configure LoRA adapters (model.lora) or exit adapters (model.exit_adapters)")
+            raise EarlyExitError("nothing to train: configure LoRA adapters (model.lora), exit adapters (model.exit_adapters) "
+                                 "or model.full_finetune")
         oa = self.optim_args
         adapters = [p for name, p in named if "exit_adapters." in name]
         rest = [p for name, p in named if "exit_adapters." not in name]

@@ -29,8 +29,9 @@ from earlyexit.module import EarlyExitModule
 
 
 class AdapterExport(Callback):
-    """Saves what trained to ``<default_root_dir>/adapter`` when training ends, once (rank 0): the peft LoRA adapter
-    and the exit adapters (``exit_adapters.*``), whichever the run has.
+    """Saves what trained when training ends, once (rank 0): the peft LoRA adapter and the exit adapters
+    (``exit_adapters.*``) to ``<default_root_dir>/adapter``, and after full fine-tuning the whole model (with its
+    tokenizer) to ``<default_root_dir>/model``, loadable as ``--model.name``.
 
     Under FSDP the weights are gathered first (every rank takes part), so the files hold full weights.
     """
@@ -38,17 +39,24 @@ class AdapterExport(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         peft = hasattr(pl_module.lm, "peft_config")
         adapters = attached(pl_module.lm)
-        if not peft and adapters is None:
+        full = pl_module.full_finetune
+        if not peft and adapters is None and not full:
             return
         state = full_state_dict(trainer, pl_module)
         if trainer.is_global_zero:
+            lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.") and "exit_adapters." not in k}
+            if full:
+                target = Path(trainer.default_root_dir) / "model"
+                pl_module.lm.save_pretrained(target, state_dict=lm_state)
+                pl_module.tokenizer.save_pretrained(target)
+                print(f"model saved to {target}", file=sys.stderr)
             target = Path(trainer.default_root_dir) / "adapter"
             if peft:
-                lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
                 pl_module.lm.save_pretrained(target, state_dict=lm_state)
             if adapters is not None:
                 adapters.save(target, {k.split("exit_adapters.", 1)[1]: v for k, v in state.items() if "exit_adapters." in k})
-            print(f"adapter saved to {target}", file=sys.stderr)
+            if peft or adapters is not None:
+                print(f"adapter saved to {target}", file=sys.stderr)
 
 
 class EarlyExitCLI(LightningCLI):

@@ -148,9 +148,39 @@ def test_nan_loss_stops_with_the_step(tiny_dir, monkeypatch):
     (["--model.lora.target_modules", "[q_proj, w_gate]"], "LoRA target 'w_gate' is not a module"),
     (["--model.loss.exit_layers", "2,9"], "exit layer 9 is out of range"),
     (["--ckpt_path", "/no/such.ckpt"], "checkpoint '/no/such.ckpt' not found"),
+    (["--model.full_finetune", "true"], "model.full_finetune trains the blocks' own weights: set model.lora null"),
+    (["--model.lora", "null", "--model.loss.distill", "0"], "nothing to train"),
 ])
 def test_bad_input(tiny_dir, data_file, tmp_path, extra, message):
     cmd = [sys.executable, "-m", "earlyexit.train", *cli_args(tiny_dir, data_file, tmp_path, *extra)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_full_finetuning_trains_the_blocks_only_against_a_frozen_copy_and_exports_the_model(tiny_dir, data_file, tmp_path):
+    main(cli_args(tiny_dir, data_file, tmp_path, "--model.lora", "null", "--model.full_finetune", "true",
+                  "--model.layer_dropout.p_max", "0", "--model.optim.lr", "0.01", "--trainer.max_steps", "3"))
+    base, _ = load_model(ModelArgs(name=tiny_dir, device="cpu"))
+    tuned, _ = load_model(ModelArgs(name=str(tmp_path / "model"), device="cpu"))  # the exported model
+    moved = {name for name, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[name])}
+    blocks = EarlyExitHead(tuned).spec.layers
+    assert moved and all(name.startswith(blocks + ".") for name in moved)  # embeddings, final norm, head untouched
+    assert not (tmp_path / "adapter").exists()
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"] and all(".layers." in k and "teacher" not in k for k in ckpt["state_dict"])
+
+
+def test_full_finetuning_distils_from_the_model_as_loaded(tiny_dir):
+    module = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), full_finetune=True,
+                             loss=ExitLossArgs(exit_layers="all", distill=0.5))
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(".layers." in name and "teacher" not in name for name in trainable)
+    with torch.no_grad():
+        for p in module.ee.blocks.parameters():
+            p.add_(0.1)  # the student moves; the teacher must not
+    ids = torch.randint(3, 100, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    base, _ = load_model(ModelArgs(name=tiny_dir, device="cpu"))
+    expected = torch.log_softmax(EarlyExitHead(base)(ids)[:, :-1].reshape(-1, base.config.vocab_size).float(), -1)
+    assert_close(module._teacher(batch), expected)
