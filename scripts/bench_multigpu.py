@@ -1,8 +1,8 @@
 """Several GPUs: evaluation throughput scaling of the sharded predict loop, and early-exit LoRA training
-throughput and peak memory under FSDP, 1 vs N devices measured in one run.
+throughput and peak memory under FSDP or DDP, 1 vs N devices measured in one run.
 
     python scripts/bench_multigpu.py eval --eval_config configs/smollm2_layers.yaml --limit 192 --devices '[1,2]'
-    python scripts/bench_multigpu.py train --devices '[1,2]' --batch 8 --seq 512 --steps 10
+    python scripts/bench_multigpu.py train --devices '[1,2]' --batch 8 --seq 512 --steps 10 [--strategy ddp]
 
 ``eval`` runs ``python -m earlyexit.evaluate`` (quarter exits, scoring not timed) with 1 and with N devices
 (``ddp``: every rank holds the model, the predict loop shards the examples) and reports the generation
@@ -10,7 +10,7 @@ phase's wall time, as printed by ``evaluate``, and the share of identical answer
 
 ``train`` runs the real training step (EarlyExitModule on the Lightning Trainer: LoRA r=16 on every linear
 layer, exits every 2nd layer + last rotating by 2, chunked loss, gradient checkpointing, bf16-mixed) on
-random tokens, 1 device without sharding vs N devices with ``fsdp`` (each decoder block one unit). The model
+random tokens, 1 device vs N devices with ``fsdp`` (each decoder block one unit) or ``ddp`` (a whole model per GPU). The model
 is a Llama-2-7B config with random bf16 weights (``llama2-7b-random``): honest for speed, meaningless for
 quality. Step times are measured on rank 0 after warm-up steps; peak memory is each rank's max allocated.
 """
@@ -26,6 +26,7 @@ import tempfile
 import time
 from argparse import Namespace
 from pathlib import Path
+from typing import Literal
 
 from earlyexit.cli import run_subcommands
 from earlyexit.errors import positive
@@ -81,24 +82,21 @@ def bench_eval(eval_config: str = "configs/smollm2_layers.yaml", limit: int = 19
 
 
 def train_worker(model: str = "llama2-7b-random", devices: int = 1, batch: int = 8, seq: int = 512, steps: int = 10,
-                 warmup: int = 3) -> None:
+                 warmup: int = 3, strategy: Literal["fsdp", "ddp"] = "fsdp") -> None:
     """One training run (``devices`` processes through Lightning; each rank runs this function)."""
-    args = Namespace(model=model, devices=devices, batch=batch, seq=seq, steps=steps, warmup=warmup)
+    args = Namespace(model=model, devices=devices, batch=batch, seq=seq, steps=steps, warmup=warmup, strategy=strategy)
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
 
-    import earlyexit.module as module_lib
     from earlyexit.distributed import configure_strategy
-    from earlyexit.loading import ModelArgs
+    from earlyexit.loading import RANDOM_PREFIX, ModelArgs
     from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs, OptimArgs
-    from earlyexit.tiny import random_model
 
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if args.model == "llama2-7b-random":  # built on this rank's GPU instead of loaded
-        module_lib.load_model = lambda base: (random_model("llama2-7b", f"cuda:{local}", torch.bfloat16), None)
+    name = RANDOM_PREFIX + "llama2-7b" if args.model == "llama2-7b-random" else args.model  # random: built on this rank's GPU
     module = EarlyExitModule(
-        base=ModelArgs(name=args.model), lora=LoraArgs(r=16, alpha=32),
+        base=ModelArgs(name=name, device=f"cuda:{local}", dtype="bfloat16"), lora=LoraArgs(r=16, alpha=32),
         loss=ExitLossArgs(exit_layers="every2", weights="uniform", curriculum="rotational", rotation=2),
         optim=OptimArgs(lr=1e-4, warmup_steps=0), gradient_checkpointing=True,
     )
@@ -131,7 +129,7 @@ def train_worker(model: str = "llama2-7b-random", devices: int = 1, batch: int =
                 }), flush=True)
 
     trainer = L.Trainer(
-        accelerator="gpu", devices=args.devices, strategy="fsdp" if args.devices > 1 else "auto", precision="bf16-mixed",
+        accelerator="gpu", devices=args.devices, strategy=args.strategy if args.devices > 1 else "auto", precision="bf16-mixed",
         max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, gradient_clip_val=1.0, callbacks=[Clock()],
     )
@@ -141,8 +139,8 @@ def train_worker(model: str = "llama2-7b-random", devices: int = 1, batch: int =
 
 
 def bench_train(model: str = "llama2-7b-random", devices: list[int] = [1, 2], batch: int = 8, seq: int = 512,  # noqa: B006
-                steps: int = 10, warmup: int = 3) -> None:
-    """FSDP training: tokens/s and peak memory with 1 device (no sharding) and N devices (``fsdp``).
+                steps: int = 10, warmup: int = 3, strategy: Literal["fsdp", "ddp"] = "fsdp") -> None:
+    """Data-parallel training: tokens/s and peak memory with 1 device and N devices (``fsdp`` or ``ddp``).
 
     Args:
         model: ``llama2-7b-random`` (random bf16 weights of Llama-2-7B's shape) or a model name.
@@ -151,14 +149,15 @@ def bench_train(model: str = "llama2-7b-random", devices: list[int] = [1, 2], ba
         seq: tokens per sequence.
         steps: timed steps.
         warmup: steps before timing.
+        strategy: with several devices, ``fsdp`` (sharded) or ``ddp`` (a whole model per GPU: LoRA at 7B fits one).
     """
     for option, value in (("batch", batch), ("seq", seq), ("steps", steps), *(("devices", d) for d in devices)):
         positive(option, value)
-    args = Namespace(model=model, devices=devices, batch=batch, seq=seq, steps=steps, warmup=warmup)
+    args = Namespace(model=model, devices=devices, batch=batch, seq=seq, steps=steps, warmup=warmup, strategy=strategy)
     results = []
     for devices in args.devices:
         cmd = [sys.executable, __file__, "_train", "--devices", str(devices), "--model", args.model, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--strategy", args.strategy]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode or line is None:
