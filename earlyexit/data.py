@@ -215,8 +215,18 @@ def packed_batch(examples: list[dict], capacity: int, pad_id: int) -> dict:
         position_ids.append([p for i in row for p in range(len(examples[i]["input_ids"]))])
     width = max(len(r) for r in ids)
     position_ids = [p + list(range(p[-1] + 1, p[-1] + 1 + width - len(p))) for p in position_ids]
-    return {"input_ids": pad(ids, pad_id, "right"), "labels": pad(labels, IGNORE_INDEX, "right"),
-            "position_ids": torch.tensor(position_ids, dtype=torch.long), "attention_mask": None}
+    batch = {"input_ids": pad(ids, pad_id, "right"), "labels": pad(labels, IGNORE_INDEX, "right"),
+             "position_ids": torch.tensor(position_ids, dtype=torch.long), "attention_mask": None}
+    return {**batch, **cached_teacher([examples[i] for row in rows for i in row])}
+
+
+def cached_teacher(examples: list[dict]) -> dict:
+    """The examples' cached teacher (``data.teacher_cache``) as ``teacher_ids`` / ``teacher_logp`` ``[M, k]``, in the
+    order the loss reads answer positions (row by row, example by example), or nothing without a cache."""
+    if not examples or "teacher" not in examples[0]:
+        return {}
+    return {"teacher_ids": torch.cat([e["teacher"][0] for e in examples]),
+            "teacher_logp": torch.cat([e["teacher"][1] for e in examples])}
 
 
 class EpochSampler(DistributedSampler):
@@ -272,6 +282,8 @@ class AlpacaDataModule(L.LightningDataModule):
         pack: training and validation batches put several examples in one row of up to ``max_length`` tokens
             (sequence packing, attention kept within each example) instead of padding every row to the longest;
             the same examples per step and the same loss, on fewer tokens.
+        teacher_cache: a teacher cache (``scripts/teacher_cache.py``: the base model's top-k log-probabilities on
+            these examples) read with each batch, so distillation runs no teacher forward pass.
         num_workers: DataLoader workers.
         seed: seed of the train/validation split and of training order.
         strict: fail on the first bad record instead of skipping and counting it.
@@ -288,6 +300,7 @@ class AlpacaDataModule(L.LightningDataModule):
         max_length: int = 512,
         batch_size: int = 8,
         pack: bool = False,
+        teacher_cache: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
         strict: bool = False,
@@ -300,6 +313,8 @@ class AlpacaDataModule(L.LightningDataModule):
         positive("data.max_length", max_length)
         positive("data.batch_size", batch_size)
         non_negative("data.num_workers", num_workers)
+        if teacher_cache is not None and not Path(teacher_cache).is_file():
+            raise EarlyExitError(f"teacher cache {teacher_cache!r} not found (build it with scripts/teacher_cache.py)")
         self.save_hyperparameters()
         self.tokenizer = None
         self.train_set: list[dict] = []
@@ -355,7 +370,26 @@ class AlpacaDataModule(L.LightningDataModule):
             raise EarlyExitError(f"{len(kept)} of {len(encoded)} training examples have an answer token within "
                                  f"data.max_length={hp.max_length}, not more than data.val_size={hp.val_size}: nothing "
                                  "would train; raise data.max_length")
+        if hp.teacher_cache:
+            self._attach_teacher(kept)
         self.val_set, self.train_set = kept[: hp.val_size], kept[hp.val_size :]
+
+    def _attach_teacher(self, examples: list[dict]) -> None:
+        """Give every example its cached teacher; a cache built for other examples is refused."""
+        from earlyexit.teacher import answer_positions, example_key, load
+
+        cache = load(self.hparams.teacher_cache)
+        missing = 0
+        for example in examples:
+            entry = cache.get(example_key(example))
+            if entry is None or entry[0].shape[0] != answer_positions(example):
+                missing += 1
+            else:
+                example["teacher"] = entry
+        if missing:
+            raise EarlyExitError(f"teacher cache {self.hparams.teacher_cache!r} lacks {missing} of {len(examples)} training "
+                                 "examples: it was built for other data options (source, max_length, template, eval_size) "
+                                 "or another tokenizer; rebuild it with scripts/teacher_cache.py")
 
     def set_predict(self, pairs: list[tuple[int, dict]]) -> None:
         """Generation items of ``(id, record)`` pairs: the prompt tokens and the reference answer."""
@@ -373,7 +407,7 @@ class AlpacaDataModule(L.LightningDataModule):
         input_ids = pad([b["input_ids"] for b in batch], pad_id, "right")
         attention_mask = pad([[1] * len(b["input_ids"]) for b in batch], 0, "right")
         labels = pad([b["labels"] for b in batch], IGNORE_INDEX, "right")
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **cached_teacher(batch)}
 
     def collate_predict(self, batch: list[dict]) -> dict:
         pad_id = self.tokenizer.pad_token_id

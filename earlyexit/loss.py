@@ -69,12 +69,37 @@ def kl_to_teacher(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (teacher.exp() * (teacher - student)).sum(-1)
 
 
+@dataclass
+class SparseTeacher:
+    """A teacher's top-k next-token log-probabilities per answer position (a teacher cache, built once instead of a
+    teacher forward per step): ``ids`` ``[M, k]`` token ids, ``logp`` ``[M, k]`` their log-probabilities.
+
+    Its KL to a student, Σ_top-k p (log p − log q), leaves out the teacher's tail beyond the k tokens; with k = V it
+    is the exact KL. Sliced by position like a dense ``[M, V]`` teacher.
+    """
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+
+    def __getitem__(self, index) -> SparseTeacher:
+        return SparseTeacher(self.ids[index], self.logp[index])
+
+    def kl(self, student: torch.Tensor) -> torch.Tensor:
+        """KL over the kept tokens in nats per row. student: ``[M, V]`` log-probabilities → ``[M]``."""
+        logp = self.logp.float()
+        return (logp.exp() * (logp - student.gather(-1, self.ids.long()))).sum(-1)
+
+
 def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, target: torch.Tensor,
-                teacher: torch.Tensor | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE and summed distillation KL of one chunk. hidden: [M, D]; target: [M]; teacher: [M, V] log-probs."""
+                teacher: torch.Tensor | SparseTeacher | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and summed distillation KL of one chunk. hidden: [M, D]; target: [M]; teacher: [M, V] log-probs
+    or a :class:`SparseTeacher`."""
     logp = F.log_softmax(head(hidden).float(), dim=-1)  # [M, V]
     ce = F.nll_loss(logp, target, reduction="sum")
-    kl = kl_to_teacher(teacher, logp).sum() if teacher is not None and alpha > 0 else logp.new_zeros(())
+    if teacher is None or alpha <= 0:
+        kl = logp.new_zeros(())
+    else:
+        kl = (teacher.kl(logp) if isinstance(teacher, SparseTeacher) else kl_to_teacher(teacher, logp)).sum()
     return ce, kl
 
 
@@ -83,7 +108,7 @@ def early_exit_loss(
     labels: torch.Tensor,
     head: Callable[[torch.Tensor, int], torch.Tensor],
     weights: dict[int, float],
-    teacher: torch.Tensor | None = None,
+    teacher: torch.Tensor | SparseTeacher | None = None,
     alpha: float = 0.0,
     chunk_size: int = 1024,
     tokens: float | None = None,
@@ -97,7 +122,7 @@ def early_exit_loss(
             and head: :meth:`earlyexit.model.EarlyExitHead.exit_logits`).
         weights: ``{layer: w}`` over the active exits (renormalised here).
         teacher: optional ``[M, V]`` log-probabilities at the answer positions (e.g. the base model's final
-            layer), for self-distillation.
+            layer), or their top-k (:class:`SparseTeacher`, from a teacher cache), for self-distillation.
         alpha: share of the distillation term, 0..1.
         chunk_size: answer tokens per logits block.
         tokens: the token count the sums are divided by; this batch's answer tokens when None. Under data

@@ -19,6 +19,7 @@ from earlyexit.loading import ModelArgs, load_model
 from earlyexit.loss import (
     Curriculum,
     LossOutput,
+    SparseTeacher,
     WeightScheme,
     accepted_per_cycle,
     active_exits,
@@ -249,7 +250,12 @@ class EarlyExitModule(L.LightningModule):
         skip = dropped_layers(step, self.dropout_rates, self.dropout_args.seed) if train else set()
         hidden = self.ee.hidden_states(batch["input_ids"], batch.get("attention_mask"), exit_layers=exits, skip=skip,
                                        position_ids=batch.get("position_ids"))
-        teacher = self._teacher(batch, hidden if self.frozen_trunk and not skip else None) if la.distill > 0 else None
+        if la.distill <= 0:
+            teacher = None
+        elif "teacher_ids" in batch:  # a teacher cache: no teacher pass
+            teacher = SparseTeacher(batch["teacher_ids"], batch["teacher_logp"])
+        else:
+            teacher = self._teacher(batch, hidden if self.frozen_trunk and not skip else None)
         weights = exit_weights(exits, n, la.weights, la.e_scale)
         out = early_exit_loss(hidden, batch["labels"], self.ee.exit_logits, weights, teacher, la.distill, la.chunk_size,
                               tokens=self._tokens_per_rank(batch))

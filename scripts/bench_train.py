@@ -10,7 +10,9 @@ base model's final layer as teacher, one more forward with the adapters off), wi
 Every path trains on the same examples per step in one process, one after the other:
 
 * ``padded``: each batch padded to its longest example (the collation of ``data.pack false``);
-* ``packed``: the same examples packed into rows of up to ``--seq`` tokens (``data.pack true``).
+* ``packed``: the same examples packed into rows of up to ``--seq`` tokens (``data.pack true``);
+* ``cached``: packed, with the teacher read from a top-64 teacher cache (``data.teacher_cache``, built before timing)
+  instead of a teacher forward pass per step (with ``--distill`` > 0).
 
 ``--data`` takes Alpaca records (the shipped sample by default; the evaluation split is skipped); ``--data null``
 uses random tokens of exactly ``--seq`` per row, where the two paths coincide (no padding): the setting of the
@@ -20,7 +22,8 @@ Model FLOPs, for MFU, are counted on real tokens only (padding is waste, not wor
 (forward, and gradients with respect to activations; frozen weights get no weight gradients), N the non-embedding
 parameters, plus attention 6·layers·d·L (L: the example's length; forward + backward of activations, ×1.5 for the
 causal half counted twice as usual), plus 6·d·V per active exit per answer token (the heads), plus the teacher's
-forward 2·N + 2·layers·d·L per token and 2·d·V per answer token when ``--distill`` > 0. Recomputation under
+forward 2·N + 2·layers·d·L per token and 2·d·V per answer token when ``--distill`` > 0 (not on the ``cached`` path,
+which runs no teacher). Recomputation under
 checkpointing is not counted, as usual for MFU. Peak dense bf16 of an H100 or H200: 989 TFLOP/s.
 """
 
@@ -38,7 +41,7 @@ from earlyexit.loading import ModelArgs
 from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs
 
 PEAK_BF16 = 989e12
-Path = Literal["padded", "packed"]
+Path = Literal["padded", "packed", "cached"]
 
 
 def batches(module: EarlyExitModule, data: str | None, batch: int, seq: int, count: int, path: Path) -> list[dict]:
@@ -53,12 +56,23 @@ def batches(module: EarlyExitModule, data: str | None, batch: int, seq: int, cou
         return out
     if module.tokenizer is None:
         raise EarlyExitError(f"{module.hparams['base']['name']} has no tokenizer: pass --data null (random tokens)")
-    dm = AlpacaDataModule(data, max_length=seq, batch_size=batch, pack=path == "packed")
+    dm = AlpacaDataModule(data, max_length=seq, batch_size=batch, pack=path != "padded")
     dm.attach_tokenizer(module.tokenizer)
     dm.setup("fit")
     if len(dm.train_set) < batch * count:
         raise EarlyExitError(f"{len(dm.train_set)} training examples in {data!r}, fewer than {count} batches of {batch}")
-    return [dm.collate_train(dm.train_set[k * batch : (k + 1) * batch]) for k in range(count)]
+    examples = [dict(e) for e in dm.train_set[: batch * count]]
+    if path == "cached":  # the teacher cache of these examples, built before timing (scripts/teacher_cache.py's work)
+        from earlyexit import teacher
+
+        with module.lm.disable_adapter():
+            ids, logp, _ = teacher.build(module.ee, examples, 64, 16, module.tokenizer.pad_token_id)
+        start = 0
+        for example in examples:
+            m = teacher.answer_positions(example)
+            example["teacher"] = (ids[start : start + m], logp[start : start + m])
+            start += m
+    return [dm.collate_train(examples[k * batch : (k + 1) * batch]) for k in range(count)]
 
 
 def model_flops(module: EarlyExitModule, batch: dict, active: int, distill: bool) -> float:
@@ -96,7 +110,7 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
         exits: trained exits (quarters, all, everyK or a list); the last layer is always one.
         rotation: rotational curriculum: every k-th exit per step.
         distill: the loss's share of KL to the base model's final layer (a second forward with the adapters off).
-        paths: padded, packed, or both (side by side, same examples).
+        paths: padded, packed, cached (packed with a teacher cache), side by side on the same examples.
         checkpointing: activation checkpointing of the blocks.
     """
     for option, value in (("batch", batch), ("seq", seq), ("steps", steps), ("rank", rank), ("rotation", rotation)):
@@ -104,7 +118,7 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
     non_negative("warmup", warmup)
     in_unit("distill", distill)
     if not paths:
-        raise EarlyExitError("paths: name at least one of padded, packed")
+        raise EarlyExitError("paths: name at least one of padded, packed, cached")
     module = EarlyExitModule(
         base=ModelArgs(name=model, device=device, dtype=dtype), lora=LoraArgs(r=rank, alpha=2 * rank),
         loss=ExitLossArgs(exit_layers=exits, weights="uniform", curriculum="rotational", rotation=rotation, distill=distill),
@@ -134,7 +148,7 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return model_flops(module, todo[k], len(out.per_exit), distill > 0)
+            return model_flops(module, todo[k], len(out.per_exit), distill > 0 and path != "cached")
 
         for k in range(warmup):
             step(k)
