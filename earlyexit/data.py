@@ -376,13 +376,13 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def _attach_teacher(self, examples: list[dict]) -> None:
         """Give every example its cached teacher; a cache built for other examples is refused."""
-        from earlyexit.teacher import answer_positions, example_key, load
+        from earlyexit.teacher import example_key, load
 
         cache = load(self.hparams.teacher_cache)
         missing = 0
         for example in examples:
             entry = cache.get(example_key(example))
-            if entry is None or entry[0].shape[0] != answer_positions(example):
+            if entry is None or entry[0].shape[0] != supervised_tokens(example):
                 missing += 1
             else:
                 example["teacher"] = entry

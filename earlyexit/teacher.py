@@ -18,18 +18,13 @@ from pathlib import Path
 
 import torch
 
-from earlyexit.data import IGNORE_INDEX, pad
+from earlyexit.data import IGNORE_INDEX, pad, supervised_tokens
 from earlyexit.errors import EarlyExitError
 
 
 def example_key(example: dict) -> str:
     """What identifies a tokenised training example: the sha1 of its token ids and labels."""
     return hashlib.sha1(json.dumps([list(example["input_ids"]), list(example["labels"])]).encode()).hexdigest()
-
-
-def answer_positions(example: dict) -> int:
-    """Positions whose next token is an answer token (where the loss and the teacher are taken)."""
-    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
 
 
 @torch.no_grad()
@@ -61,7 +56,7 @@ def save(path: str | Path, ids: torch.Tensor, logp: torch.Tensor, keys: list[str
     """Write the cache; ``about`` (model, data options, k) is kept in the metadata for the record."""
     from safetensors.torch import save_file
 
-    counts = [answer_positions(e) for e in examples]
+    counts = [supervised_tokens(e) for e in examples]
     offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)
     if int(offsets[-1]) != ids.shape[0]:
         raise EarlyExitError(f"teacher cache: {ids.shape[0]} positions for {int(offsets[-1])} answer tokens")

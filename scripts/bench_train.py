@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from earlyexit.cli import run_function
-from earlyexit.data import IGNORE_INDEX, SAMPLE, AlpacaDataModule
+from earlyexit.data import IGNORE_INDEX, SAMPLE, AlpacaDataModule, supervised_tokens
 from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive
 from earlyexit.loading import ModelArgs
 from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs
@@ -69,7 +69,7 @@ def batches(module: EarlyExitModule, data: str | None, batch: int, seq: int, cou
             ids, logp, _ = teacher.build(module.ee, examples, 64, 16, module.tokenizer.pad_token_id)
         start = 0
         for example in examples:
-            m = teacher.answer_positions(example)
+            m = supervised_tokens(example)
             example["teacher"] = (ids[start : start + m], logp[start : start + m])
             start += m
     return [dm.collate_train(examples[k * batch : (k + 1) * batch]) for k in range(count)]
