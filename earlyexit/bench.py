@@ -262,7 +262,7 @@ def describe(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs
     name = bench.random_config or model_args.name + (f" + {Path(model_args.adapter).name} (merged)" if model_args.adapter else "")
     on_gpu = torch.cuda.is_available() and model_args.device != "cpu"
     device = torch.cuda.get_device_name() if on_gpu else platform.processor() or "CPU"
-    compiled = " · engine compiled" if generation.compile else ""
+    compiled = f" · engine compiled ({generation.compile_mode})" if generation.compile else ""
     return f"{name} · {device} · torch {torch.__version__} · batch {bench.batch} · {generation.max_new_tokens} new tokens{compiled}"
 
 

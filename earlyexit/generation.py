@@ -32,8 +32,12 @@ class GenerationArgs:
         engine: decode all exits of a batch in one batched pass with :class:`earlyexit.engine.Engine` (CUDA graphs
             on a GPU); False runs the model's own ``generate`` once per exit (the reference path).
         compile: with the engine, compile its decode step (``torch.compile``; pays off on long runs of one shape).
-        compile_mode: ``torch.compile``'s mode: ``default``, or ``max-autotune-no-cudagraphs`` (searches kernels for
-            each matrix shape at the first call; minutes).
+        compile_mode: ``torch.compile``'s mode: ``auto`` (``gemv`` for models of hidden size below 2,048, else
+            ``default``), ``gemv`` (as ``default``, and on a GPU a one-row matrix product, batch 1's, becomes a
+            reduction fused with the norm before it and the residual after it, in Triton kernels tuned by coordinate
+            descent: gpt-fast's setting; it pays where the products are small and launch-bound, and loses to cuBLAS
+            on large ones), ``default``, or ``max-autotune-no-cudagraphs`` (searches kernels for each matrix shape at
+            the first call; minutes).
         fast: with the engine, run llama-style blocks on its fast path (fused projections, SDPA on the static cache;
             LoRA adapters merged first); None: whenever the family has one; False: the model's own blocks.
         exit: ``fixed``: every exit layer answers; ``dynamic``: one answer per example, each token exiting at the
@@ -54,7 +58,7 @@ class GenerationArgs:
     seed: int = 0
     engine: bool = True
     compile: bool = False
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    compile_mode: Literal["auto", "gemv", "default", "max-autotune-no-cudagraphs"] = "auto"
     fast: bool | None = None
     exit: ExitMode = "fixed"
     threshold: float = 0.9

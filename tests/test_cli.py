@@ -130,6 +130,7 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("acceptance.py", ["--records", "0"], "records = 0 is out of range"),
     ("acceptance.py", ["--n_draft", "[0]"], "n_draft ≥ 1"),
     ("sweep_dynamic.py", ["--records", "0"], "records = 0 is out of range"),
+    ("profile_decode.py", ["--tokens", "0"], "tokens = 0 is out of range"),
     ("bench_evaluate.py", ["--limit", "-1"], "limit = -1 is out of range"),
     ("bench_multigpu.py", ["train", "--devices", "[0]"], "devices = 0 is out of range"),
 ])
@@ -162,6 +163,19 @@ def test_self_answers_writes_the_models_own_greedy_answers(tiny_dir, tmp_path, m
         assert record["output"] == tokenizer.decode(gen.tokens[0, : int(gen.n_tokens[0])].tolist(), skip_special_tokens=True).strip()
     assert run_command("self_answers.py", argv, monkeypatch) == 0  # a rerun resumes: nothing left to generate
     assert json.loads(out.read_text()) == written
+
+
+def test_profile_decode_counts_the_operators_of_a_token(tiny_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    data = tmp_path / "alpaca_data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": "It."} for i in range(2)]))
+    argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--data", str(data), "--batch", "2", "--tokens", "4",
+            "--top", "5"]
+    assert run_command("profile_decode.py", argv, monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "kernels per token" in out and "| µs per token | launches per token | kernel |" in out
+    assert len([line for line in out.splitlines() if line.startswith("| ") and "aten::" in line]) == 5
 
 
 def test_acceptance_reports_agreement_and_exact_speculation(tiny_dir, tmp_path, monkeypatch, capsys):

@@ -4,6 +4,7 @@ run per exit), full-depth greedy for self-speculation, and a recompute-from-scra
 import pytest
 import torch
 
+from earlyexit.adapters import ExitAdapters, attach
 from earlyexit.arch import sliding_windows
 from earlyexit.engine import Engine, StaticKV, additive_mask, confidence
 from earlyexit.errors import EarlyExitError
@@ -413,3 +414,18 @@ def test_fast_path_is_refused_for_other_families():
     with pytest.raises(EarlyExitError, match="no fast path for gpt2 blocks: it serves llama-style families"):
         Engine(EarlyExitHead(tiny_model("gpt2")), fast=True)
     assert Engine(EarlyExitHead(tiny_model("gpt2"))).fast is None  # automatic: the generic path
+
+
+@pytest.mark.parametrize("compile_mode", ["auto", "default"])
+def test_compiled_engine_equals_the_eager_engine(compile_mode):
+    """The compiled decode step (blocks, inputs and head) gives the eager step's tokens, fast path and adapters on."""
+    model = tiny_model("llama", seed=2)
+    adapters = ExitAdapters([2], model.config.hidden_size)
+    torch.nn.init.normal_(adapters.maps["2"].weight, std=0.3)
+    attach(model, adapters)
+    ee = EarlyExitHead(model)
+    ids, mask = prompts()
+    eager = Engine(ee).generate(ids, mask, [2, 4], max_new_tokens=10, ignore_eos=True)
+    compiled = Engine(ee, compile=True, compile_mode=compile_mode).generate(ids, mask, [2, 4], max_new_tokens=10, ignore_eos=True)
+    for layer in (2, 4):
+        assert torch.equal(compiled[layer].tokens, eager[layer].tokens), layer

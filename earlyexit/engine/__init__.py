@@ -23,8 +23,9 @@ class Engine(DynamicExits, SelfSpeculation):
         ee: the exit-aware model (eval mode; merge LoRA adapters first for speed).
         cuda_graphs: capture each decode step (or speculative cycle) as a CUDA graph; default: on when the model
             is on a GPU.
-        compile: run the decode step's blocks through ``torch.compile`` (fuses the norms, rotary and element-wise
-            work between the matmuls; compiles once per exit set and batch shape).
+        compile: run the decode step's blocks and head through ``torch.compile`` (fuses the norms, rotary and
+            element-wise work between the matmuls; compiles once per exit set and batch shape).
+        compile_mode: how (:attr:`earlyexit.generation.GenerationArgs.compile_mode`).
         fast: run llama-style blocks on the fast path (:mod:`earlyexit.engine.fast`: fused projections, SDPA on the
             static cache; merges LoRA adapters); None: whenever the family has one, False: the model's own blocks.
     """

@@ -31,9 +31,11 @@ class StaticKV:
             self.keys[layer_idx] = key.new_zeros(rows, heads, self.capacity, dim)
             self.values[layer_idx] = value.new_zeros(rows, heads, self.capacity, value.shape[-1])
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        index = self.slots[:rows, None, :, None]
-        keys.scatter_(2, index.expand(rows, heads, q, dim), key)
-        values.scatter_(2, index.expand(rows, heads, q, value.shape[-1]), value)
+        # an indexed write, not a scatter: compiled, it stays in place and writes only the new slots
+        at = (torch.arange(rows, device=key.device)[:, None, None], torch.arange(heads, device=key.device)[None, :, None],
+              self.slots[:rows, None, :])
+        keys.index_put_(at, key)
+        values.index_put_(at, value)
         return keys, values
 
 

@@ -43,12 +43,13 @@ class Core:
     Args:
         ee: the exit-aware model (eval mode; merge LoRA adapters first for speed).
         cuda_graphs: capture the decode step as a CUDA graph; default: on when the model is on a GPU.
-        compile: run the decode step's blocks through ``torch.compile`` (fuses the norms, rotary and
+        compile: run the decode step's blocks and head through ``torch.compile`` (fuses the norms, rotary and
             element-wise work between the matmuls; compiles once per exit set and batch shape).
+        compile_mode: how (:attr:`earlyexit.generation.GenerationArgs.compile_mode`).
     """
 
     def __init__(self, ee: EarlyExitHead, cuda_graphs: bool | None = None, compile: bool = False, fast: bool | None = None,
-                 compile_mode: str = "default"):
+                 compile_mode: str = "auto"):
         self.ee = ee
         self.device = next(ee.parameters()).device
         self.dtype = ee.norm.weight.dtype if getattr(ee.norm, "weight", None) is not None else torch.float32
@@ -70,13 +71,14 @@ class Core:
             if fast and self.fast is None:
                 raise EarlyExitError(f"no fast path for {ee.config.model_type} blocks: it serves llama-style families "
                                      f"({', '.join(sorted(t for t, s in ARCHITECTURES.items() if s.fast_block))})")
-        self._decode_blocks, self._decode_inputs = self._blocks, self._inputs
-        if compile:  # the decode step's blocks; on the fast path its inputs too (embedding, rotary tables, masks)
+        self._decode_blocks, self._decode_inputs, self._decode_head = self._blocks, self._inputs, self._head
+        if compile:  # the decode step's blocks and head; on the fast path its inputs too (embedding, rotary, masks)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            mode = None if compile_mode == "default" else compile_mode
-            self._decode_blocks = torch.compile(self._blocks, dynamic=False, mode=mode)
+            how = compiler(compile_mode, ee.config.hidden_size)
+            self._decode_blocks = torch.compile(self._blocks, dynamic=False, **how)
+            self._decode_head = torch.compile(self._head, dynamic=False, **how)
             if self.fast is not None:
-                self._decode_inputs = torch.compile(self._inputs, dynamic=False, mode=mode)
+                self._decode_inputs = torch.compile(self._inputs, dynamic=False, **how)
 
     # ----------------------------------------------------------------------------------------- model pieces
     def _inputs(self, ids: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, npad: torch.Tensor, cache: StaticKV):
@@ -148,6 +150,10 @@ class Core:
         if banned is not None and banned.numel():
             logits = logits.index_fill(-1, banned, float("-inf"))
         return logits
+
+    def _head(self, hidden: torch.Tensor, groups: list[tuple[int, int]], banned: torch.Tensor | None) -> torch.Tensor:
+        """Float logits of block outputs grouped by exit (``groups`` as :meth:`_adapt`), through their adapters."""
+        return self._logits(self._adapt(hidden, groups), banned)
 
     def _graph(self, step: Callable[[], torch.Tensor], state: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
         """``step`` advances ``state`` in place; on a GPU capture it once and replay it."""
@@ -271,7 +277,7 @@ class Core:
 
         def step():
             hidden, kwargs, masks = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
-            token = choose(self._logits(self._adapt(self._decode_blocks(hidden, kwargs, masks, layers, rows)[:, -1], groups), banned))
+            token = choose(self._decode_head(self._decode_blocks(hidden, kwargs, masks, layers, rows)[:, -1], groups, banned))
             loop.advance(token)
             return token
 
@@ -279,8 +285,7 @@ class Core:
             nonlocal graphed
             ids = load(ids, mask)
             loop.start(prompt)
-            last = self._adapt(self._prefill(ids, valid, npad, cache, layers, rows)[:, -1], groups)
-            loop.out[:, 0] = choose(self._logits(last, banned))
+            loop.out[:, 0] = choose(self._head(self._prefill(ids, valid, npad, cache, layers, rows)[:, -1], groups, banned))
             if graphed is None:  # sampling draws host-side random state: it runs eagerly
                 graphed = step if args.do_sample else self._graph(step, loop.state())
             until_done(graphed, loop.out, is_eos)
@@ -350,6 +355,20 @@ class Columns:
     def state(self) -> list[torch.Tensor]:
         """Every tensor a step changes (restored after a graph's warm-up and capture)."""
         return [self.out, *self.extras, self.step, self.slot]
+
+
+GEMV_BELOW = 2048
+"""``compile_mode auto`` takes ``gemv`` below this hidden size (measured: SmolLM2's 576 gains, Llama-2-7B's 4,096
+loses; docs/benchmarks.md)."""
+
+
+def compiler(mode: str, hidden_size: int) -> dict:
+    """``torch.compile``'s keyword arguments for a ``generation.compile_mode`` on a model of ``hidden_size``."""
+    if mode == "auto":
+        mode = "gemv" if hidden_size < GEMV_BELOW else "default"
+    if mode == "gemv":  # inductor decomposes one-row matrix products into fusable reductions under this option
+        return {"options": {"coordinate_descent_tuning": True}}
+    return {"mode": None if mode == "default" else mode}
 
 
 def _replay(graph: torch.cuda.CUDAGraph, out):
