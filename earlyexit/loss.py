@@ -103,6 +103,85 @@ def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tens
     return ce, kl
 
 
+@dataclass
+class LinearHead:
+    """An exit's output as the fused loss takes it: logits = softcap(pre(h, layer) @ weight.T + bias), with a frozen
+    ``weight`` (and ``bias``). ``pre``: the exit adapter and the final norm (trained through autograd as usual);
+    ``softcap``: Gemma-2's final logit soft-capping, or None."""
+
+    pre: Callable[[torch.Tensor, int], torch.Tensor]
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+
+
+class _FusedExitLoss(torch.autograd.Function):
+    """(1 − α)·CE + α·KL summed over rows, from the head's input, with its gradient computed in the forward pass.
+
+    Per chunk of rows: logits in the weight's dtype, log-softmax in float32, the loss, and at once the gradient with
+    respect to the logits, ``((1 − α) + α·s)·q − (1 − α)·onehot − α·p`` (q the exit's probabilities, p the teacher's,
+    s = Σp: 1 for a dense teacher, the kept mass for a top-k one), times the weight: the gradient with respect to the
+    input, kept for the backward pass. No ``[rows, V]`` block outlives its chunk and the backward pass runs no head
+    product again (the checkpointed reference runs it twice more: recompute and gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, teacher_logp, teacher_ids, alpha, softcap, chunk):
+        grad = torch.empty_like(x) if x.requires_grad else None
+        ce_sum = x.new_zeros((), dtype=torch.float32)
+        kl_sum = x.new_zeros((), dtype=torch.float32)
+        for start in range(0, x.shape[0], chunk):
+            piece = slice(start, start + chunk)
+            z = F.linear(x[piece], weight, bias).float()
+            if softcap is not None:
+                squashed = torch.tanh(z / softcap)
+                z = squashed * softcap
+            logp = F.log_softmax(z, dim=-1)
+            rows = torch.arange(logp.shape[0], device=logp.device)
+            tgt = target[piece]
+            ce_sum += -logp[rows, tgt].sum()
+            q = logp.exp()
+            dz = q * (1 - alpha)
+            dz[rows, tgt] -= 1 - alpha
+            if teacher_logp is not None and alpha > 0:
+                t_logp = teacher_logp[piece].float()
+                p = t_logp.exp()
+                if teacher_ids is None:  # dense [M, V]
+                    kl_sum += (p * (t_logp - logp)).sum()
+                    dz += alpha * (q - p)
+                else:  # top-k [M, k]
+                    ids = teacher_ids[piece].long()
+                    kl_sum += (p * (t_logp - logp.gather(-1, ids))).sum()
+                    dz += alpha * p.sum(-1, keepdim=True) * q
+                    dz.scatter_add_(-1, ids, -alpha * p)
+            if grad is not None:
+                if softcap is not None:
+                    dz *= 1 - squashed.square()
+                grad[piece] = dz.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce_sum, kl_sum)
+        mix = (1 - alpha) * ce_sum + alpha * kl_sum
+        return mix, ce_sum, kl_sum
+
+    @staticmethod
+    def backward(ctx, grad_mix, _grad_ce, _grad_kl):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_mix.to(grad.dtype),) + (None,) * 8
+
+
+def fused_exit_loss(x: torch.Tensor, head: LinearHead, target: torch.Tensor, teacher: torch.Tensor | SparseTeacher | None,
+                    alpha: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed ``(1 − α)·CE + α·KL`` (differentiable in ``x``), summed CE and summed KL of rows ``x`` ``[M, D]`` (the
+    head's input) against ``target`` ``[M]`` and ``teacher`` (as :func:`early_exit_loss`)."""
+    if isinstance(teacher, SparseTeacher):
+        t_logp, t_ids = teacher.logp, teacher.ids
+    else:
+        t_logp, t_ids = teacher, None
+    if alpha <= 0:
+        t_logp = t_ids = None
+    return _FusedExitLoss.apply(x, head.weight, head.bias, target, t_logp, t_ids, float(alpha), head.softcap, chunk_size)
+
+
 def early_exit_loss(
     hidden: dict[int, torch.Tensor],
     labels: torch.Tensor,
@@ -112,6 +191,7 @@ def early_exit_loss(
     alpha: float = 0.0,
     chunk_size: int = 1024,
     tokens: float | None = None,
+    fused: LinearHead | None = None,
 ) -> LossOutput:
     """Weighted early-exit loss over the answer tokens.
 
@@ -128,6 +208,8 @@ def early_exit_loss(
         tokens: the token count the sums are divided by; this batch's answer tokens when None. Under data
             parallelism, the global count divided by the world size makes the rank-averaged loss (and
             gradient) the token mean over the global batch, as in one process.
+        fused: the same head split for the fused loss (:func:`fused_exit_loss`: no float32 logits kept, no head
+            product recomputed); None: the checkpointed reference, per chunk.
     """
     target = labels[:, 1:]  # [B, T-1]: position t predicts token t + 1
     keep = target != IGNORE_INDEX
@@ -138,6 +220,11 @@ def early_exit_loss(
     per_exit = {}
     for layer, weight in weights.items():
         states = hidden[layer][:, :-1][keep]  # [M, D]
+        if fused is not None:
+            mix, ce_sum, _ = fused_exit_loss(fused.pre(states, layer), fused, tgt, teacher, alpha, chunk_size)
+            per_exit[layer] = (ce_sum / count).detach()
+            total = weight / norm * mix / count if total is None else total + weight / norm * mix / count
+            continue
         exit_head = functools.partial(head, layer=layer)
         ce_sum = kl_sum = None
         for start in range(0, states.shape[0], chunk_size):

@@ -154,6 +154,24 @@ class EarlyExitHead(nn.Module):
             hidden = adapters(hidden, layer)
         return post_head(self.head(self.norm(hidden)), self.config)
 
+    def linear_head(self):
+        """The exits' output split for the fused loss (:class:`earlyexit.loss.LinearHead`): adapter and final norm, then
+        the head's frozen weight and bias and the family's soft-capping; None when the head is not a plain frozen
+        ``nn.Linear`` (a trained or adapted head keeps the reference loss)."""
+        from earlyexit.loss import LinearHead
+
+        head = self.head
+        if type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters()):
+            return None
+        attr = self.spec.softcap_attr
+        cap = getattr(self.config, attr, None) if attr else None
+
+        def pre(hidden: torch.Tensor, layer: int) -> torch.Tensor:
+            adapters = self.adapters
+            return self.norm(adapters(hidden, layer) if adapters is not None else hidden)
+
+        return LinearHead(pre, head.weight, head.bias, cap)
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,

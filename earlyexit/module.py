@@ -88,6 +88,9 @@ class ExitLossArgs:
         distill: share α of self-distillation: each exit also matches the base model's final-layer
             distribution (adapters off), KL(base ‖ exit); 0 disables it.
         chunk_size: answer tokens per logits block (memory bound of the loss).
+        fused: compute each exit's loss and its gradient in one pass over the head, chunk by chunk
+            (:func:`earlyexit.loss.fused_exit_loss`: no head product recomputed in the backward pass); needs the
+            head frozen. False: the checkpointed reference.
     """
 
     exit_layers: ExitLayers = "all"
@@ -98,6 +101,7 @@ class ExitLossArgs:
     gradual_interval: int = 100
     distill: float = 0.0
     chunk_size: int = 1024
+    fused: bool = False
 
     def __post_init__(self):
         non_negative("loss.e_scale", self.e_scale)
@@ -258,8 +262,18 @@ class EarlyExitModule(L.LightningModule):
             teacher = self._teacher(batch, hidden if self.frozen_trunk and not skip else None)
         weights = exit_weights(exits, n, la.weights, la.e_scale)
         out = early_exit_loss(hidden, batch["labels"], self.ee.exit_logits, weights, teacher, la.distill, la.chunk_size,
-                              tokens=self._tokens_per_rank(batch))
+                              tokens=self._tokens_per_rank(batch), fused=self._fused_head())
         return out, hidden
+
+    def _fused_head(self):
+        """The head split for the fused loss when ``loss.fused`` is on (refused if the head trains or is adapted)."""
+        if not self.loss_args.fused:
+            return None
+        head = self.ee.linear_head()
+        if head is None:
+            raise EarlyExitError("loss.fused needs the output head frozen and a plain linear layer (it is trained or "
+                                 "wrapped here: drop it from model.lora's targets, or set loss.fused false)")
+        return head
 
     def _world(self) -> int:
         return 1 if self._trainer is None else self.trainer.world_size

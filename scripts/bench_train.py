@@ -12,7 +12,9 @@ Every path trains on the same examples per step in one process, one after the ot
 * ``padded``: each batch padded to its longest example (the collation of ``data.pack false``);
 * ``packed``: the same examples packed into rows of up to ``--seq`` tokens (``data.pack true``);
 * ``cached``: packed, with the teacher read from a top-64 teacher cache (``data.teacher_cache``, built before timing)
-  instead of a teacher forward pass per step (with ``--distill`` > 0).
+  instead of a teacher forward pass per step (with ``--distill`` > 0);
+* ``fused``: packed, with the fused exit loss (``loss.fused true``: each exit's loss and gradient in one pass over
+  the head, no head product recomputed in the backward pass).
 
 ``--data`` takes Alpaca records (the shipped sample by default; the evaluation split is skipped); ``--data null``
 uses random tokens of exactly ``--seq`` per row, where the two paths coincide (no padding): the setting of the
@@ -30,6 +32,7 @@ checkpointing is not counted, as usual for MFU. Peak dense bf16 of an H100 or H2
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -41,7 +44,7 @@ from earlyexit.loading import ModelArgs
 from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs
 
 PEAK_BF16 = 989e12
-Path = Literal["padded", "packed", "cached"]
+Path = Literal["padded", "packed", "cached", "fused"]
 
 
 def batches(module: EarlyExitModule, data: str | None, batch: int, seq: int, count: int, path: Path) -> list[dict]:
@@ -110,7 +113,8 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
         exits: trained exits (quarters, all, everyK or a list); the last layer is always one.
         rotation: rotational curriculum: every k-th exit per step.
         distill: the loss's share of KL to the base model's final layer (a second forward with the adapters off).
-        paths: padded, packed, cached (packed with a teacher cache), side by side on the same examples.
+        paths: padded, packed, cached (packed with a teacher cache), fused (packed with the fused loss), side by side
+            on the same examples.
         checkpointing: activation checkpointing of the blocks.
     """
     for option, value in (("batch", batch), ("seq", seq), ("steps", steps), ("rank", rank), ("rotation", rotation)):
@@ -118,7 +122,7 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
     non_negative("warmup", warmup)
     in_unit("distill", distill)
     if not paths:
-        raise EarlyExitError("paths: name at least one of padded, packed, cached")
+        raise EarlyExitError("paths: name at least one of padded, packed, cached, fused")
     module = EarlyExitModule(
         base=ModelArgs(name=model, device=device, dtype=dtype), lora=LoraArgs(r=rank, alpha=2 * rank),
         loss=ExitLossArgs(exit_layers=exits, weights="uniform", curriculum="rotational", rotation=rotation, distill=distill),
@@ -138,6 +142,7 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
     print("| path | rows × width (mean) | examples/s | real tokens/s | computed tokens/s | s/step | peak memory | TFLOP/s | MFU (989) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for path in paths:
+        module.loss_args = replace(module.loss_args, fused=path == "fused")
         todo = batches(module, data, batch, seq, warmup + steps, path)
         todo = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in todo]
 

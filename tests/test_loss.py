@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from earlyexit.loss import active_exits, dropped_layers, early_exit_loss, exit_weights, layer_dropout_rates
+from earlyexit.adapters import ExitAdapters, attach
+from earlyexit.loss import (SparseTeacher, active_exits, dropped_layers, early_exit_loss, exit_weights,
+                            layer_dropout_rates)
 from earlyexit.model import EarlyExitHead
 from tiny import tiny_model
 
@@ -54,6 +56,74 @@ def test_chunked_loss_equals_naive_loop_and_gradients(tiny, chunk, alpha):
     assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(ours_grad, ref_grad):
         assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi"])
+@pytest.mark.parametrize("teacher_kind", [None, "dense", "top-k", "top-V"])
+@pytest.mark.parametrize("chunk", [4, 1024])
+def test_fused_loss_equals_the_reference_and_its_gradients(family, teacher_kind, chunk):
+    """The fused loss (gradient computed in the forward pass) against the checkpointed reference: the total, each
+    exit's CE and the gradients of every trained weight (exit adapters, the trunk) and of the block outputs; Gemma-2
+    soft-caps its logits, Phi's head has a bias."""
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    adapters = ExitAdapters([1, 3], model.config.hidden_size)
+    for p in adapters.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    attach(model, adapters)
+    ee = EarlyExitHead(model)
+    for p in ee.head.parameters():
+        p.requires_grad_(False)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (3, 9), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[1, 7:] = -100
+    weights = exit_weights([1, 3, 4], 4, "sum_l")
+    m = int((labels[:, 1:] != -100).sum())
+    dense = F.log_softmax(torch.randn(m, vocab, generator=g) * 2, -1)
+    teacher = {None: None, "dense": dense}.get(teacher_kind)
+    if teacher_kind in ("top-k", "top-V"):
+        top = dense.topk(5 if teacher_kind == "top-k" else vocab, -1)
+        teacher = SparseTeacher(top.indices.int(), top.values)
+    alpha = 0.0 if teacher is None else 0.6
+    linear = ee.linear_head()
+    assert linear is not None and (linear.softcap is not None) == (family == "gemma2")
+
+    def run(fused):
+        model.zero_grad(set_to_none=True)
+        hidden = ee.hidden_states(ids, exit_layers=[1, 3, 4])
+        for h in hidden.values():
+            h.retain_grad()
+        out = early_exit_loss(hidden, labels, ee.exit_logits, weights, teacher, alpha, chunk, fused=linear if fused else None)
+        out.total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads, {layer: h.grad.clone() for layer, h in hidden.items()}
+
+    ref, ref_grads, ref_h = run(False)
+    got, got_grads, got_h = run(True)
+    assert_close(got.total, ref.total, rtol=1e-5, atol=1e-6)
+    for layer in ref.per_exit:
+        assert_close(got.per_exit[layer], ref.per_exit[layer], rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == ref_grads.keys() and any("maps" in n for n in ref_grads)
+    for name in ref_grads:
+        assert_close(got_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for layer in ref_h:
+        assert_close(got_h[layer], ref_h[layer], rtol=1e-4, atol=1e-7)
+
+
+def test_fused_loss_is_refused_for_a_trained_head(tmp_path):
+    from earlyexit.errors import EarlyExitError
+    from earlyexit.loading import ModelArgs
+    from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs
+    from tests.tiny import save_tiny
+
+    module = EarlyExitModule(base=ModelArgs(name=save_tiny(tmp_path / "llama", "llama"), device="cpu", dtype="float32"),
+                             lora=LoraArgs(r=2, target_modules=["q_proj", "lm_head"]), loss=ExitLossArgs(fused=True))
+    ids = torch.randint(3, 100, (2, 6))
+    with pytest.raises(EarlyExitError, match="loss.fused needs the output head frozen"):
+        module._loss({"input_ids": ids, "labels": ids}, step=0, train=True)
 
 
 def test_per_exit_cross_entropy_is_reported():

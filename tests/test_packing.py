@@ -1,5 +1,7 @@
 """Sequence packing: a packed batch trains on the same loss, per exit, with the same gradients as the padded batch."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,8 +51,10 @@ def _loss_and_grads(module: EarlyExitModule, batch: dict):
     return out, grads
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
-def test_packed_loss_and_gradients_equal_the_padded_batch(family, tmp_path):
+def test_packed_loss_and_gradients_equal_the_padded_batch(family, fused, tmp_path):
+    """The reference is the padded batch with the checkpointed loss; packed, with the reference or the fused loss."""
     torch.manual_seed(0)
     module = EarlyExitModule(base=ModelArgs(name=save_tiny(tmp_path / family, family), device="cpu", dtype="float32"),
                              lora=LoraArgs(r=2), loss=ExitLossArgs(exit_layers="all", weights="sum_l", distill=0.5, chunk_size=7))
@@ -65,6 +69,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(family, tmp_path):
     packed = packed_batch(examples, capacity=16, pad_id=PAD)
     assert packed["input_ids"].shape[0] < len(examples)  # it did pack
     ref, ref_grads = _loss_and_grads(module, padded)
+    module.loss_args = dataclasses.replace(module.loss_args, fused=fused)
     got, got_grads = _loss_and_grads(module, packed)
     assert got.per_exit.keys() == ref.per_exit.keys() == {1, 2, 3, 4}
     for layer in ref.per_exit:
