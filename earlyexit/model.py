@@ -225,6 +225,16 @@ class EarlyExitHead(nn.Module):
                 handle.remove()
         return {layer: captured[max(r for r in run if r <= layer)] for layer in layers}
 
+    def compile_blocks(self, on: bool = True) -> None:
+        """``on``: each decoder block's ``forward`` runs through ``torch.compile`` (regional compilation: the blocks
+        share one code object, so one compiled graph serves them all; shapes that vary from batch to batch turn it
+        dynamic after the second; hooks and the block list stay eager). Off: the plain forwards again."""
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+            if on:
+                block.forward = torch.compile(block.forward)
+
     @contextmanager
     def truncated(self, exit_layer: int) -> Iterator[None]:
         """Within this context the model *is* its first ``exit_layer`` blocks.

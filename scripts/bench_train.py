@@ -97,7 +97,7 @@ def model_flops(module: EarlyExitModule, batch: dict, active: int, distill: bool
 def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Literal["float32", "bfloat16"] = "bfloat16",
          data: str | None = SAMPLE, batch: int = 16, seq: int = 512, steps: int = 10, warmup: int = 2, rank: int = 16,
          exits: str = "every2", rotation: int = 2, distill: float = 0.0, paths: list[Path] = ["padded", "packed"],
-         checkpointing: bool = False) -> None:
+         checkpointing: bool = False, compile: bool = False) -> None:
     """Early-exit training throughput, peak memory and MFU of the padded and packed paths.
 
     Args:
@@ -116,6 +116,7 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
         paths: padded, packed, cached (packed with a teacher cache), fused (packed with the fused loss), side by side
             on the same examples.
         checkpointing: activation checkpointing of the blocks.
+        compile: each decoder block through ``torch.compile`` (``model.compile_blocks``; compiled in the warm-up steps).
     """
     for option, value in (("batch", batch), ("seq", seq), ("steps", steps), ("rank", rank), ("rotation", rotation)):
         positive(option, value)
@@ -126,9 +127,11 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
     module = EarlyExitModule(
         base=ModelArgs(name=model, device=device, dtype=dtype), lora=LoraArgs(r=rank, alpha=2 * rank),
         loss=ExitLossArgs(exit_layers=exits, weights="uniform", curriculum="rotational", rotation=rotation, distill=distill),
-        gradient_checkpointing=checkpointing,
+        gradient_checkpointing=checkpointing, compile_blocks=compile,
     )
     module.train()
+    if compile:
+        module.ee.compile_blocks()
     cuda = device.startswith("cuda")
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -138,7 +141,7 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
     print(f"{model} on {name}: weights {dtype}, LoRA r={rank} on all linear layers ({sum(p.numel() for p in params) / 1e6:.1f}M "
           f"trainable), exits {exits}+{n} rotating by {rotation}, distill {distill}, {batch} examples a step "
           f"({'random tokens, ' + str(seq) + ' a row' if data is None else data + ', rows of up to ' + str(seq)}), "
-          f"gradient checkpointing {'on' if checkpointing else 'off'}, {warmup} warm-up + {steps} timed steps per path")
+          f"gradient checkpointing {'on' if checkpointing else 'off'}, blocks {'compiled' if compile else 'eager'}, {warmup} warm-up + {steps} timed steps per path")
     print("| path | rows × width (mean) | examples/s | real tokens/s | computed tokens/s | s/step | peak memory | TFLOP/s | MFU (989) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for path in paths:

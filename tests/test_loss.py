@@ -207,3 +207,32 @@ def test_speculative_speedup_and_the_best_number_of_drafts():
     d, best = best_n_draft(0.9, 6, 30)
     assert best == max(speculative_speedup(0.9, 6, 30, k) for k in range(1, 9)) and 1 <= d <= 8 and best > 1
     assert best_n_draft(0.1, 15, 30) == (1, pytest.approx(1.1 / 1.5))  # poor drafts: draft as little as possible
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients():
+    """Regional compilation (each block's forward through torch.compile) changes nothing but speed; every block
+    reuses one compiled graph, and the plain forwards come back."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ee = EarlyExitHead(model)
+    ids = torch.randint(3, 128, (2, 8))
+    weights = exit_weights([2, 4], 4, "uniform")
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = early_exit_loss(ee.hidden_states(ids, exit_layers=[2, 4]), ids, ee.exit_logits, weights)
+        out.total.backward()
+        return out.total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = run()
+    torch._dynamo.reset()
+    ee.compile_blocks()
+    assert all("forward" in block.__dict__ for block in ee.blocks)
+    got, got_grads = run()
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    ee.compile_blocks(False)
+    assert not any("forward" in block.__dict__ for block in ee.blocks)
+    assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        assert_close(got_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert frames <= 2, frames  # one graph for all four blocks (not one per block)

@@ -89,12 +89,13 @@ class Losses(Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-def fit(tiny_dir, data_file, root, max_steps, ckpt_path=None):
+def fit(tiny_dir, data_file, root, max_steps, ckpt_path=None, compile_blocks=False):
     torch.manual_seed(0)
     module = EarlyExitModule(
         base=ModelArgs(name=tiny_dir, device="cpu"), lora=LoraArgs(r=4, alpha=8),
         loss=ExitLossArgs(exit_layers="all", curriculum="rotational", distill=0.3),
         layer_dropout=LayerDropoutArgs(p_max=0.3, seed=1), optim=OptimArgs(lr=3e-3, warmup_steps=2),
+        compile_blocks=compile_blocks,
     )
     data = AlpacaDataModule(data_file, template="alpaca", eval_size=4, val_size=4, batch_size=4, max_length=200)
     data.attach_tokenizer(module.tokenizer)
@@ -104,6 +105,7 @@ def fit(tiny_dir, data_file, root, max_steps, ckpt_path=None):
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                         callbacks=[losses, every], default_root_dir=root)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    assert not any("forward" in block.__dict__ for block in module.ee.blocks)  # plain again after fit
     return losses.losses
 
 
@@ -184,3 +186,15 @@ def test_full_finetuning_distils_from_the_model_as_loaded(tiny_dir):
     base, _ = load_model(ModelArgs(name=tiny_dir, device="cpu"))
     expected = torch.log_softmax(EarlyExitHead(base)(ids)[:, :-1].reshape(-1, base.config.vocab_size).float(), -1)
     assert_close(module._teacher(batch), expected)
+
+
+def test_compiled_blocks_train_like_eager_ones(tiny_dir, data_file, tmp_path):
+    """``compile_blocks``: the blocks run compiled during fit only, and the first losses are the eager run's."""
+    eager = fit(tiny_dir, data_file, tmp_path / "eager", max_steps=3)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = fit(tiny_dir, data_file, tmp_path / "compiled", max_steps=3, compile_blocks=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert sorted(compiled) == [1, 2, 3]
+    for step in compiled:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4), step
