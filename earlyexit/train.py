@@ -14,17 +14,22 @@ and ``last.ckpt``.
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 import warnings
 from pathlib import Path
+
+import torch
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from earlyexit.data import AlpacaDataModule
+from earlyexit.data import IGNORE_INDEX, AlpacaDataModule, pad
 from earlyexit.distributed import check_setup, configure_strategy, full_state_dict
 from earlyexit.adapters import attached
 from earlyexit.errors import EarlyExitError, report_errors
+from earlyexit.loss import early_exit_loss
 from earlyexit.module import EarlyExitModule
 
 
@@ -57,6 +62,94 @@ class AdapterExport(Callback):
                 adapters.save(target, {k.split("exit_adapters.", 1)[1]: v for k, v in state.items() if "exit_adapters." in k})
             if peft or adapters is not None:
                 print(f"adapter saved to {target}", file=sys.stderr)
+
+
+class TimeToLoss(Callback):
+    """A training clock with its own validation: every ``every`` steps (and at the last) it measures the
+    cross-entropy of every trained exit on the validation split, the same way whatever the run's batching (padded
+    batches of 16, summed over answer tokens, no teacher), and records it with the seconds of training so far; the
+    measuring is not counted. With ``targets_from`` (another run's ``out`` file), training stops at the first check
+    where every exit is at or below that run's last measured cross-entropy. Writes ``out`` (JSON) at the end.
+
+    Args:
+        out: where the records go (JSON: ``{"records": [{"step", "seconds", "ce": {layer: nats}}], "reached": step}``).
+        every: steps between two measurements.
+        targets_from: a run's ``out`` file whose last record is the target, or None.
+    """
+
+    def __init__(self, out: str, every: int = 50, targets_from: str | None = None):
+        if every < 1:
+            raise EarlyExitError(f"TimeToLoss every = {every} is out of range: it must be an integer ≥ 1")
+        self.out, self.every = Path(out), every
+        self.targets = None
+        if targets_from is not None:
+            if not Path(targets_from).is_file():
+                raise EarlyExitError(f"TimeToLoss targets_from {targets_from!r} not found")
+            self.targets = {int(k): v for k, v in json.loads(Path(targets_from).read_text())["records"][-1]["ce"].items()}
+        self.records: list[dict] = []
+        self.reached: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        pad_id = dm.tokenizer.pad_token_id
+        examples = dm.val_set
+        self.batches = [{"input_ids": pad([e["input_ids"] for e in chunk], pad_id, "right"),
+                         "attention_mask": pad([[1] * len(e["input_ids"]) for e in chunk], 0, "right"),
+                         "labels": pad([e["labels"] for e in chunk], IGNORE_INDEX, "right")}
+                        for chunk in (examples[i : i + 16] for i in range(0, len(examples), 16))]
+        if not self.batches:
+            raise EarlyExitError("TimeToLoss needs a validation split: set data.val_size > 0")
+        missing = sorted(set(self.targets or ()) - set(pl_module.train_exits))
+        if missing:
+            raise EarlyExitError(f"TimeToLoss: the target run trained exits {missing} that this run does not train")
+        self.seconds = 0.0
+        self.started = self._now(pl_module)
+
+    @staticmethod
+    def _now(pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    @torch.no_grad()
+    def measure(self, pl_module) -> dict[int, float]:
+        """Cross-entropy (nats per answer token) of every trained exit over the validation split."""
+        modes = [(module, module.training) for module in pl_module.modules()]
+        pl_module.eval()
+        ee, exits = pl_module.ee, pl_module.train_exits
+        sums, tokens = dict.fromkeys(exits, 0.0), 0
+        for batch in self.batches:
+            batch = {k: v.to(pl_module.device) for k, v in batch.items()}
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            with torch.autocast(pl_module.device.type, dtype=torch.bfloat16, enabled=pl_module.device.type == "cuda"):
+                hidden = ee.hidden_states(batch["input_ids"], batch["attention_mask"], exit_layers=exits)
+                out = early_exit_loss(hidden, batch["labels"], ee.exit_logits, dict.fromkeys(exits, 1.0))
+            for layer in exits:
+                sums[layer] += float(out.per_exit[layer]) * count
+            tokens += count
+        for module, training in modes:
+            module.training = training
+        return {layer: total / max(tokens, 1) for layer, total in sums.items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every and step < trainer.max_steps:
+            return
+        self.seconds += self._now(pl_module) - self.started
+        ce = self.measure(pl_module)
+        self.records.append({"step": step, "seconds": self.seconds, "ce": ce})
+        if trainer.is_global_zero:
+            print(f"step {step}: {self.seconds:.1f} s of training, CE " + " ".join(f"{l}:{v:.3f}" for l, v in ce.items()),
+                  file=sys.stderr)
+        if self.targets is not None and self.reached is None and all(ce[l] <= t for l, t in self.targets.items() if l in ce):
+            self.reached = step
+            trainer.should_stop = True
+        self.started = self._now(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps({"records": self.records, "reached": self.reached}, indent=1) + "\n")
 
 
 class EarlyExitCLI(LightningCLI):

@@ -131,6 +131,8 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("acceptance.py", ["--n_draft", "[0]"], "n_draft ≥ 1"),
     ("sweep_dynamic.py", ["--records", "0"], "records = 0 is out of range"),
     ("profile_decode.py", ["--tokens", "0"], "tokens = 0 is out of range"),
+    ("time_to_loss.py", ["--every", "0"], "every = 0 is out of range"),
+    ("time_to_loss.py", ["--candidate", "nowhere.yaml"], "config 'nowhere.yaml' not found"),
     ("bench_evaluate.py", ["--limit", "-1"], "limit = -1 is out of range"),
     ("bench_multigpu.py", ["train", "--devices", "[0]"], "devices = 0 is out of range"),
 ])
@@ -176,6 +178,29 @@ def test_profile_decode_counts_the_operators_of_a_token(tiny_dir, tmp_path, monk
     out = capsys.readouterr().out
     assert "kernels per token" in out and "| µs per token | launches per token | kernel |" in out
     assert len([line for line in out.splitlines() if line.startswith("| ") and "aten::" in line]) == 5
+
+
+def test_time_to_loss_stops_the_candidate_at_the_baselines_loss(tmp_path, monkeypatch, capsys):
+    import json
+
+    debug = str(ROOT / "configs" / "debug.yaml")
+    argv = ["--baseline", debug, "--baseline_args", "[--trainer.max_steps, '4']", "--candidate", debug,
+            "--candidate_args", "[--trainer.max_steps, '12', --model.loss.fused, 'true', --data.pack, 'true', --model.optim.lr, '3e-3']",
+            "--baseline_every", "2", "--every", "1", "--work_dir", str(tmp_path)]
+    assert run_command("time_to_loss.py", argv, monkeypatch) == 0
+    base = json.loads((tmp_path / "baseline" / "clock.json").read_text())
+    cand = json.loads((tmp_path / "candidate" / "clock.json").read_text())
+    assert [r["step"] for r in base["records"]] == [2, 4] and base["reached"] is None
+    target = base["records"][-1]["ce"]
+    assert set(target) == {"1", "2", "3", "4"}
+    reached = cand["reached"]
+    assert reached is not None and [r["step"] for r in cand["records"]] == list(range(1, reached + 1))  # it stopped there
+    assert all(cand["records"][-1]["ce"][layer] <= ce for layer, ce in target.items())
+    assert not any(all(r["ce"][layer] <= ce for layer, ce in target.items()) for r in cand["records"][:-1])
+    out = capsys.readouterr().out
+    assert f"candidate CE at step {reached}" in out and "× faster" in out
+    assert run_command("time_to_loss.py", argv, monkeypatch) == 0  # the baseline is reused
+    assert json.loads((tmp_path / "baseline" / "clock.json").read_text()) == base
 
 
 def test_acceptance_reports_agreement_and_exact_speculation(tiny_dir, tmp_path, monkeypatch, capsys):
