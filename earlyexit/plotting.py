@@ -109,3 +109,21 @@ def quality_vs_depth(fixed_depth: list[float], fixed_quality: list[float],
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def quality_vs_speed(groups: dict[str, tuple[list[float], list[float], list[str]]], title: str = "",
+                     quality: str = "ROUGE-L", speed: str = "generated tokens/s") -> Figure:
+    """Quality against speed: each group (``label: (speeds, qualities, settings)``, e.g. fixed exits, a dynamic
+    threshold sweep, speculative settings, HF) as its own marker, each point labelled by its setting."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (label, (xs, ys, settings)), marker in zip(groups.items(), "so^Dvx*P"):
+        ax.plot(xs, ys, marker, linestyle="none", label=label)
+        for x, y, setting in zip(xs, ys, settings):
+            ax.annotate(setting, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel(speed)
+    ax.set_ylabel(quality)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

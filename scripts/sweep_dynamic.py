@@ -1,18 +1,23 @@
-"""Dynamic (CALM) exits: answer quality and speed against the average depth used, next to the fixed exits; and the
-calibration of the threshold.
+"""Dynamic (CALM) exits: answer quality and speed against the average depth used, next to the fixed exits,
+self-speculation and HF; and the calibration of the threshold.
 
     python scripts/sweep_dynamic.py [--model.adapter checkpoints/smollm2_ee/adapter] [--records 40]
                                     [--thresholds '[0,0.3,0.5,0.7,0.9,1.01]'] [--generation.measure softmax]
                                     [--generation.check_every 7] [--plot docs/img/dynamic_sweep.png]
     python scripts/sweep_dynamic.py --offset 200 --records 100 --target 0.95 ...   # calibrate off the evaluation split
+    python scripts/sweep_dynamic.py --model.device cuda --batch 1 --speculative '[[15, 4], [22, 4]]' --hf true \
+                                    --speed_plot docs/img/quality_speed.png           # every mode: quality vs speed
 
 Greedy answers to Alpaca records ``offset``.. (0: the evaluation split, never trained on) from our engine: one
 dynamic run per threshold (each token exits at the first check layer, from ``--generation.min_layer`` (default N/4)
 every ``--generation.check_every`` layers, whose confidence reaches the threshold) and one run per fixed exit (the
 last layer always among them: the full-depth reference). Prints a markdown table of ROUGE-L (rouge-score, stemmed
 F-measure, mean over examples), mean layers per generated token and generated tokens per second (wall-clock of that
-setting's batches, prompts included), and plots ROUGE-L against depth. With ``--target``, prints the threshold with
-the fewest layers per token that keeps that share of full depth's ROUGE-L.
+setting's batches, prompts included, after one untimed pass that builds and warms that setting's programs) with
+the ratio to full depth, and plots ROUGE-L against depth. ``--speculative`` adds self-speculative settings (with
+their acceptance) and ``--hf true`` the model's own ``generate``; ``--speed_plot`` draws ROUGE-L against tokens/s of
+every setting. With ``--target``, prints the threshold with the fewest layers per token that keeps that share of
+full depth's ROUGE-L.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from earlyexit.model import EarlyExitHead, ExitLayers, parse_exit_layers
 
 
 def sweep(
-    model: ModelArgs = ModelArgs(adapter="checkpoints/smollm2_lora_b/adapter"),
+    model: ModelArgs = ModelArgs(),
     generation: GenerationArgs = GenerationArgs(max_new_tokens=48),
     data: str = SAMPLE,
     records: int = 40,
@@ -42,8 +47,12 @@ def sweep(
     offset: int = 0,
     target: float | None = None,
     plot: str | None = None,
+    speculative: list[tuple[int, int]] = [],  # noqa: B006 (read only)
+    draft_threshold: float = 0.0,
+    hf: bool = False,
+    speed_plot: str | None = None,
     out_dir: str | None = None,
-) -> None:
+) -> list[dict]:
     """Dynamic (CALM) exits: answer quality against the average depth used, next to the fixed exits.
 
     Args:
@@ -58,11 +67,19 @@ def sweep(
             shipped sample, whose first 200 records are the evaluation split).
         target: calibration: pick the threshold with the fewest layers per token whose ROUGE-L is at least this share
             of full depth's (e.g. 0.95), and print it.
-        plot: write the figure here.
+        plot: write the figure of quality against depth here.
+        speculative: self-speculative settings ``[E, d]`` (draft exit, drafted tokens per cycle) timed beside them.
+        draft_threshold: adaptive drafting of those (0: always d drafts).
+        hf: time the model's own ``generate`` at full depth beside them.
+        speed_plot: write the figure of quality against tokens/s of every setting here.
         out_dir: keep the resolved config here.
     """
     for option, value in (("records", records), ("batch", batch)):
         positive(option, value)
+    for draft_layer, n_draft in speculative:
+        positive("speculative E", draft_layer)
+        positive("speculative d", n_draft)
+    in_unit("draft_threshold", draft_threshold)
     non_negative("offset", offset)
     if target is not None:
         in_unit("target", target, low_open=True)
@@ -71,6 +88,9 @@ def sweep(
     if hasattr(lm, "merge_and_unload"):  # a LoRA adapter (exit adapters alone leave a plain model)
         lm = lm.merge_and_unload()
     ee = EarlyExitHead(lm)
+    for draft_layer, _ in speculative:
+        if ee.check_layer(draft_layer) >= ee.n_layers:
+            raise EarlyExitError(f"speculative E = {draft_layer} must be below the last layer {ee.n_layers}")
     engine = Engine(ee, compile=generation.compile, fast=generation.fast, compile_mode=generation.compile_mode)
     greedy = generation.but(do_sample=False)
     device = next(lm.parameters()).device
@@ -93,39 +113,61 @@ def sweep(
     def decode(tokens, n_tokens):
         return [tokenizer.decode(t[:n].tolist(), skip_special_tokens=True).strip() for t, n in zip(tokens, n_tokens)]
 
+    def timed(run_batch) -> tuple[list[str], list[int], float, list]:
+        """Every batch through ``run_batch`` (→ a Generation), once to build and warm its programs, then timed."""
+        for ids, mask in batches:
+            run_batch(ids, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start, answers, lengths, outs = time.perf_counter(), [], [], []
+        for ids, mask in batches:
+            out = run_batch(ids, mask)
+            outs.append(out)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        for out in outs:
+            answers += decode(out.tokens, out.n_tokens)
+            lengths += out.n_tokens.tolist()
+        return answers, lengths, seconds, outs
+
     rows = []
-    fixed = sorted(set(parse_exit_layers(fixed, ee.n_layers)) | {ee.n_layers})
-    texts = {layer: [] for layer in fixed}
+    n = ee.n_layers
+    fixed = sorted(set(parse_exit_layers(fixed, n)) | {n})
+    pad_id = tokenizer.pad_token_id
     with torch.inference_mode():
         for layer in fixed:  # one exit at a time, so each gets its own time
-            start, made = time.perf_counter(), 0
-            for ids, mask in batches:
-                out = engine.generate(ids, mask, [layer], greedy, pad_token_id=tokenizer.pad_token_id)[layer]
-                texts[layer] += decode(out.tokens, out.n_tokens)
-                made += int(out.n_tokens.sum())
-            seconds = time.perf_counter() - start
-            rows.append(dict(kind="fixed", setting=layer, depth=float(layer), rougeL=score(texts[layer]), speed=made / seconds))
+            answers, lengths, seconds, _ = timed(lambda ids, mask: engine.generate(ids, mask, [layer], greedy, pad_token_id=pad_id)[layer])
+            rows.append(dict(kind="fixed", setting=layer, depth=float(layer), rougeL=score(answers), speed=sum(lengths) / seconds))
         for threshold in thresholds:
-            start = time.perf_counter()
-            answers, used = [], []
-            for ids, mask in batches:
-                out = engine.generate_dynamic(ids, mask, greedy, threshold=threshold, pad_token_id=tokenizer.pad_token_id)
-                answers += decode(out.tokens, out.n_tokens)
-                used += [layer for row, n in zip(out.layers, out.n_tokens) for layer in row[:n].tolist()]
-            seconds = time.perf_counter() - start
+            answers, lengths, seconds, outs = timed(lambda ids, mask: engine.generate_dynamic(ids, mask, greedy, threshold=threshold,
+                                                                                              pad_token_id=pad_id))
+            used = [layer for out in outs for row, k in zip(out.layers, out.n_tokens) for layer in row[:k].tolist()]
             depth = sum(used) / max(1, len(used))
             rows.append(dict(kind=f"dynamic {greedy.measure}", setting=threshold, depth=depth, rougeL=score(answers),
                              speed=len(used) / seconds))
             print(f"threshold {threshold}: mean layers {depth:.2f}, {seconds:.1f} s", flush=True)
+        for draft_layer, n_draft in speculative:
+            answers, lengths, seconds, outs = timed(lambda ids, mask: engine.generate_speculative(
+                ids, mask, draft_layer, n_draft, greedy, draft_threshold=draft_threshold, pad_token_id=pad_id))
+            accepted = sum(out.accepted for out in outs) / max(1, sum(out.drafted for out in outs))
+            rows.append(dict(kind="speculative", setting=f"E={draft_layer} d={n_draft}", depth=float(n), rougeL=score(answers),
+                             speed=sum(lengths) / seconds, acceptance=accepted))
+        if hf:
+            answers, lengths, seconds, _ = timed(lambda ids, mask: ee.generate(ids, mask, n, greedy, pad_token_id=pad_id))
+            rows.append(dict(kind="HF generate", setting=n, depth=float(n), rougeL=score(answers), speed=sum(lengths) / seconds))
 
     name = args.name + (f" + {args.adapter.rstrip('/').split('/')[-2]}" if args.adapter and "/" in args.adapter.rstrip("/") else "")
     where = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"\n{name} on {where}, records {offset}..{offset + len(chosen) - 1} of {data}, greedy, at most "
           f"{greedy.max_new_tokens} new tokens, batch {batch}, min layer {greedy.min_layer_of(ee.n_layers)}, checks every "
           f"{greedy.check_every}, fast path {'on' if engine.fast is not None else 'off'}\n")
-    print("| exit | setting | mean layers per token | ROUGE-L | tokens/s |\n|---|---|---|---|---|")
+    full_speed = next(row["speed"] for row in rows if row["kind"] == "fixed" and row["setting"] == n)
+    print("| exit | setting | mean layers per token | ROUGE-L | tokens/s | × full depth | acceptance |\n|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['kind']} | {row['setting']} | {row['depth']:.2f} | {row['rougeL']:.3f} | {row['speed']:,.1f} |")
+        accepted = f"{row['acceptance']:.2f}" if "acceptance" in row else ""
+        print(f"| {row['kind']} | {row['setting']} | {row['depth']:.2f} | {row['rougeL']:.3f} | {row['speed']:,.1f} | "
+              f"{row['speed'] / full_speed:.2f} | {accepted} |")
     if target is not None:
         full = next(row["rougeL"] for row in rows if row["kind"] == "fixed" and row["setting"] == ee.n_layers)
         good = [row for row in rows if row["kind"] != "fixed" and row["rougeL"] >= target * full]
@@ -147,6 +189,19 @@ def sweep(
                                title=f"{name}: quality vs depth")
         fig.savefig(plot, dpi=120)
         print(f"\nplot: {plot}")
+    if speed_plot:
+        from earlyexit.plotting import quality_vs_speed
+
+        groups: dict[str, tuple[list[float], list[float], list[str]]] = {}
+        for row in rows:
+            xs, ys, labels = groups.setdefault(row["kind"], ([], [], []))
+            xs.append(row["speed"])
+            ys.append(row["rougeL"])
+            labels.append(f"{row['setting']:g}" if isinstance(row["setting"], (int, float)) else str(row["setting"]))
+        fig = quality_vs_speed(groups, title=f"{name} on {where}, batch {batch}: quality vs speed")
+        fig.savefig(speed_plot, dpi=120)
+        print(f"plot: {speed_plot}")
+    return rows
 
 
 if __name__ == "__main__":

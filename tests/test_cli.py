@@ -130,6 +130,7 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("acceptance.py", ["--records", "0"], "records = 0 is out of range"),
     ("acceptance.py", ["--n_draft", "[0]"], "n_draft ≥ 1"),
     ("sweep_dynamic.py", ["--records", "0"], "records = 0 is out of range"),
+    ("sweep_dynamic.py", ["--speculative", "[[15, 0]]"], "speculative d = 0 is out of range"),
     ("profile_decode.py", ["--tokens", "0"], "tokens = 0 is out of range"),
     ("time_to_loss.py", ["--every", "0"], "every = 0 is out of range"),
     ("time_to_loss.py", ["--candidate", "nowhere.yaml"], "config 'nowhere.yaml' not found"),
@@ -201,6 +202,27 @@ def test_time_to_loss_stops_the_candidate_at_the_baselines_loss(tmp_path, monkey
     assert f"candidate CE at step {reached}" in out and "× faster" in out
     assert run_command("time_to_loss.py", argv, monkeypatch) == 0  # the baseline is reused
     assert json.loads((tmp_path / "baseline" / "clock.json").read_text()) == base
+
+
+def test_sweep_puts_every_mode_on_one_quality_speed_figure(tiny_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    data = tmp_path / "alpaca_data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"It is {i} {i}."} for i in range(4)]))
+    plot = tmp_path / "speed.png"
+    argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--data", str(data), "--records", "4", "--batch", "2",
+            "--generation.max_new_tokens", "6", "--generation.min_layer", "1", "--fixed", "[1, 2]", "--thresholds", "[0, 1.01]",
+            "--speculative", "[[1, 2], [3, 3]]", "--hf", "true", "--speed_plot", str(plot)]
+    assert run_command("sweep_dynamic.py", argv, monkeypatch) == 0
+    out = capsys.readouterr().out
+    rows = {(line.split("|")[1].strip(), line.split("|")[2].strip()): line.split("|") for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| exit")}
+    rouge = {key: float(cells[4]) for key, cells in rows.items()}
+    full = rouge[("fixed", "4")]
+    assert rouge[("speculative", "E=1 d=2")] == rouge[("speculative", "E=3 d=3")] == rouge[("HF generate", "4")] == full
+    assert rouge[("dynamic softmax", "0.0")] == rouge[("fixed", "1")] and rouge[("dynamic softmax", "1.01")] == full
+    assert float(rows[("fixed", "4")][6]) == 1.0 and rows[("speculative", "E=1 d=2")][7].strip()  # ratio, acceptance
+    assert plot.is_file() and plot.stat().st_size > 10_000
 
 
 def test_acceptance_reports_agreement_and_exact_speculation(tiny_dir, tmp_path, monkeypatch, capsys):
