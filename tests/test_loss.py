@@ -226,6 +226,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
 
     ref, ref_grads = run()
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     ee.compile_blocks()
     assert all("forward" in block.__dict__ for block in ee.blocks)
     got, got_grads = run()
