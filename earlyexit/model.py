@@ -86,6 +86,15 @@ class Generation:
     finished: torch.Tensor
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """``module`` without the wrappers FSDP and activation checkpointing put around it."""
+    while True:
+        inner = getattr(module, "_fsdp_wrapped_module", None) or getattr(module, "_checkpoint_wrapped_module", None)
+        if inner is None:
+            return module
+        module = inner
+
+
 class EarlyExitHead(nn.Module):
     """Exit-aware view of a Hugging Face causal LM (plain or peft-wrapped).
 
@@ -231,6 +240,7 @@ class EarlyExitHead(nn.Module):
         dynamic after the second; hooks and the block list stay eager). Off: the plain forwards again."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in self.blocks:
+            block = unwrapped(block)  # under FSDP: the block itself, whose forward runs on gathered weights
             block.__dict__.pop("forward", None)
             if on:
                 block.forward = torch.compile(block.forward)

@@ -155,6 +155,10 @@ class OptimArgs:
         in_unit("optim.min_lr_ratio", self.min_lr_ratio)
 
 
+FUSED_REFUSAL = ("loss.fused needs the output head frozen and a plain linear layer (it is trained or wrapped here: "
+                 "drop it from model.lora's targets, or set loss.fused false)")
+
+
 class EarlyExitModule(L.LightningModule):
     """A causal LM with exits: early-exit LoRA training, and per-exit generation in ``predict_step``.
 
@@ -232,6 +236,8 @@ class EarlyExitModule(L.LightningModule):
         if gradient_checkpointing:
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ee = EarlyExitHead(self.lm)
+        if loss.fused and self.ee.linear_head() is None:  # refused now, before any work
+            raise EarlyExitError(FUSED_REFUSAL)
         self.compiled_training = compile_blocks
         n = self.ee.n_layers
         self.generation = generation
@@ -276,8 +282,7 @@ class EarlyExitModule(L.LightningModule):
             return None
         head = self.ee.linear_head()
         if head is None:
-            raise EarlyExitError("loss.fused needs the output head frozen and a plain linear layer (it is trained or "
-                                 "wrapped here: drop it from model.lora's targets, or set loss.fused false)")
+            raise EarlyExitError(FUSED_REFUSAL)
         return head
 
     def _world(self) -> int:

@@ -139,3 +139,13 @@ def test_exit_layer_checked_by_the_model(tiny):
     for bad in (0, 5):
         with pytest.raises(EarlyExitError, match=r"layers 1\.\.4"):
             ee(ids, mask, exit_layer=bad)
+
+
+def test_unwrapped_strips_activation_checkpointing_wrappers():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from earlyexit.model import unwrapped
+
+    inner = torch.nn.Linear(2, 2)
+    assert unwrapped(checkpoint_wrapper(checkpoint_wrapper(inner))) is inner
+    assert unwrapped(inner) is inner
