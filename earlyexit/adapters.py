@@ -4,9 +4,13 @@ Exit layer L's logits become ``head(norm(h + A_L h + b_L))`` instead of ``head(n
 affine translators (Belrose et al., 2023) used as part of the model, so an exit can answer without moving the
 trunk or the shared head. ``A_L`` is a full ``D × D`` matrix or, with ``rank``, a low-rank product. The ``mlp``
 kind is a residual two-layer perceptron per exit instead, ``h + W2 silu(W1 LayerNorm(h))`` (a block's MLP without
-attention: position-wise, so it needs no KV cache). Every map's output layer starts at zero, so an untrained
-adapter is the identity and exit L starts as the logit lens. The last layer has no adapter: it stays the model's
-own output.
+attention: position-wise, so it needs no KV cache). The ``block`` kind is one extra decoder block shared by every
+exit (Kangaroo, Liu et al., 2024): a copy of the model's last block that reads exit L's states of the whole sequence
+with causal attention, so an exit can gather context that its own layer does not yet hold; it runs as a block after
+block L (the model's own forward, KV cache and ``generate`` see blocks 1..L and it), and on training sequences
+through :meth:`earlyexit.model.EarlyExitHead.hidden_states`. Every map's output layer starts at zero (the block's
+attention output and MLP down projections too), so an untrained adapter is the identity and exit L starts as the
+logit lens. The last layer has no adapter: it stays the model's own output.
 
 The adapters live on the model (``model.exit_adapters``), so :class:`earlyexit.model.EarlyExitHead` and every
 decode path built on it (evaluate, the engine's all-exits / dynamic / speculative modes, serve, lens) apply them,
@@ -15,6 +19,7 @@ and they are saved beside a LoRA adapter as ``exit_adapters.safetensors`` + ``ex
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from earlyexit.errors import EarlyExitError
 WEIGHTS, CONFIG = "exit_adapters.safetensors", "exit_adapters.json"
 
 
-Kind = Literal["affine", "mlp"]
+Kind = Literal["affine", "mlp", "block"]
 
 
 class _Perceptron(nn.Module):
@@ -46,22 +51,49 @@ class _Perceptron(nn.Module):
 
 
 class ExitAdapters(nn.Module):
-    """One zero-initialised map per exit layer: ``h + A_L h + b_L`` (affine) or ``h + W2 silu(W1 LN(h))`` (mlp).
+    """One zero-initialised map per exit layer: ``h + A_L h + b_L`` (affine) or ``h + W2 silu(W1 LN(h))`` (mlp); or
+    one decoder block shared by the exits (block).
 
     Args:
         layers: the exits that get an adapter (the last layer never does).
         hidden_size: D.
         rank: affine: None for full ``D × D`` maps, r for ``B_L (C_L h)`` with ``C_L: D → r``, ``B_L: r → D`` (B starts
-            at 0); mlp: the hidden width (4·D when None).
-        kind: affine or mlp.
+            at 0); mlp: the hidden width (4·D when None); block: unused.
+        kind: affine, mlp or block.
+        template: block: a copy of the model's last decoder block (:func:`block_template`), taken over here (its
+            output projections zeroed).
     """
 
-    def __init__(self, layers: list[int], hidden_size: int, rank: int | None = None, kind: Kind = "affine"):
+    def __init__(self, layers: list[int], hidden_size: int, rank: int | None = None, kind: Kind = "affine",
+                 template: nn.Module | None = None):
         super().__init__()
-        if kind not in ("affine", "mlp"):
-            raise EarlyExitError(f"exit adapter kind {kind!r}: affine or mlp")
+        if kind not in ("affine", "mlp", "block"):
+            raise EarlyExitError(f"exit adapter kind {kind!r}: affine, mlp or block")
         self.layers, self.hidden_size, self.rank, self.kind = sorted(set(layers)), hidden_size, rank, kind
-        self.maps = nn.ModuleDict({str(layer): self._map(hidden_size, rank, kind) for layer in self.layers})
+        self.maps = nn.ModuleDict({} if kind == "block" else {str(l): self._map(hidden_size, rank, kind) for l in self.layers})
+        self.block = None
+        if kind == "block":
+            if template is None:
+                raise EarlyExitError("exit adapters of kind block copy the model's last block: none was given")
+            self.block = template  # a copy of the model's last block (block_template), owned from here on
+            for name in ("self_attn.o_proj", "mlp.down_proj"):
+                out = self.block.get_submodule(name)
+                nn.init.zeros_(out.weight)
+                if out.bias is not None:
+                    nn.init.zeros_(out.bias)
+            self.block.requires_grad_(True)
+
+    def has_block(self, layer: int) -> bool:
+        """Whether exit ``layer`` reads through the shared block (applied to whole sequences, not per token)."""
+        return self.block is not None and layer in self.layers
+
+    def run_block(self, hidden: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
+        """The shared block on ``hidden`` ``[B, T, D]`` (an exit's states) with the keyword arguments the model passes
+        its blocks (masks, rotary tables, positions; no cache), in the adapter's dtype."""
+        dtype = next(self.block.parameters()).dtype
+        cast = {name: _cast(value, dtype) for name, value in block_kwargs.items()}
+        out = self.block(hidden.to(dtype), **cast)
+        return (out[0] if isinstance(out, tuple) else out).to(hidden.dtype)
 
     @staticmethod
     def _map(d: int, rank: int | None, kind: Kind) -> nn.Module:
@@ -79,7 +111,8 @@ class ExitAdapters(nn.Module):
         return nn.Sequential(down, up)
 
     def forward(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """hidden: [..., D] raw output of block ``layer`` → the same, adapted (unchanged without an adapter)."""
+        """hidden: [..., D] raw output of block ``layer`` → the same, adapted (unchanged without an adapter, and for the
+        block kind, which :meth:`run_block` applies to whole sequences)."""
         key = str(layer)
         if key not in self.maps:
             return hidden
@@ -100,8 +133,9 @@ class ExitAdapters(nn.Module):
                                                     "rank": self.rank, "kind": self.kind}) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path) -> ExitAdapters | None:
-        """The adapters saved in ``directory``, or None when it holds none."""
+    def load(cls, directory: str | Path, template: nn.Module | None = None) -> ExitAdapters | None:
+        """The adapters saved in ``directory``, or None when it holds none; ``template``: the model's last block (for
+        the block kind)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -109,11 +143,51 @@ class ExitAdapters(nn.Module):
             return None
         try:
             config = json.loads((directory / CONFIG).read_text())
-            adapters = cls(config["layers"], config["hidden_size"], config.get("rank"), config.get("kind", "affine"))
+            adapters = cls(config["layers"], config["hidden_size"], config.get("rank"), config.get("kind", "affine"), template)
             adapters.load_state_dict(load_file(directory / WEIGHTS))
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise EarlyExitError(f"{directory}: cannot load the exit adapters ({type(err).__name__}: {err})") from None
         return adapters
+
+
+def shared_block(directory: str | Path) -> bool:
+    """Whether the exit adapters saved in ``directory`` are of the block kind (they need :func:`block_template`)."""
+    try:
+        return json.loads((Path(directory) / CONFIG).read_text()).get("kind") == "block"
+    except (OSError, ValueError) as err:
+        raise EarlyExitError(f"{directory}: cannot read {CONFIG} ({type(err).__name__}: {err})") from None
+
+
+def block_template(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s last decoder block, taken before any LoRA wrapping: what a ``block`` exit adapter starts
+    from. Refused for families whose blocks differ in their attention window (the shared block reads every exit with
+    one kind of mask) and for blocks without llama-style output projections."""
+    from earlyexit.arch import sliding_windows
+    from earlyexit.model import EarlyExitHead
+
+    ee = EarlyExitHead(model)
+    if len(set(sliding_windows(ee.config))) > 1:
+        raise EarlyExitError(f"exit adapters of kind block: {ee.config.model_type}'s blocks differ in their attention "
+                             "window; use kind affine or mlp")
+    block = ee.blocks[-1]
+    if any(hasattr(m, "lora_A") for m in block.modules()):
+        raise EarlyExitError("exit adapters of kind block are copied from the model before its LoRA adapters")
+    for name in ("self_attn.o_proj", "mlp.down_proj"):
+        try:
+            block.get_submodule(name)
+        except AttributeError:
+            raise EarlyExitError(f"exit adapters of kind block: {ee.config.model_type}'s blocks have no {name}; use "
+                                 "kind affine or mlp") from None
+    return copy.deepcopy(block)
+
+
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors (nested in tuples) in ``dtype``; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(item, dtype) for item in value)
+    return value
 
 
 def attach(model: nn.Module, adapters: ExitAdapters | None) -> None:

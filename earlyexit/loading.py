@@ -218,7 +218,7 @@ def load_model(args: ModelArgs | None = None) -> tuple[PreTrainedModel, PreTrain
     except (OSError, ValueError) as err:
         raise EarlyExitError(f"could not load model {args.name!r}: {_first_sentence(err)}") from None
     if args.adapter:
-        from earlyexit.adapters import CONFIG, ExitAdapters, attach
+        from earlyexit.adapters import CONFIG, ExitAdapters, attach, block_template, shared_block
 
         directory = Path(args.adapter)
         if not directory.is_dir():
@@ -227,9 +227,10 @@ def load_model(args: ModelArgs | None = None) -> tuple[PreTrainedModel, PreTrain
         if not (lora or exits):
             raise EarlyExitError(f"adapter directory {args.adapter!r} holds neither a peft adapter (adapter_config.json) "
                                  f"nor exit adapters ({CONFIG})")
+        template = block_template(model) if exits and shared_block(directory) else None  # before LoRA wraps it
         if lora:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, args.adapter)
-        attach(model, ExitAdapters.load(directory))
+        attach(model, ExitAdapters.load(directory, template))
     return model.to(device).eval(), tokenizer

@@ -193,7 +193,9 @@ class EarlyExitHead(nn.Module):
 
         Only blocks up to the deepest requested exit run. Outputs are captured with forward hooks on the
         blocks themselves, so every layer, the last included, is the *raw* block output: apply
-        :meth:`exit_logits` to get logits (never normalise HF's ``hidden_states[-1]`` again).
+        :meth:`exit_logits` to get logits (never normalise HF's ``hidden_states[-1]`` again). An exit read through
+        the shared exit block (exit adapters of kind ``block``) is that block's output on the exit's states instead,
+        which :meth:`exit_logits` then reads as it is.
 
         Args:
             input_ids: ``[B, T]``.
@@ -213,6 +215,9 @@ class EarlyExitHead(nn.Module):
         run = [layer for layer in range(1, max(layers) + 1) if layer not in skip]
         captured: dict[int, torch.Tensor] = {}
         blocks = self.blocks
+        adapters = self.adapters
+        shared = adapters is not None and any(adapters.has_block(layer) for layer in layers)
+        block_kwargs: dict = {}
 
         def capture(layer: int):
             def hook(_module, _inputs, output):
@@ -220,7 +225,12 @@ class EarlyExitHead(nn.Module):
 
             return hook
 
+        def keep_kwargs(_module, _args, kwargs):
+            block_kwargs.update(kwargs)
+
         handles = [blocks[layer - 1].register_forward_hook(capture(layer)) for layer in run]
+        if shared:  # the shared exit block runs with the keyword arguments the model passes its blocks
+            handles.append(blocks[0].register_forward_pre_hook(keep_kwargs, with_kwargs=True))
         try:
             with self.running(run):
                 self.decoder(
@@ -232,7 +242,10 @@ class EarlyExitHead(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        return {layer: captured[max(r for r in run if r <= layer)] for layer in layers}
+        out = {layer: captured[max(r for r in run if r <= layer)] for layer in layers}
+        if shared:
+            out = {layer: adapters.run_block(h, block_kwargs) if adapters.has_block(layer) else h for layer, h in out.items()}
+        return out
 
     def compile_blocks(self, on: bool = True) -> None:
         """``on``: each decoder block's ``forward`` runs through ``torch.compile`` (regional compilation: the blocks
@@ -255,6 +268,10 @@ class EarlyExitHead(nn.Module):
         """
         layer = self.check_layer(exit_layer)
         adapters, norm = self.adapters, self.norm
+        if adapters is not None and adapters.has_block(layer):
+            with self.running(range(1, layer + 1), extra=_SharedBlock(adapters, layer)):
+                yield
+            return
         with self.running(range(1, layer + 1)):
             if adapters is None or str(layer) not in adapters.maps:
                 yield
@@ -266,8 +283,9 @@ class EarlyExitHead(nn.Module):
                 set_submodule(self.base, self.spec.norm, norm)
 
     @contextmanager
-    def running(self, layers: Iterable[int]) -> Iterator[None]:
-        """Within this context the model's block list holds only ``layers`` (ascending, 1-based).
+    def running(self, layers: Iterable[int], extra: nn.Module | None = None) -> Iterator[None]:
+        """Within this context the model's block list holds only ``layers`` (ascending, 1-based), then ``extra``
+        if given (the shared exit block).
 
         The list is swapped for a shorter one holding the same modules and the config's layer count
         follows, so the model's own forward (and cache) runs exactly those blocks.
@@ -275,14 +293,15 @@ class EarlyExitHead(nn.Module):
         layers = [self.check_layer(layer) for layer in layers]
         if self._swapped:
             raise RuntimeError("EarlyExitHead block swapping does not nest")
-        if layers == list(range(1, self.n_layers + 1)):
+        if layers == list(range(1, self.n_layers + 1)) and extra is None:
             yield
             return
         base, config, blocks = self.base, self.base.config, self.blocks
         n_layers = config.num_hidden_layers
         self._swapped = True
-        set_submodule(base, self.spec.layers, nn.ModuleList([blocks[layer - 1] for layer in layers]))
-        config.num_hidden_layers = len(layers)
+        chosen = [blocks[layer - 1] for layer in layers] + ([extra] if extra is not None else [])
+        set_submodule(base, self.spec.layers, nn.ModuleList(chosen))
+        config.num_hidden_layers = len(chosen)
         try:
             yield
         finally:
@@ -356,6 +375,24 @@ class EarlyExitHead(nn.Module):
             out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer)
         tokens = out[:, prompt_len:]
         return finish(tokens, [] if ignore_eos else eos_ids, pad, args.max_new_tokens)
+
+
+class _SharedBlock(nn.Module):
+    """The shared exit block as block L + 1 of a truncated model (swapped in by :meth:`EarlyExitHead.truncated`): it
+    writes its keys and values at the cache layer after block L's and runs in the adapter's dtype."""
+
+    def __init__(self, adapters: nn.Module, layer: int):
+        super().__init__()
+        self.adapters, self.layer = adapters, layer
+        self.attention_type = getattr(adapters.block, "attention_type", None)
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        attn = self.adapters.block.self_attn
+        own, attn.layer_idx = attn.layer_idx, self.layer  # the cache's layer after blocks 1..L (0-based L)
+        try:
+            return self.adapters.run_block(hidden, kwargs)
+        finally:
+            attn.layer_idx = own
 
 
 class _AdaptedNorm(nn.Module):

@@ -12,7 +12,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from earlyexit.adapters import ExitAdapters, attach
+from earlyexit.adapters import ExitAdapters, attach, block_template
 from earlyexit.data import IGNORE_INDEX
 from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, require
 from earlyexit.loading import ModelArgs, load_model
@@ -62,12 +62,14 @@ class ExitAdapterArgs:
     Args:
         exit_layers: exits that get an adapter: quarters, all, everyK or a list (the last layer never gets one).
         rank: affine: None for full D × D maps (as the tuned lens), r for low-rank maps; mlp: hidden width (4·D if None).
-        kind: affine (``h + A h + b``, the tuned lens) or mlp (``h + W2 silu(W1 LayerNorm(h))``, position-wise).
+        kind: affine (``h + A h + b``, the tuned lens), mlp (``h + W2 silu(W1 LayerNorm(h))``, position-wise) or block
+            (one decoder block shared by the exits, a copy of the last one, with attention over the exit's states:
+            Kangaroo's adapter; decoded through the model's own ``generate``, ``generation.engine false``).
     """
 
     exit_layers: ExitLayers = "all"
     rank: int | None = None
-    kind: Literal["affine", "mlp"] = "affine"
+    kind: Literal["affine", "mlp", "block"] = "affine"
 
     def __post_init__(self):
         positive("exit_adapters.rank", self.rank, optional=True)
@@ -212,6 +214,7 @@ class EarlyExitModule(L.LightningModule):
         if full_finetune and lora is not None:
             raise EarlyExitError("model.full_finetune trains the blocks' own weights: set model.lora null")
         self.lm, self.tokenizer = load_model(base)
+        template = block_template(self.lm) if adapters is not None and adapters.kind == "block" else None
         self.teacher_lm = None
         """Full fine-tuning with distillation: a frozen copy of the model as loaded, the teacher."""
         if lora is not None:
@@ -227,7 +230,7 @@ class EarlyExitModule(L.LightningModule):
         if adapters is not None:
             n = EarlyExitHead(self.lm).n_layers
             layers = [layer for layer in parse_exit_layers(adapters.exit_layers, n) if layer < n]
-            attach(self.lm, ExitAdapters(layers, self.lm.config.hidden_size, adapters.rank, adapters.kind))
+            attach(self.lm, ExitAdapters(layers, self.lm.config.hidden_size, adapters.rank, adapters.kind, template))
         self.frozen_trunk = lora is None and not full_finetune
         self.full_finetune = full_finetune
         if loss.distill > 0 and not (hasattr(self.lm, "disable_adapter") or adapters is not None or full_finetune):

@@ -83,6 +83,22 @@ def test_adapters_are_saved_and_loaded_with_the_adapter(tiny_dir, tmp_path, kind
     assert_close(EarlyExitHead(loaded)(ids, exit_layer=2), EarlyExitHead(model)(ids, exit_layer=2))
 
 
+def train_steps(module, steps: int) -> tuple[dict, float, float]:
+    """``steps`` AdamW steps (lr 1e-2) of ``module`` on one fixed batch of random tokens: the batch, first and last loss."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (4, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = module.training_step(batch, 0)
+        losses.append(float(loss.detach()))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return batch, losses[0], losses[-1]
+
+
 def test_adapters_alone_train_on_a_frozen_model(tiny_dir):
     from earlyexit.module import EarlyExitModule, ExitAdapterArgs, ExitLossArgs, OptimArgs
 
@@ -91,18 +107,9 @@ def test_adapters_alone_train_on_a_frozen_model(tiny_dir):
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     assert trainable and all("exit_adapters" in name for name in trainable)
     frozen = {name: p.detach().clone() for name, p in module.named_parameters() if not p.requires_grad}
-    torch.manual_seed(0)
-    ids = torch.randint(3, 100, (4, 12))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
-    first = None
-    for _ in range(30):
-        loss = module.training_step(batch, 0)
-        first = float(loss) if first is None else first
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert float(loss) < 0.7 * first  # KL(final ‖ exit) of the early exits falls
+    batch, first, last = train_steps(module, 30)
+    ids = batch["input_ids"]
+    assert last < 0.7 * first  # KL(final ‖ exit) of the early exits falls
     assert all(torch.equal(p, frozen[name]) for name, p in module.named_parameters() if not p.requires_grad)
     # the teacher of a frozen trunk is the training pass's own last layer: no second forward
     hidden = module.ee.hidden_states(ids, torch.ones_like(ids))
@@ -154,3 +161,90 @@ def test_adapters_beside_lora_take_their_own_learning_rate(tiny_dir):
     for name, p in module.named_parameters():
         if p.requires_grad:
             assert lrs[id(p)] == (1e-2 if "exit_adapters." in name else 1e-4), name
+
+
+# --- the shared exit block (Kangaroo) ----------------------------------------------------------------------
+
+
+def shared(model_type: str = "llama", layers=(1, 2, 3), seed: int = 0, start: bool = False) -> EarlyExitHead:
+    """A tiny model with a shared exit block; ``start``: as initialised (identity), else with random weights."""
+    from earlyexit.adapters import block_template
+
+    model = tiny_model(model_type)
+    adapters = ExitAdapters(list(layers), model.config.hidden_size, kind="block", template=block_template(model))
+    if not start:
+        torch.manual_seed(seed)
+        for param in adapters.parameters():
+            torch.nn.init.normal_(param, std=0.2)
+    attach(model, adapters)
+    return EarlyExitHead(model)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_an_untrained_shared_block_is_the_identity(model_type):
+    ee = shared(model_type, start=True)
+    plain = EarlyExitHead(tiny_model(model_type))
+    ids = torch.randint(3, 100, (2, 6))
+    hidden, reference = ee.hidden_states(ids), plain.hidden_states(ids)
+    for layer in (1, 2, 4):
+        assert_close(ee(ids, exit_layer=layer), plain(ids, exit_layer=layer))
+        assert_close(ee.exit_logits(hidden[layer], layer), plain.exit_logits(reference[layer], layer))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_the_shared_block_reads_the_exit_with_attention_the_same_way_in_training_and_decoding(model_type):
+    """hidden_states (training, the loss) and the truncated model with the block as block L + 1 (generate's path)
+    give the same exit logits; attention makes a position depend on the ones before it; the last layer is the
+    model's own."""
+    ee = shared(model_type)
+    ids, mask = prompts()
+    hidden = ee.hidden_states(ids, mask)
+    for layer in (1, 3):
+        assert_close(ee(ids, mask, exit_layer=layer), ee.exit_logits(hidden[layer], layer), rtol=1e-4, atol=1e-5)
+    assert_close(ee.exit_logits(hidden[4], 4), ee(ids, mask))
+    changed = ids.clone()
+    changed[:, -3] = (changed[:, -3] + 1) % 100 + 3
+    assert not torch.allclose(ee(changed, mask, exit_layer=2)[:, -1], ee(ids, mask, exit_layer=2)[:, -1])
+    plain = EarlyExitHead(tiny_model(model_type))
+    assert not torch.allclose(ee(ids, mask, exit_layer=2), plain(ids, mask, exit_layer=2))
+
+
+def test_generate_with_the_shared_block_equals_recomputing_from_scratch():
+    """The model's own generate (a KV cache holding the shared block at layer L + 1) equals greedy decoding that
+    recomputes the whole sequence at every step."""
+    ee = shared("llama")
+    ids, mask = prompts()
+    got = ee.generate(ids, mask, 2, max_new_tokens=6, ignore_eos=True)
+    seq, seq_mask = ids, mask
+    for step in range(6):
+        nxt = ee(seq, seq_mask, exit_layer=2)[:, -1].argmax(-1)
+        assert torch.equal(got.tokens[:, step], nxt), step
+        seq, seq_mask = torch.cat([seq, nxt[:, None]], 1), torch.cat([seq_mask, torch.ones_like(nxt)[:, None]], 1)
+
+
+def test_the_shared_block_is_saved_loaded_and_trained(tiny_dir, tmp_path):
+    from earlyexit.module import EarlyExitModule, ExitAdapterArgs, ExitLossArgs, OptimArgs
+
+    module = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"),
+                             exit_adapters=ExitAdapterArgs(exit_layers="all", kind="block"),
+                             loss=ExitLossArgs(exit_layers="all", distill=1.0, fused=True), optim=OptimArgs(lr=1e-2, warmup_steps=0))
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("exit_adapters.block." in name for name in trainable)
+    batch, first, last = train_steps(module, 20)
+    ids = batch["input_ids"]
+    assert last < 0.8 * first
+    module.ee.adapters.save(tmp_path / "adapter")
+    loaded, _ = load_model(ModelArgs(name=tiny_dir, device="cpu", adapter=str(tmp_path / "adapter")))
+    assert_close(EarlyExitHead(loaded)(ids, exit_layer=2), module.ee(ids, exit_layer=2))
+
+
+def test_the_shared_block_is_refused_where_it_cannot_run(tiny_dir):
+    from earlyexit.adapters import block_template
+    from earlyexit.errors import EarlyExitError
+
+    with pytest.raises(EarlyExitError, match="not decoded by the engine yet: set generation.engine false"):
+        Engine(shared("llama"))
+    with pytest.raises(EarlyExitError, match="gemma2's blocks differ in their attention window"):
+        block_template(tiny_model("gemma2"))
+    with pytest.raises(EarlyExitError, match="has no|have no"):
+        block_template(tiny_model("gpt2"))

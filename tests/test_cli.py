@@ -240,6 +240,26 @@ def test_acceptance_reports_agreement_and_exact_speculation(tiny_dir, tmp_path, 
     assert len(spec) == 2 and all(line.rstrip().endswith("| 5/5 |") for line in spec)  # speculation is exact
 
 
+def test_acceptance_reads_a_shared_exit_block_without_the_engine(tiny_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    from earlyexit.adapters import ExitAdapters, attach, block_template
+    from earlyexit.loading import ModelArgs, load_model
+
+    model, _ = load_model(ModelArgs(name=tiny_dir, device="cpu"))
+    adapters = ExitAdapters([1, 2, 3], model.config.hidden_size, kind="block", template=block_template(model))
+    attach(model, adapters)
+    adapters.save(tmp_path / "adapter")
+    data = tmp_path / "alpaca_data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"It is {i}."} for i in range(3)]))
+    argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--model.adapter", str(tmp_path / "adapter"), "--data", str(data),
+            "--records", "3", "--generation.max_new_tokens", "5", "--exit_layers", "all", "--draft_layers", "[2]"]
+    assert run_command("acceptance.py", argv, monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert {"1", "2", "3"} <= {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")}
+    assert "self-speculation: not run (the engine does not decode a shared exit block yet)" in out
+
+
 def test_bench_train_runs_both_paths_on_the_same_examples(tiny_dir, tmp_path, monkeypatch, capsys):
     import json
 

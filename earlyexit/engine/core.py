@@ -56,6 +56,10 @@ class Core:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise EarlyExitError("CUDA graphs need the model on a GPU")
+        adapters = ee.adapters
+        if adapters is not None and adapters.block is not None:
+            raise EarlyExitError("exit adapters of kind block are not decoded by the engine yet: set generation.engine "
+                                 "false (the model's own generate)")
         self._programs: dict[tuple, Callable] = {}
         self.windows = sliding_windows(ee.config)
         self.n_layers = ee.n_layers
