@@ -7,8 +7,9 @@ kind is a residual two-layer perceptron per exit instead, ``h + W2 silu(W1 Layer
 attention: position-wise, so it needs no KV cache). The ``block`` kind is one extra decoder block shared by every
 exit (Kangaroo, Liu et al., 2024): a copy of the model's last block that reads exit L's states of the whole sequence
 with causal attention, so an exit can gather context that its own layer does not yet hold; it runs as a block after
-block L (the model's own forward, KV cache and ``generate`` see blocks 1..L and it), and on training sequences
-through :meth:`earlyexit.model.EarlyExitHead.hidden_states`. Every map's output layer starts at zero (the block's
+block L (the model's own forward, KV cache and ``generate`` see blocks 1..L and it; the engine's fixed exits give it
+a cache layer per exit), and on training sequences through :meth:`earlyexit.model.EarlyExitHead.hidden_states`.
+Dynamic exits and self-speculation do not read it yet. Every map's output layer starts at zero (the block's
 attention output and MLP down projections too), so an untrained adapter is the identity and exit L starts as the
 logit lens. The last layer has no adapter: it stays the model's own output.
 
@@ -128,7 +129,7 @@ class ExitAdapters(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         weights = state or self.state_dict()
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / WEIGHTS)
+        save_file({k: v.detach().cpu().clone() for k, v in weights.items()}, directory / WEIGHTS)  # own storage each
         (directory / CONFIG).write_text(json.dumps({"layers": self.layers, "hidden_size": self.hidden_size,
                                                     "rank": self.rank, "kind": self.kind}) + "\n")
 

@@ -59,7 +59,7 @@ def main(model: ModelArgs = ModelArgs(), generation: GenerationArgs = Generation
     for layer in draft_layers:
         if not 1 <= layer < n:
             raise EarlyExitError(f"draft layer {layer}: choose from 1..{n - 1}")
-    # a shared exit block is not decoded by the engine yet: full-depth answers from the model's own generate, no speculation
+    # self-speculation does not draft through a shared exit block yet: its agreement only
     shared = ee.adapters is not None and ee.adapters.block is not None
     engine = None if shared else Engine(ee, compile=generation.compile, fast=generation.fast)
     pad_id = tokenizer.pad_token_id
@@ -105,7 +105,7 @@ def main(model: ModelArgs = ModelArgs(), generation: GenerationArgs = Generation
     print("(expected: a draft token costs E/N of a full-depth step, a verification one step; overheads ignored)")
     print()
     if engine is None:
-        print("self-speculation: not run (the engine does not decode a shared exit block yet)")
+        print("self-speculation: not run (it does not draft through a shared exit block yet)")
         return
     # a row's cycle drafts d tokens and keeps the accepted ones plus the full model's own: 1 + d · acceptance
     print(markdown_table(["E", "d", "acceptance", "tokens per cycle", "rows equal to full depth"],

@@ -238,12 +238,36 @@ def test_the_shared_block_is_saved_loaded_and_trained(tiny_dir, tmp_path):
     assert_close(EarlyExitHead(loaded)(ids, exit_layer=2), module.ee(ids, exit_layer=2))
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_the_engine_decodes_the_shared_block_like_generate(model_type):
+    """The engine's fixed exits (all in one pass, and one at a time) through the shared block equal the model's own
+    generate with the block as block L + 1; padded prompts of three lengths, 12 tokens (past mistral's window)."""
+    ee = shared(model_type)
+    ids, mask = prompts()
+    engine = Engine(ee)
+    assert engine.fast is not None and engine.shared is not None
+    together = engine.generate(ids, mask, [1, 2, 3, 4], max_new_tokens=12, ignore_eos=True)
+    for layer in (1, 2, 3, 4):
+        reference = ee.generate(ids, mask, layer, max_new_tokens=12, ignore_eos=True)
+        assert torch.equal(together[layer].tokens, reference.tokens), layer
+        assert torch.equal(engine.generate(ids, mask, [layer], max_new_tokens=12, ignore_eos=True)[layer].tokens,
+                           reference.tokens), layer
+    plain = Engine(EarlyExitHead(tiny_model(model_type))).generate(ids, mask, [2], max_new_tokens=12, ignore_eos=True)[2]
+    assert not torch.equal(plain.tokens, together[2].tokens)  # the block changes the answers
+
+
 def test_the_shared_block_is_refused_where_it_cannot_run(tiny_dir):
     from earlyexit.adapters import block_template
     from earlyexit.errors import EarlyExitError
 
-    with pytest.raises(EarlyExitError, match="not decoded by the engine yet: set generation.engine false"):
-        Engine(shared("llama"))
+    engine = Engine(shared("llama"))
+    ids, mask = prompts()
+    with pytest.raises(EarlyExitError, match="dynamic exits do not read a shared exit block"):
+        engine.generate_dynamic(ids, mask, threshold=0.5, min_layer=1)
+    with pytest.raises(EarlyExitError, match="self-speculation does not draft through a shared exit block"):
+        engine.generate_speculative(ids, mask, 2, 2)
+    with pytest.raises(EarlyExitError, match="on its fast path only"):
+        Engine(shared("llama"), fast=False)
     with pytest.raises(EarlyExitError, match="gemma2's blocks differ in their attention window"):
         block_template(tiny_model("gemma2"))
     with pytest.raises(EarlyExitError, match="has no|have no"):

@@ -257,7 +257,7 @@ def test_acceptance_reads_a_shared_exit_block_without_the_engine(tiny_dir, tmp_p
     assert run_command("acceptance.py", argv, monkeypatch) == 0
     out = capsys.readouterr().out
     assert {"1", "2", "3"} <= {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")}
-    assert "self-speculation: not run (the engine does not decode a shared exit block yet)" in out
+    assert "self-speculation: not run (it does not draft through a shared exit block yet)" in out
 
 
 def test_bench_train_runs_both_paths_on_the_same_examples(tiny_dir, tmp_path, monkeypatch, capsys):

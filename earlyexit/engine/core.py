@@ -19,6 +19,7 @@ exit (tests/test_engine.py).
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -27,7 +28,7 @@ import torch
 
 from earlyexit.arch import ARCHITECTURES, CACHE_ARGS, UNBATCHED_ARGS, sliding_windows
 from earlyexit.engine.cache import StaticKV, additive_mask
-from earlyexit.engine.fast import fast_blocks, fast_inputs
+from earlyexit.engine.fast import FusedBlock, fast_blocks, fast_inputs
 from earlyexit.errors import EarlyExitError
 from earlyexit.generation import GenerationArgs, options, select
 from earlyexit.model import EarlyExitHead, Generation, finish
@@ -56,10 +57,6 @@ class Core:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise EarlyExitError("CUDA graphs need the model on a GPU")
-        adapters = ee.adapters
-        if adapters is not None and adapters.block is not None:
-            raise EarlyExitError("exit adapters of kind block are not decoded by the engine yet: set generation.engine "
-                                 "false (the model's own generate)")
         self._programs: dict[tuple, Callable] = {}
         self.windows = sliding_windows(ee.config)
         self.n_layers = ee.n_layers
@@ -75,6 +72,13 @@ class Core:
             if fast and self.fast is None:
                 raise EarlyExitError(f"no fast path for {ee.config.model_type} blocks: it serves llama-style families "
                                      f"({', '.join(sorted(t for t, s in ARCHITECTURES.items() if s.fast_block))})")
+        self.shared = None  # the shared exit block (exit adapters of kind block) on the fast path, one per exit's cache
+        adapters = ee.adapters
+        if adapters is not None and adapters.block is not None:
+            if self.fast is None:
+                raise EarlyExitError("the engine decodes a shared exit block (exit adapters of kind block) on its fast "
+                                     "path only: set generation.engine false (the model's own generate)")
+            self.shared = FusedBlock(adapters.block, ee.config)
         self._decode_blocks, self._decode_inputs, self._decode_head = self._blocks, self._inputs, self._head
         if compile:  # the decode step's blocks and head; on the fast path its inputs too (embedding, rotary, masks)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -136,6 +140,30 @@ class Core:
                 out = out[0] if isinstance(out, tuple) else out
             hidden = out if n == total else torch.cat([out, hidden[n:]])
         return hidden
+
+    def _shared_block(self, hidden, kwargs, masks, groups: list[tuple[int, int]]) -> torch.Tensor:
+        """The shared exit block on the rows of each exit that reads through it (``groups``: ``(layer, rows)`` in row
+        order), each exit with its own cache layer after the model's; in the block's dtype (float32). Identity
+        without one."""
+        if self.shared is None:
+            return hidden
+        adapters, cache = self.ee.adapters, kwargs[self._cache_name]
+        cos, sin = kwargs["position_embeddings"]
+        slots, parts, start = cache.slots, [], 0
+        dtype = self.shared.wqkv.dtype
+        for layer, count in groups:
+            rows = slice(start, start + count)
+            part = hidden[rows]
+            if adapters.has_block(layer):
+                block = copy.copy(self.shared)
+                block.layer_idx = self.n_layers + layer  # its own keys and values, after the model's layers
+                cache.slots = slots[rows]
+                mask = masks[self.windows[-1]][rows].to(dtype)
+                part = block(part.to(dtype), mask, (cos[rows].to(dtype), sin[rows].to(dtype)), cache).to(hidden.dtype)
+            parts.append(part)
+            start += count
+        cache.slots = slots
+        return torch.cat(parts)
 
     def _adapt(self, hidden: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
         """Exit adapters on rows grouped by exit: ``groups`` is ``(layer, rows)`` in row order (identity without adapters)."""
@@ -226,10 +254,11 @@ class Core:
 
         return StaticKV(capacity), valid, npad, load
 
-    def _prefill(self, ids, valid, npad, cache, layers: range, rows=None) -> torch.Tensor:
+    def _prefill(self, ids, valid, npad, cache, layers: range, rows=None, groups=None) -> torch.Tensor:
         slots = torch.arange(ids.shape[1], device=self.device).expand(ids.shape[0], -1)
         hidden, kwargs, masks = self._inputs(ids, slots, valid, npad, cache)
-        return self._blocks(hidden, kwargs, masks, layers, rows)[:, -1:]
+        hidden = self._blocks(hidden, kwargs, masks, layers, rows)
+        return (hidden if groups is None else self._shared_block(hidden, kwargs, masks, groups))[:, -1:]
 
     # ------------------------------------------------------------------------------------------ all exits
     @torch.no_grad()
@@ -281,7 +310,8 @@ class Core:
 
         def step():
             hidden, kwargs, masks = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
-            token = choose(self._decode_head(self._decode_blocks(hidden, kwargs, masks, layers, rows)[:, -1], groups, banned))
+            hidden = self._shared_block(self._decode_blocks(hidden, kwargs, masks, layers, rows), kwargs, masks, groups)
+            token = choose(self._decode_head(hidden[:, -1], groups, banned))
             loop.advance(token)
             return token
 
@@ -289,7 +319,7 @@ class Core:
             nonlocal graphed
             ids = load(ids, mask)
             loop.start(prompt)
-            loop.out[:, 0] = choose(self._head(self._prefill(ids, valid, npad, cache, layers, rows)[:, -1], groups, banned))
+            loop.out[:, 0] = choose(self._head(self._prefill(ids, valid, npad, cache, layers, rows, groups)[:, -1], groups, banned))
             if graphed is None:  # sampling draws host-side random state: it runs eagerly
                 graphed = step if args.do_sample else self._graph(step, loop.state())
             until_done(graphed, loop.out, is_eos)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from earlyexit.engine.core import Columns, Core, Stops, until_done
+from earlyexit.errors import EarlyExitError
 from earlyexit.generation import GenerationArgs, Measure, options
 from earlyexit.model import Generation
 
@@ -125,6 +126,9 @@ class DynamicExits(Core):
             eos_token_id, pad_token_id, ignore_eos: as :meth:`Core.generate`.
         """
         args = options(generation, **changes)
+        if self.shared is not None:
+            raise EarlyExitError("dynamic exits do not read a shared exit block (exit adapters of kind block) yet: decode its "
+                                 "exits as fixed exits, or with generation.engine false")
         self.ee.check_layer(args.min_layer_of(self.n_layers))
         checks = tuple(args.check_layers_of(self.n_layers))
         stops = self.stops(eos_token_id, pad_token_id, ignore_eos)

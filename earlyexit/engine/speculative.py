@@ -69,6 +69,9 @@ class SelfSpeculation(Core):
             generation, eos_token_id, pad_token_id, ignore_eos, changes: as :meth:`Core.generate`.
         """
         args = options(generation, **changes)
+        if self.shared is not None:
+            raise EarlyExitError("self-speculation does not draft through a shared exit block (exit adapters of kind block) yet: "
+                                 "decode its exits as fixed exits, or with generation.engine false")
         exit_layer = self.ee.check_layer(draft_layer)
         if exit_layer >= self.n_layers:
             raise EarlyExitError(f"draft layer {draft_layer} must be below the last layer {self.n_layers}")
