@@ -59,9 +59,7 @@ def main(model: ModelArgs = ModelArgs(), generation: GenerationArgs = Generation
     for layer in draft_layers:
         if not 1 <= layer < n:
             raise EarlyExitError(f"draft layer {layer}: choose from 1..{n - 1}")
-    # self-speculation does not draft through a shared exit block yet: its agreement only
-    shared = ee.adapters is not None and ee.adapters.block is not None
-    engine = None if shared else Engine(ee, compile=generation.compile, fast=generation.fast)
+    engine = Engine(ee, compile=generation.compile, fast=generation.fast)
     pad_id = tokenizer.pad_token_id
     prompts = [encode_prompt(r, tokenizer) for r in rows]
     agree = {layer: [0.0, 0] for layer in exits}
@@ -70,10 +68,7 @@ def main(model: ModelArgs = ModelArgs(), generation: GenerationArgs = Generation
         chunk = prompts[start : start + batch]
         ids = pad(chunk, pad_id, "left").to(lm.device)
         mask = pad([[1] * len(p) for p in chunk], 0, "left").to(lm.device)
-        if shared:
-            full = ee.generate(ids, mask, n, generation, pad_token_id=pad_id)
-        else:
-            full = engine.generate(ids, mask, [n], generation, pad_token_id=pad_id)[n]
+        full = engine.generate(ids, mask, [n], generation, pad_token_id=pad_id)[n]
         answers = [full.tokens[i, : int(full.n_tokens[i])].tolist() for i in range(len(chunk))]
         # teacher-forced: prompt + the full model's own answer, right-padded, labels on the answer
         seqs = [p + a for p, a in zip(chunk, answers)]
@@ -86,7 +81,7 @@ def main(model: ModelArgs = ModelArgs(), generation: GenerationArgs = Generation
         for layer, share in top1_agreement(hidden, labels, ee.exit_logits, n).items():
             agree[layer][0] += float(share) * positions
             agree[layer][1] += positions
-        for (e, d), acc in spec.items() if engine is not None else ():
+        for (e, d), acc in spec.items():
             out = engine.generate_speculative(ids, mask, e, d, generation, pad_token_id=pad_id)
             acc[0] += out.drafted
             acc[1] += out.accepted
@@ -104,9 +99,6 @@ def main(model: ModelArgs = ModelArgs(), generation: GenerationArgs = Generation
                           "best d (expected)"], rows))
     print("(expected: a draft token costs E/N of a full-depth step, a verification one step; overheads ignored)")
     print()
-    if engine is None:
-        print("self-speculation: not run (it does not draft through a shared exit block yet)")
-        return
     # a row's cycle drafts d tokens and keeps the accepted ones plus the full model's own: 1 + d · acceptance
     print(markdown_table(["E", "d", "acceptance", "tokens per cycle", "rows equal to full depth"],
                          [[e, d, f"{acc[1] / max(acc[0], 1):.3f}", f"{1 + d * acc[1] / max(acc[0], 1):.2f}",

@@ -166,7 +166,7 @@ def test_adapters_beside_lora_take_their_own_learning_rate(tiny_dir):
 # --- the shared exit block (Kangaroo) ----------------------------------------------------------------------
 
 
-def shared(model_type: str = "llama", layers=(1, 2, 3), seed: int = 0, start: bool = False) -> EarlyExitHead:
+def shared(model_type: str = "llama", layers=(1, 2, 3), seed: int = 0, start: bool = False, std: float = 0.2) -> EarlyExitHead:
     """A tiny model with a shared exit block; ``start``: as initialised (identity), else with random weights."""
     from earlyexit.adapters import block_template
 
@@ -175,7 +175,7 @@ def shared(model_type: str = "llama", layers=(1, 2, 3), seed: int = 0, start: bo
     if not start:
         torch.manual_seed(seed)
         for param in adapters.parameters():
-            torch.nn.init.normal_(param, std=0.2)
+            torch.nn.init.normal_(param, std=std)
     attach(model, adapters)
     return EarlyExitHead(model)
 
@@ -256,6 +256,50 @@ def test_the_engine_decodes_the_shared_block_like_generate(model_type):
     assert not torch.equal(plain.tokens, together[2].tokens)  # the block changes the answers
 
 
+def naive_speculation(ee, ids, draft_layer, n_draft, new):
+    """Greedy self-speculation recomputed from scratch with the model's own forward (the drafts read the exit through
+    the shared block as block E + 1): the tokens, and the drafted and accepted counts."""
+    out = [int(ee(ids)[0, -1].argmax())]
+    drafted = accepted = 0
+    while len(out) < new:
+        seq = torch.cat([ids, torch.tensor([out])], 1)
+        drafts = []
+        for _ in range(n_draft):
+            drafts.append(int(ee(torch.cat([seq, torch.tensor([drafts], dtype=torch.long)], 1), exit_layer=draft_layer)[0, -1].argmax()))
+        full = ee(torch.cat([seq, torch.tensor([drafts])], 1))[0, seq.shape[1] - 1 :].argmax(-1).tolist()  # d + 1 predictions
+        kept = 0
+        while kept < n_draft and drafts[kept] == full[kept]:
+            kept += 1
+        out += drafts[:kept] + [full[kept]]
+        drafted, accepted = drafted + n_draft, accepted + kept
+    return out[:new], drafted, accepted
+
+
+@pytest.mark.parametrize("draft_layer, n_draft", [(1, 2), (2, 3), (3, 4)])
+def test_self_speculation_drafts_through_the_shared_block(draft_layer, n_draft):
+    """The engine's drafts read the exit through the shared block (its cache following every kept position): the
+    drafted and accepted counts are a from-scratch reference's, and the text is full depth's."""
+    ee = shared("llama", seed=4, std=0.05)  # a block that changes the drafts without ruining them
+    torch.manual_seed(5)
+    ids = torch.randint(3, 100, (1, 6))
+    got = Engine(ee).generate_speculative(ids, torch.ones_like(ids), draft_layer, n_draft, max_new_tokens=14, ignore_eos=True)
+    tokens, drafted, accepted = naive_speculation(ee, ids, draft_layer, n_draft, 14)
+    assert got.tokens[0].tolist() == tokens == ee.generate(ids, torch.ones_like(ids), 4, max_new_tokens=14, ignore_eos=True).tokens[0].tolist()
+    assert (got.drafted, got.accepted) == (drafted, accepted)
+    assert 0 < accepted < drafted  # kept and rejected drafts: the block's cache carried over both kinds of cycle
+    plain = naive_speculation(EarlyExitHead(tiny_model("llama")), ids, draft_layer, n_draft, 14)
+    assert plain[1:] != (drafted, accepted)  # the drafts did read the block
+
+
+@pytest.mark.parametrize("draft_threshold", [0.0, 0.3])
+def test_self_speculation_through_the_shared_block_is_exact_on_a_padded_batch(draft_threshold):
+    ee = shared("qwen2", seed=4, std=0.05)
+    ids, mask = prompts()
+    full = ee.generate(ids, mask, 4, max_new_tokens=12, ignore_eos=True)
+    got = Engine(ee).generate_speculative(ids, mask, 2, 3, max_new_tokens=12, ignore_eos=True, draft_threshold=draft_threshold)
+    assert torch.equal(got.tokens, full.tokens)
+
+
 def test_the_shared_block_is_refused_where_it_cannot_run(tiny_dir):
     from earlyexit.adapters import block_template
     from earlyexit.errors import EarlyExitError
@@ -264,8 +308,6 @@ def test_the_shared_block_is_refused_where_it_cannot_run(tiny_dir):
     ids, mask = prompts()
     with pytest.raises(EarlyExitError, match="dynamic exits do not read a shared exit block"):
         engine.generate_dynamic(ids, mask, threshold=0.5, min_layer=1)
-    with pytest.raises(EarlyExitError, match="self-speculation does not draft through a shared exit block"):
-        engine.generate_speculative(ids, mask, 2, 2)
     with pytest.raises(EarlyExitError, match="on its fast path only"):
         Engine(shared("llama"), fast=False)
     with pytest.raises(EarlyExitError, match="gemma2's blocks differ in their attention window"):

@@ -240,7 +240,7 @@ def test_acceptance_reports_agreement_and_exact_speculation(tiny_dir, tmp_path, 
     assert len(spec) == 2 and all(line.rstrip().endswith("| 5/5 |") for line in spec)  # speculation is exact
 
 
-def test_acceptance_reads_a_shared_exit_block_without_the_engine(tiny_dir, tmp_path, monkeypatch, capsys):
+def test_acceptance_reads_a_shared_exit_block(tiny_dir, tmp_path, monkeypatch, capsys):
     import json
 
     from earlyexit.adapters import ExitAdapters, attach, block_template
@@ -257,7 +257,8 @@ def test_acceptance_reads_a_shared_exit_block_without_the_engine(tiny_dir, tmp_p
     assert run_command("acceptance.py", argv, monkeypatch) == 0
     out = capsys.readouterr().out
     assert {"1", "2", "3"} <= {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")}
-    assert "self-speculation: not run (it does not draft through a shared exit block yet)" in out
+    spec = [line for line in out.splitlines() if line.startswith("| 2 | 4 |")]
+    assert len(spec) == 1 and spec[0].rstrip().endswith("| 3/3 |")  # speculation through the block is exact
 
 
 def test_bench_train_runs_both_paths_on_the_same_examples(tiny_dir, tmp_path, monkeypatch, capsys):

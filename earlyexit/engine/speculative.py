@@ -53,7 +53,9 @@ class SelfSpeculation(Core):
         with the full model in one pass, keep the agreeing prefix plus the full model's next token.
 
         The verification reuses the draft: blocks ≤ E already wrote the drafted tokens' KV and produced their
-        layer-E states, so it runs blocks ≤ E for the last draft only and blocks > E for all of them. Greedy
+        layer-E states, so it runs blocks ≤ E for the last draft only and blocks > E for all of them. With a shared
+        exit block (exit adapters of kind block, Kangaroo's drafter) the drafts read exit E through it, and its cache
+        is written at every position whose layer-E state is computed, the prompt's included. Greedy
         output equals full-depth greedy decoding; sampling uses the speculative acceptance rule (accept a draft
         with probability min(1, p/q), else draw from the normalised max(0, p − q)), so tokens follow the full
         model's distribution. Rows of a batch accept different numbers of tokens and continue at their own slots.
@@ -69,9 +71,6 @@ class SelfSpeculation(Core):
             generation, eos_token_id, pad_token_id, ignore_eos, changes: as :meth:`Core.generate`.
         """
         args = options(generation, **changes)
-        if self.shared is not None:
-            raise EarlyExitError("self-speculation does not draft through a shared exit block (exit adapters of kind block) yet: "
-                                 "decode its exits as fixed exits, or with generation.engine false")
         exit_layer = self.ee.check_layer(draft_layer)
         if exit_layer >= self.n_layers:
             raise EarlyExitError(f"draft layer {draft_layer} must be below the last layer {self.n_layers}")
@@ -119,16 +118,22 @@ class SelfSpeculation(Core):
         def choose(scores):
             return sample(scores) if do_sample else scores.argmax(-1)
 
-        def lower(j: int) -> None:
-            """Blocks ≤ E for the token at ``pos + j`` (cur, or draft j − 1): its KV and its layer-E state."""
+        shared = self.shared is not None and self.ee.adapters.has_block(exit_layer)
+        group = [(exit_layer, batch)]
+
+        def lower(j: int) -> torch.Tensor:
+            """Blocks ≤ E for the token at ``pos + j`` (cur, or draft j − 1): its KV and its layer-E state; with a
+            shared exit block, that block's KV too. Returns the state the draft exit reads."""
             token = cur if j == 0 else drafts[:, j - 1 : j]
             hidden, kwargs, masks = self._decode_inputs(token, pos + j, valid, npad, cache)
             states[:, j : j + 1].copy_(self._decode_blocks(hidden, kwargs, masks, range(1, exit_layer + 1)))
+            if shared:  # the drafter reads the exit through the shared block, whose cache follows every position
+                return self._shared_block(states[:, j : j + 1], kwargs, masks, group)[:, 0]
+            return states[:, j]
 
         def draft(j: int):
             def run():
-                lower(j)
-                scores = dist(states[:, j], exit_layer)  # the draft exit, through its adapter
+                scores = dist(lower(j), exit_layer)  # the draft exit, through its adapter
                 drafts[:, j].copy_(choose(scores))
                 if do_sample:
                     q[:, j].copy_(scores)
@@ -189,7 +194,15 @@ class SelfSpeculation(Core):
             nonlocal graphed
             ids = load(ids, mask)
             out.fill_(pad)
-            first = choose(dist(self._prefill(ids, valid, npad, cache, range(1, self.n_layers + 1))[:, -1]))
+            if shared:  # the prompt's layer-E states through the shared block too: its cache for the drafts
+                slots = torch.arange(ids.shape[1], device=self.device).expand(ids.shape[0], -1)
+                hidden, kwargs, masks = self._inputs(ids, slots, valid, npad, cache)
+                hidden = self._blocks(hidden, kwargs, masks, range(1, exit_layer + 1))
+                self._shared_block(hidden, kwargs, masks, group)
+                last = self._blocks(hidden, kwargs, masks, range(exit_layer + 1, self.n_layers + 1))[:, -1]
+            else:
+                last = self._prefill(ids, valid, npad, cache, range(1, self.n_layers + 1))[:, -1]
+            first = choose(dist(last))
             out[:, 0] = first
             cur.copy_(first[:, None])
             pos.fill_(prompt)
