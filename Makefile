@@ -27,13 +27,18 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # The best early-exit recipe for SmolLM2 (docs/results.md, "Exits that answer"), end to end; needs a GPU (about
-# 5 minutes on one H200): the model's own answers, exit adapters trained on them, the per-layer evaluation, and
-# each exit's agreement and self-speculative acceptance.
-smollm2-ee: install
-	$(BIN)/python scripts/self_answers.py --model.dtype float32 --batch_size 64 --out data/smollm2_self_answers.json --work_dir results/smollm2_self_answers
-	$(BIN)/python -m earlyexit.train --config configs/smollm2_ee.yaml
-	$(BIN)/python -m earlyexit.evaluate --config configs/smollm2_layers.yaml --model.adapter checkpoints/smollm2_ee/adapter --out_dir results/smollm2_ee_layers
-	$(BIN)/python scripts/acceptance.py --model.dtype float32 --model.adapter checkpoints/smollm2_ee/adapter --draft_layers '[8, 15, 22]' --n_draft '[4]'
+# 5 minutes on one H200): the model's own answers (once), exit adapters trained on them, the per-layer evaluation,
+# and each exit's agreement and self-speculative acceptance. `make smollm2-ee EE=smollm2_ee_block` runs recipe E
+# (the shared exit block) the same way.
+EE ?= smollm2_ee
+
+data/smollm2_self_answers.json: | install
+	$(BIN)/python scripts/self_answers.py --model.dtype float32 --batch_size 64 --out $@ --work_dir results/smollm2_self_answers
+
+smollm2-ee: install data/smollm2_self_answers.json
+	$(BIN)/python -m earlyexit.train --config configs/$(EE).yaml
+	$(BIN)/python -m earlyexit.evaluate --config configs/smollm2_layers.yaml --model.adapter checkpoints/$(EE)/adapter --out_dir results/$(EE)_layers
+	$(BIN)/python scripts/acceptance.py --model.dtype float32 --model.adapter checkpoints/$(EE)/adapter --draft_layers '[8, 15, 22]' --n_draft '[4]'
 
 clean-results:
 	rm -rf results/demo
