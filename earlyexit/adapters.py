@@ -8,8 +8,8 @@ attention: position-wise, so it needs no KV cache). The ``block`` kind is one ex
 exit (Kangaroo, Liu et al., 2024): a copy of the model's last block that reads exit L's states of the whole sequence
 with causal attention, so an exit can gather context that its own layer does not yet hold; it runs as a block after
 block L (the model's own forward, KV cache and ``generate`` see blocks 1..L and it; the engine's fixed exits give it
-a cache layer per exit, for fixed exits and self-speculation's drafts), and on training sequences through
-:meth:`earlyexit.model.EarlyExitHead.hidden_states`. Dynamic exits do not read it yet. Every map's output layer starts at zero (the block's
+a cache layer per exit in every mode, on its fast path), and on training sequences through
+:meth:`earlyexit.model.EarlyExitHead.hidden_states`. Every map's output layer starts at zero (the block's
 attention output and MLP down projections too), so an untrained adapter is the identity and exit L starts as the
 logit lens. The last layer has no adapter: it stays the model's own output.
 

@@ -64,7 +64,7 @@ class ExitAdapterArgs:
         rank: affine: None for full D × D maps (as the tuned lens), r for low-rank maps; mlp: hidden width (4·D if None).
         kind: affine (``h + A h + b``, the tuned lens), mlp (``h + W2 silu(W1 LayerNorm(h))``, position-wise) or block
             (one decoder block shared by the exits, a copy of the last one, with attention over the exit's states:
-            Kangaroo's adapter; fixed exits and self-speculation: dynamic exits do not read it yet).
+            Kangaroo's adapter; the engine decodes it on its fast path, llama-style families).
     """
 
     exit_layers: ExitLayers = "all"

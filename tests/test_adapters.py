@@ -300,14 +300,39 @@ def test_self_speculation_through_the_shared_block_is_exact_on_a_padded_batch(dr
     assert torch.equal(got.tokens, full.tokens)
 
 
+@pytest.mark.parametrize("check_every", [1, 2])
+def test_dynamic_exits_read_the_shared_block_like_the_reference(check_every):
+    """The shared block at every check layer, its cache fed the exit state of tokens that exited below (CALM's
+    propagation), and skipped above the exit: the from-scratch reference's tokens and exit layers."""
+    from test_engine import dynamic_reference
+
+    ee = shared("llama", seed=4, std=0.05)
+    ids = torch.tensor([[5, 17, 42, 9, 33]])
+    got = Engine(ee).generate_dynamic(ids, torch.ones_like(ids), threshold=0.0105, min_layer=1, check_every=check_every,
+                                      max_new_tokens=12, ignore_eos=True)
+    tokens, exits = dynamic_reference(ee, ids, 0.0105, 1, 12, check_every=check_every)
+    assert got.tokens[0].tolist() == tokens and got.layers[0].tolist() == exits
+    assert len(set(exits)) > 1
+    plain = dynamic_reference(EarlyExitHead(tiny_model("llama")), ids, 0.0105, 1, 12, check_every=check_every)
+    assert plain != (tokens, exits)  # the exits did read the block
+
+
+def test_dynamic_exits_at_threshold_zero_are_the_fixed_exit_through_the_shared_block():
+    ee = shared("mistral", seed=4, std=0.05)
+    ids, mask = prompts()
+    engine = Engine(ee)
+    fixed = engine.generate(ids, mask, [2], max_new_tokens=12, ignore_eos=True)[2]
+    for every in (1, 3):
+        got = engine.generate_dynamic(ids, mask, threshold=0.0, min_layer=2, check_every=every, max_new_tokens=12, ignore_eos=True)
+        assert torch.equal(got.tokens, fixed.tokens), every
+    full = engine.generate_dynamic(ids, mask, threshold=1.01, min_layer=1, max_new_tokens=12, ignore_eos=True)
+    assert torch.equal(full.tokens, engine.generate(ids, mask, [4], max_new_tokens=12, ignore_eos=True)[4].tokens)
+
+
 def test_the_shared_block_is_refused_where_it_cannot_run(tiny_dir):
     from earlyexit.adapters import block_template
     from earlyexit.errors import EarlyExitError
 
-    engine = Engine(shared("llama"))
-    ids, mask = prompts()
-    with pytest.raises(EarlyExitError, match="dynamic exits do not read a shared exit block"):
-        engine.generate_dynamic(ids, mask, threshold=0.5, min_layer=1)
     with pytest.raises(EarlyExitError, match="on its fast path only"):
         Engine(shared("llama"), fast=False)
     with pytest.raises(EarlyExitError, match="gemma2's blocks differ in their attention window"):

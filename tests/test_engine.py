@@ -171,9 +171,14 @@ def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax", c
     propagation the engine implements) and pick the last position's exit."""
     tokens, exits = list(ids[0].tolist()), []
     prompt = len(tokens)
+    adapters = ee.adapters  # a shared exit block reads, at a check layer, every position's state there
     for _ in range(steps):
         length = len(tokens)
         frozen, chosen, inputs = {}, {}, {}  # position → exit state; the last position's exit; each block's input
+        block_kwargs = {}
+
+        def keep(_module, _args, kwargs):
+            block_kwargs.update(kwargs)
 
         def before(layer):
             def hook(_module, args, kwargs):
@@ -192,21 +197,27 @@ def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax", c
                         frozen[position] = hidden[0, position]
                 checked = layer >= min_layer and (layer - min_layer) % check_every == 0
                 if (checked or layer == ee.n_layers) and length - 1 not in frozen:
-                    last = hidden[:, -1]
-                    logits = ee.exit_logits(last)
+                    last = read = hidden[:, -1]
+                    if adapters is not None and adapters.has_block(layer):  # positions exited below: their exit state
+                        seq = hidden.clone()
+                        for position, state in frozen.items():
+                            seq[0, position] = state
+                        read = adapters.run_block(seq, block_kwargs)[:, -1]
+                    logits = ee.exit_logits(read)
                     logits[:, 1] = float("-inf")  # EOS is banned (ignore_eos)
                     if layer == ee.n_layers or float(confidence(logits, last, inputs[layer][:, -1], measure)) >= threshold:
-                        frozen[length - 1], chosen["layer"] = last[0], layer
+                        frozen[length - 1], chosen["layer"], chosen["read"] = last[0], layer, read[0]
             return hook
 
-        handles = [block.register_forward_pre_hook(before(i + 1), with_kwargs=True) for i, block in enumerate(ee.blocks)]
+        handles = [ee.blocks[0].register_forward_pre_hook(keep, with_kwargs=True)]
+        handles += [block.register_forward_pre_hook(before(i + 1), with_kwargs=True) for i, block in enumerate(ee.blocks)]
         handles += [block.register_forward_hook(after(i + 1)) for i, block in enumerate(ee.blocks)]
         try:
             ee.decoder(input_ids=torch.tensor([tokens]), use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
-        logits = ee.exit_logits(frozen[length - 1])
+        logits = ee.exit_logits(chosen["read"])
         logits[1] = float("-inf")
         tokens.append(int(logits.argmax()))
         exits.append(chosen["layer"])

@@ -155,8 +155,7 @@ class Core:
             rows = slice(start, start + count)
             part = hidden[rows]
             if adapters.has_block(layer):
-                block = copy.copy(self.shared)
-                block.layer_idx = self.n_layers + layer  # its own keys and values, after the model's layers
+                block = self._shared_at(layer)  # its own keys and values, after the model's layers
                 cache.slots = slots[rows]
                 mask = masks[self.windows[-1]][rows].to(dtype)
                 part = block(part.to(dtype), mask, (cos[rows].to(dtype), sin[rows].to(dtype)), cache).to(hidden.dtype)
@@ -164,6 +163,18 @@ class Core:
             start += count
         cache.slots = slots
         return torch.cat(parts)
+
+    def _shared_at(self, layer: int) -> FusedBlock:
+        """The shared exit block writing exit ``layer``'s own cache layer (after the model's layers)."""
+        block = copy.copy(self.shared)
+        block.layer_idx = self.n_layers + layer
+        return block
+
+    def _shared_fill(self, hidden: torch.Tensor, position_embeddings, cache, layer: int) -> None:
+        """Only the keys and values the shared block computes at exit ``layer`` for input ``hidden`` (a dynamic exit's
+        state propagated to a check layer above it)."""
+        dtype = self.shared.wqkv.dtype
+        self._shared_at(layer).fill(hidden.to(dtype), tuple(t.to(dtype) for t in position_embeddings), cache)
 
     def _adapt(self, hidden: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
         """Exit adapters on rows grouped by exit: ``groups`` is ``(layer, rows)`` in row order (identity without adapters)."""

@@ -75,18 +75,22 @@ class _Exits:
         """A block's inputs: the exit state for rows that have exited (one token a row)."""
         return torch.where(self.exited[:, None, None], self.state, hidden)
 
-    def decide(self, layer: int, last: torch.Tensor, previous: torch.Tensor, final: bool) -> None:
+    def decide(self, layer: int, last: torch.Tensor, previous: torch.Tensor, final: bool,
+               adapted: torch.Tensor | None = None) -> None:
         """Rows not yet exited whose confidence at ``layer`` reaches the threshold (all of them at the last layer)
-        exit here. last, previous: ``[R, 1, D]`` this layer's output and input at the deciding position."""
+        exit here. last, previous: ``[R, 1, D]`` this layer's output and input at the deciding position; ``adapted``:
+        what exit ``layer``'s head reads there, when the shared exit block computed it (else its adapter, here)."""
+        if adapted is None and self.core.ee.adapters is not None:
+            adapted = self.core._adapt(last, [(layer, last.shape[0])])
         if final:
             now = ~self.exited
         else:
-            logits = None if self.measure == "state" else self.core._logits(last, self.banned, layer)
+            logits = None if self.measure == "state" else self.core._logits(last if adapted is None else adapted, self.banned)
             now = ~self.exited & (confidence(logits, last, previous, self.measure)[:, 0] >= self.threshold)
         pick = now[:, None, None]
         self.state.copy_(torch.where(pick, last, self.state))
-        if self.core.ee.adapters is not None:
-            self.adapted.copy_(torch.where(pick, self.core._adapt(last, [(layer, last.shape[0])]), self.adapted))
+        if adapted is not None:
+            self.adapted.copy_(torch.where(pick, adapted, self.adapted))
         self.layer.copy_(torch.where(now, layer, self.layer))
         self.exited.copy_(self.exited | now)
 
@@ -126,9 +130,6 @@ class DynamicExits(Core):
             eos_token_id, pad_token_id, ignore_eos: as :meth:`Core.generate`.
         """
         args = options(generation, **changes)
-        if self.shared is not None:
-            raise EarlyExitError("dynamic exits do not read a shared exit block (exit adapters of kind block) yet: decode its "
-                                 "exits as fixed exits, or with generation.engine false")
         self.ee.check_layer(args.min_layer_of(self.n_layers))
         checks = tuple(args.check_layers_of(self.n_layers))
         stops = self.stops(eos_token_id, pad_token_id, ignore_eos)
@@ -156,9 +157,18 @@ class DynamicExits(Core):
             inputs = hidden
             hidden = self._blocks(inputs, kwargs, masks, range(layer, layer + 1))
             if layer in checks or layer == self.n_layers:
-                exits.decide(layer, hidden[:, -1:], inputs[:, -1:], final=layer == self.n_layers)
+                adapted = self._shared_check(hidden, kwargs, masks, layer)  # every prompt position: its cache
+                exits.decide(layer, hidden[:, -1:], inputs[:, -1:], final=layer == self.n_layers,
+                             adapted=None if adapted is None else adapted[:, -1:])
         loop.out[:, 0] = exits.token()
         loop.extras[0][:, 0] = exits.layer
+
+    def _shared_check(self, hidden, kwargs, masks, layer: int) -> torch.Tensor | None:
+        """At a check layer read through the shared exit block: the block on ``hidden`` (which writes its cache), else
+        None."""
+        if self.shared is None or not self.ee.adapters.has_block(layer):
+            return None
+        return self._shared_block(hidden, kwargs, masks, [(layer, hidden.shape[0])])
 
     def _propagating_program(self, threshold: float, checks: tuple[int, ...], measure: Measure, batch: int, prompt: int,
                              max_new_tokens: int, stops: Stops):
@@ -176,7 +186,9 @@ class DynamicExits(Core):
                 inputs = exits.inputs(hidden)
                 hidden = self._decode_blocks(inputs, kwargs, masks, range(layer, layer + 1))
                 if layer in checks or layer == self.n_layers:
-                    exits.decide(layer, hidden, inputs, final=layer == self.n_layers)
+                    # exited rows feed the shared block their exit state, as the blocks above them
+                    adapted = self._shared_check(exits.inputs(hidden), kwargs, masks, layer)
+                    exits.decide(layer, hidden, inputs, final=layer == self.n_layers, adapted=adapted)
             token = exits.token()
             loop.advance(token, exits.layer)
             return token
@@ -229,7 +241,8 @@ class DynamicExits(Core):
                     inputs = exits.inputs(h)
                     h = self._decode_blocks(inputs, kwargs, masks, range(layer, layer + 1))
                 top = bounds[j + 1]
-                exits.decide(top, h, inputs, final=top == n)
+                adapted = self._shared_check(exits.inputs(h), kwargs, masks, top)
+                exits.decide(top, h, inputs, final=top == n, adapted=adapted)
                 if top == n:
                     token = exits.token()
                     loop.advance(token, exits.layer)
@@ -244,6 +257,8 @@ class DynamicExits(Core):
             def run():  # every row has exited at or below bounds[j + 1]: only the K/V of the blocks above
                 for layer in range(bounds[j + 1] + 1, n + 1):
                     self.fast[layer - 1].fill(exits.state, rotary, cache)
+                    if layer in checks and self.shared is not None and self.ee.adapters.has_block(layer):
+                        self._shared_fill(exits.state, rotary, cache, layer)
                 token = exits.token()
                 loop.advance(token, exits.layer)
                 return token
