@@ -79,12 +79,14 @@ class Core:
                 raise EarlyExitError("the engine decodes a shared exit block (exit adapters of kind block) on its fast "
                                      "path only: set generation.engine false (the model's own generate)")
             self.shared = FusedBlock(adapters.block, ee.config)
-        self._decode_blocks, self._decode_inputs, self._decode_head = self._blocks, self._inputs, self._head
+        self._decode_blocks, self._decode_inputs = self._blocks, self._inputs
+        self._decode_head, self._decode_greedy = self._head, self._greedy
         if compile:  # the decode step's blocks and head; on the fast path its inputs too (embedding, rotary, masks)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             how = compiler(compile_mode, ee.config.hidden_size)
             self._decode_blocks = torch.compile(self._blocks, dynamic=False, **how)
             self._decode_head = torch.compile(self._head, dynamic=False, **how)
+            self._decode_greedy = torch.compile(self._greedy, dynamic=False, **how)
             if self.fast is not None:
                 self._decode_inputs = torch.compile(self._inputs, dynamic=False, **how)
 
@@ -197,6 +199,10 @@ class Core:
     def _head(self, hidden: torch.Tensor, groups: list[tuple[int, int]], banned: torch.Tensor | None) -> torch.Tensor:
         """Float logits of block outputs grouped by exit (``groups`` as :meth:`_adapt`), through their adapters."""
         return self._logits(self._adapt(hidden, groups), banned)
+
+    def _greedy(self, hidden: torch.Tensor, groups: list[tuple[int, int]], banned: torch.Tensor | None) -> torch.Tensor:
+        """Greedy tokens ``[R]`` of block outputs grouped by exit (the head and its argmax, compiled together)."""
+        return self._head(hidden, groups, banned).argmax(-1)
 
     def _graph(self, step: Callable[[], torch.Tensor], state: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
         """``step`` advances ``state`` in place; on a GPU capture it once and replay it."""
@@ -322,7 +328,10 @@ class Core:
         def step():
             hidden, kwargs, masks = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
             hidden = self._shared_block(self._decode_blocks(hidden, kwargs, masks, layers, rows), kwargs, masks, groups)
-            token = choose(self._decode_head(hidden[:, -1], groups, banned))
+            if args.do_sample:
+                token = choose(self._decode_head(hidden[:, -1], groups, banned))
+            else:
+                token = self._decode_greedy(hidden[:, -1], groups, banned)
             loop.advance(token)
             return token
 
