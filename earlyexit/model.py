@@ -152,7 +152,8 @@ class EarlyExitHead(nn.Module):
         """Logits of an exit from the raw (un-normalised) output of a block.
 
         Args:
-            hidden: ``[..., D]`` output of decoder block L, before any final norm.
+            hidden: ``[..., D]`` output of decoder block L, before any final norm; for an exit read through the shared
+                exit block (kind ``block``), what :meth:`hidden_states` returns for L (the block already applied).
             layer: L; when given and the model has an exit adapter for L, it is applied before the norm.
 
         Returns:
