@@ -115,6 +115,56 @@ class LinearHead:
     softcap: float | None = None
 
 
+def chunk_terms(z: torch.Tensor, target: torch.Tensor, t_logp: torch.Tensor | None, t_ids: torch.Tensor | None,
+                alpha: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of the fused loss from its logits: summed CE, summed KL and the gradient of ``(1 − α)·CE + α·KL``
+    with respect to the logits (before soft-capping).
+
+    Args:
+        z: ``[M, V]`` logits (any float dtype; computed in float32).
+        target: ``[M]`` next-token ids.
+        t_logp: the teacher's log-probabilities, ``[M, V]`` (dense) or ``[M, k]`` (top-k with ``t_ids``), or None.
+        t_ids: ``[M, k]`` the top-k teacher's token ids, or None for a dense teacher.
+        alpha: the KL's share.
+        softcap: Gemma-2's final logit soft-capping, or None.
+    """
+    z = z.float()
+    if softcap is not None:
+        squashed = torch.tanh(z / softcap)
+        z = squashed * softcap
+    logp = F.log_softmax(z, dim=-1)  # [M, V]
+    q = logp.exp()
+    onehot = F.one_hot(target, z.shape[-1]).to(z.dtype)  # [M, V]
+    ce = -(logp * onehot).sum()
+    dz = (1 - alpha) * (q - onehot)
+    kl = z.new_zeros(())
+    if t_logp is not None:
+        t_logp = t_logp.float()
+        p = t_logp.exp()
+        if t_ids is None:  # dense [M, V]
+            kl = (p * (t_logp - logp)).sum()
+            dz = dz + alpha * (q - p)
+        else:  # top-k [M, k]
+            ids = t_ids.long()
+            kl = (p * (t_logp - logp.gather(-1, ids))).sum()
+            dz = dz + alpha * p.sum(-1, keepdim=True) * q
+            dz = dz.scatter_add(-1, ids, -alpha * p)
+    if softcap is not None:
+        dz = dz * (1 - squashed.square())
+    return ce, kl, dz
+
+
+_COMPILED_TERMS = None
+
+
+def _compiled_chunk_terms():
+    """:func:`chunk_terms` through ``torch.compile`` (shapes dynamic: the last chunk is shorter), built once."""
+    global _COMPILED_TERMS
+    if _COMPILED_TERMS is None:
+        _COMPILED_TERMS = torch.compile(chunk_terms, dynamic=True)
+    return _COMPILED_TERMS
+
+
 class _FusedExitLoss(torch.autograd.Function):
     """(1 − α)·CE + α·KL summed over rows, from the head's input, with its gradient computed in the forward pass.
 
@@ -122,7 +172,8 @@ class _FusedExitLoss(torch.autograd.Function):
     respect to the logits, ``((1 − α) + α·s)·q − (1 − α)·onehot − α·p`` (q the exit's probabilities, p the teacher's,
     s = Σp: 1 for a dense teacher, the kept mass for a top-k one), times the weight: the gradient with respect to the
     input, kept for the backward pass. No ``[rows, V]`` block outlives its chunk and the backward pass runs no head
-    product again (the checkpointed reference runs it twice more: recompute and gradient).
+    product again (the checkpointed reference runs it twice more: recompute and gradient). On a GPU the chunk's
+    element-wise work (:func:`chunk_terms`) is compiled, so its passes over ``[rows, V]`` fuse.
     """
 
     @staticmethod
@@ -130,33 +181,16 @@ class _FusedExitLoss(torch.autograd.Function):
         grad = torch.empty_like(x) if x.requires_grad else None
         ce_sum = x.new_zeros((), dtype=torch.float32)
         kl_sum = x.new_zeros((), dtype=torch.float32)
+        terms = _compiled_chunk_terms() if x.is_cuda else chunk_terms  # on a GPU its element-wise passes fuse
         for start in range(0, x.shape[0], chunk):
             piece = slice(start, start + chunk)
-            z = F.linear(x[piece], weight, bias).float()
-            if softcap is not None:
-                squashed = torch.tanh(z / softcap)
-                z = squashed * softcap
-            logp = F.log_softmax(z, dim=-1)
-            rows = torch.arange(logp.shape[0], device=logp.device)
-            tgt = target[piece]
-            ce_sum += -logp[rows, tgt].sum()
-            q = logp.exp()
-            dz = q * (1 - alpha)
-            dz[rows, tgt] -= 1 - alpha
-            if teacher_logp is not None and alpha > 0:
-                t_logp = teacher_logp[piece].float()
-                p = t_logp.exp()
-                if teacher_ids is None:  # dense [M, V]
-                    kl_sum += (p * (t_logp - logp)).sum()
-                    dz += alpha * (q - p)
-                else:  # top-k [M, k]
-                    ids = teacher_ids[piece].long()
-                    kl_sum += (p * (t_logp - logp.gather(-1, ids))).sum()
-                    dz += alpha * p.sum(-1, keepdim=True) * q
-                    dz.scatter_add_(-1, ids, -alpha * p)
+            t_logp = teacher_logp[piece] if teacher_logp is not None and alpha > 0 else None
+            t_ids = teacher_ids[piece] if t_logp is not None and teacher_ids is not None else None
+            z = F.linear(x[piece], weight, bias)
+            ce, kl, dz = terms(z, target[piece], t_logp, t_ids, alpha, softcap)
+            ce_sum += ce
+            kl_sum += kl
             if grad is not None:
-                if softcap is not None:
-                    dz *= 1 - squashed.square()
                 grad[piece] = dz.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(ce_sum, kl_sum)

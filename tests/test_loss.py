@@ -235,3 +235,25 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     for name in ref_grads:
         assert_close(got_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert frames <= 2, frames  # one graph for all four blocks (not one per block)
+
+
+@pytest.mark.parametrize("teacher_kind, softcap", [("dense", 30.0), ("top-k", None)])
+def test_the_compiled_chunk_terms_equal_the_eager_ones(teacher_kind, softcap):
+    """What the fused loss runs on a GPU (chunk_terms through torch.compile, dynamic shapes) against the eager
+    function, here compiled for the CPU, on two chunk lengths."""
+    from earlyexit.loss import _compiled_chunk_terms, chunk_terms
+
+    g = torch.Generator().manual_seed(0)
+    for rows in (7, 5):
+        z = torch.randn(rows, 50, generator=g) * 3
+        target = torch.randint(0, 50, (rows,), generator=g)
+        dense = F.log_softmax(torch.randn(rows, 50, generator=g), -1)
+        if teacher_kind == "dense":
+            t_logp, t_ids = dense, None
+        else:
+            top = dense.topk(6, -1)
+            t_logp, t_ids = top.values, top.indices.int()
+        want = chunk_terms(z, target, t_logp, t_ids, 0.6, softcap)
+        got = _compiled_chunk_terms()(z, target, t_logp, t_ids, 0.6, softcap)
+        for a, b in zip(got, want):
+            assert_close(a, b, rtol=1e-5, atol=1e-6)
