@@ -133,8 +133,8 @@ class TimeToLoss(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every and step < trainer.max_steps:
-            return
+        if (step % self.every and step < trainer.max_steps) or (self.records and self.records[-1]["step"] == step):
+            return  # not a measuring step, or one already measured (gradient accumulation: several batches a step)
         self.seconds += self._now(pl_module) - self.started
         ce = self.measure(pl_module)
         self.records.append({"step": step, "seconds": self.seconds, "ce": ce})

@@ -202,6 +202,11 @@ def test_time_to_loss_stops_the_candidate_at_the_baselines_loss(tmp_path, monkey
     assert f"candidate CE at step {reached}" in out and "× faster" in out
     assert run_command("time_to_loss.py", argv, monkeypatch) == 0  # the baseline is reused
     assert json.loads((tmp_path / "baseline" / "clock.json").read_text()) == base
+    at = argv.index("--candidate_args") + 1
+    accumulated = [*argv[:at], argv[at][:-1] + ", --trainer.accumulate_grad_batches, '2']", *argv[at + 1 :]]
+    assert run_command("time_to_loss.py", accumulated, monkeypatch) == 0  # two batches a step: one measurement a step
+    steps = [r["step"] for r in json.loads((tmp_path / "candidate" / "clock.json").read_text())["records"]]
+    assert steps == sorted(set(steps))
 
 
 def test_sweep_puts_every_mode_on_one_quality_speed_figure(tiny_dir, tmp_path, monkeypatch, capsys):
