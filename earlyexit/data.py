@@ -200,6 +200,15 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return [sorted(row) for row in rows]
 
 
+def padded_batch(examples: list[dict], pad_id: int) -> dict:
+    """One example per row, right-padded to the longest: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (and
+    the examples' cached teacher, if any)."""
+    input_ids = pad([e["input_ids"] for e in examples], pad_id, "right")
+    attention_mask = pad([[1] * len(e["input_ids"]) for e in examples], 0, "right")
+    labels = pad([e["labels"] for e in examples], IGNORE_INDEX, "right")
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **cached_teacher(examples)}
+
+
 def packed_batch(examples: list[dict], capacity: int, pad_id: int) -> dict:
     """Several examples per row (sequence packing): ``input_ids``, ``labels`` and ``position_ids`` ``[R, T]``, positions
     restarting at 0 on each example, and no ``attention_mask``: the model's own masks, given restarting positions and
@@ -404,10 +413,7 @@ class AlpacaDataModule(L.LightningDataModule):
         pad_id = self.tokenizer.pad_token_id
         if self.hparams.pack:
             return packed_batch(batch, self.hparams.max_length, pad_id)
-        input_ids = pad([b["input_ids"] for b in batch], pad_id, "right")
-        attention_mask = pad([[1] * len(b["input_ids"]) for b in batch], 0, "right")
-        labels = pad([b["labels"] for b in batch], IGNORE_INDEX, "right")
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **cached_teacher(batch)}
+        return padded_batch(batch, pad_id)
 
     def collate_predict(self, batch: list[dict]) -> dict:
         pad_id = self.tokenizer.pad_token_id

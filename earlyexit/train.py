@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from earlyexit.data import IGNORE_INDEX, AlpacaDataModule, pad
+from earlyexit.data import IGNORE_INDEX, AlpacaDataModule, padded_batch
 from earlyexit.distributed import check_setup, configure_strategy, full_state_dict
 from earlyexit.adapters import attached
 from earlyexit.errors import EarlyExitError, report_errors
@@ -93,10 +93,9 @@ class TimeToLoss(Callback):
         dm = trainer.datamodule
         pad_id = dm.tokenizer.pad_token_id
         examples = dm.val_set
-        self.batches = [{"input_ids": pad([e["input_ids"] for e in chunk], pad_id, "right"),
-                         "attention_mask": pad([[1] * len(e["input_ids"]) for e in chunk], 0, "right"),
-                         "labels": pad([e["labels"] for e in chunk], IGNORE_INDEX, "right")}
-                        for chunk in (examples[i : i + 16] for i in range(0, len(examples), 16))]
+        keys = ("input_ids", "attention_mask", "labels")
+        self.batches = [{k: v for k, v in padded_batch(examples[i : i + 16], pad_id).items() if k in keys}
+                        for i in range(0, len(examples), 16)]
         if not self.batches:
             raise EarlyExitError("TimeToLoss needs a validation split: set data.val_size > 0")
         missing = sorted(set(self.targets or ()) - set(pl_module.train_exits))
