@@ -27,10 +27,19 @@ from earlyexit.errors import EarlyExitError, positive
 from earlyexit.results import markdown_table
 
 
-def train(config: str, extra: list[str], root: Path, every: int, targets: Path | None) -> dict:
+Arg = str | int | float | bool
+"""One item of a command line given as a list: ``[--model.optim.lr, 1e-3]`` parses the number as a number."""
+
+
+def command_line(items: list[Arg]) -> list[str]:
+    """The items as command-line words (``true``/``false`` for booleans, as the configs write them)."""
+    return [str(item).lower() if isinstance(item, bool) else str(item) for item in items]
+
+
+def train(config: str, extra: list[Arg], root: Path, every: int, targets: Path | None) -> dict:
     """One ``earlyexit.train`` run with the clock; its records."""
     clock = root / "clock.json"
-    args = [sys.executable, "-m", "earlyexit.train", "--config", config, *extra,
+    args = [sys.executable, "-m", "earlyexit.train", "--config", config, *command_line(extra),
             "--trainer.default_root_dir", str(root), "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false",
             "--trainer.callbacks+=earlyexit.train.TimeToLoss", "--trainer.callbacks.out", str(clock),
@@ -45,9 +54,9 @@ def train(config: str, extra: list[str], root: Path, every: int, targets: Path |
 
 def time_to_loss(
     baseline: str = "configs/smollm2_lora.yaml",
-    baseline_args: list[str] = ["--data.pack", "false"],  # noqa: B006 (read only): today's recipe pads its batches
+    baseline_args: list[Arg] = ["--data.pack", "false"],  # noqa: B006 (read only): today's recipe pads its batches
     candidate: str = "configs/smollm2_lora_fast.yaml",
-    candidate_args: list[str] = [],  # noqa: B006
+    candidate_args: list[Arg] = [],  # noqa: B006
     baseline_every: int = 150,
     every: int = 10,
     work_dir: str = "results/time_to_loss",

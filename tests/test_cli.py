@@ -185,8 +185,8 @@ def test_time_to_loss_stops_the_candidate_at_the_baselines_loss(tmp_path, monkey
     import json
 
     debug = str(ROOT / "configs" / "debug.yaml")
-    argv = ["--baseline", debug, "--baseline_args", "[--trainer.max_steps, '4']", "--candidate", debug,
-            "--candidate_args", "[--trainer.max_steps, '12', --model.loss.fused, 'true', --data.pack, 'true', --model.optim.lr, '3e-3']",
+    argv = ["--baseline", debug, "--baseline_args", "[--trainer.max_steps, 4]", "--candidate", debug,  # numbers as numbers
+            "--candidate_args", "[--trainer.max_steps, '12', --model.loss.fused, true, --data.pack, 'true', --model.optim.lr, 3e-3]",
             "--baseline_every", "2", "--every", "1", "--work_dir", str(tmp_path)]
     assert run_command("time_to_loss.py", argv, monkeypatch) == 0
     base = json.loads((tmp_path / "baseline" / "clock.json").read_text())
@@ -203,7 +203,7 @@ def test_time_to_loss_stops_the_candidate_at_the_baselines_loss(tmp_path, monkey
     assert run_command("time_to_loss.py", argv, monkeypatch) == 0  # the baseline is reused
     assert json.loads((tmp_path / "baseline" / "clock.json").read_text()) == base
     at = argv.index("--candidate_args") + 1
-    accumulated = [*argv[:at], argv[at][:-1] + ", --trainer.accumulate_grad_batches, '2']", *argv[at + 1 :]]
+    accumulated = [*argv[:at], argv[at][:-1] + ", --trainer.accumulate_grad_batches, 2]", *argv[at + 1 :]]
     assert run_command("time_to_loss.py", accumulated, monkeypatch) == 0  # two batches a step: one measurement a step
     steps = [r["step"] for r in json.loads((tmp_path / "candidate" / "clock.json").read_text())["records"]]
     assert steps == sorted(set(steps))
