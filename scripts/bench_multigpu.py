@@ -9,7 +9,8 @@ throughput and peak memory under FSDP or DDP, 1 vs N devices measured in one run
 phase's wall time, as printed by ``evaluate``, and the share of identical answers.
 
 ``train`` runs the real training step (EarlyExitModule on the Lightning Trainer: LoRA r=16 on every linear
-layer, exits every 2nd layer + last rotating by 2, chunked loss, gradient checkpointing, bf16-mixed) on
+layer, exits every 2nd layer + last rotating by 2, bf16-mixed; the chunked loss and gradient checkpointing unless
+``--fused true`` / ``--checkpointing false``) on
 random tokens, 1 device vs N devices with ``fsdp`` (each decoder block one unit) or ``ddp`` (a whole model per GPU). The model
 is a Llama-2-7B config with random bf16 weights (``llama2-7b-random``): honest for speed, meaningless for
 quality. Step times are measured on rank 0 after warm-up steps; peak memory is each rank's max allocated.
@@ -82,7 +83,8 @@ def bench_eval(eval_config: str = "configs/smollm2_layers.yaml", limit: int = 19
 
 
 def train_worker(model: str = "llama2-7b-random", devices: int = 1, batch: int = 8, seq: int = 512, steps: int = 10,
-                 warmup: int = 3, strategy: Literal["fsdp", "ddp"] = "fsdp") -> None:
+                 warmup: int = 3, strategy: Literal["fsdp", "ddp"] = "fsdp", fused: bool = False,
+                 checkpointing: bool = True) -> None:
     """One training run (``devices`` processes through Lightning; each rank runs this function)."""
     args = Namespace(model=model, devices=devices, batch=batch, seq=seq, steps=steps, warmup=warmup, strategy=strategy)
     import lightning as L
@@ -97,8 +99,8 @@ def train_worker(model: str = "llama2-7b-random", devices: int = 1, batch: int =
     name = RANDOM_PREFIX + "llama2-7b" if args.model == "llama2-7b-random" else args.model  # random: built on this rank's GPU
     module = EarlyExitModule(
         base=ModelArgs(name=name, device=f"cuda:{local}", dtype="bfloat16"), lora=LoraArgs(r=16, alpha=32),
-        loss=ExitLossArgs(exit_layers="every2", weights="uniform", curriculum="rotational", rotation=2),
-        optim=OptimArgs(lr=1e-4, warmup_steps=0), gradient_checkpointing=True,
+        loss=ExitLossArgs(exit_layers="every2", weights="uniform", curriculum="rotational", rotation=2, fused=fused),
+        optim=OptimArgs(lr=1e-4, warmup_steps=0), gradient_checkpointing=checkpointing,
     )
     gen = torch.Generator().manual_seed(0)
     total = (args.warmup + args.steps) * args.batch * args.devices
@@ -139,7 +141,8 @@ def train_worker(model: str = "llama2-7b-random", devices: int = 1, batch: int =
 
 
 def bench_train(model: str = "llama2-7b-random", devices: list[int] = [1, 2], batch: int = 8, seq: int = 512,  # noqa: B006
-                steps: int = 10, warmup: int = 3, strategy: Literal["fsdp", "ddp"] = "fsdp") -> None:
+                steps: int = 10, warmup: int = 3, strategy: Literal["fsdp", "ddp"] = "fsdp", fused: bool = False,
+                checkpointing: bool = True) -> None:
     """Data-parallel training: tokens/s and peak memory with 1 device and N devices (``fsdp`` or ``ddp``).
 
     Args:
@@ -150,6 +153,8 @@ def bench_train(model: str = "llama2-7b-random", devices: list[int] = [1, 2], ba
         steps: timed steps.
         warmup: steps before timing.
         strategy: with several devices, ``fsdp`` (sharded) or ``ddp`` (a whole model per GPU: LoRA at 7B fits one).
+        fused: the fused exit loss (``loss.fused``) instead of the chunked, checkpointed one.
+        checkpointing: activation checkpointing of the blocks.
     """
     for option, value in (("batch", batch), ("seq", seq), ("steps", steps), *(("devices", d) for d in devices)):
         positive(option, value)
@@ -157,14 +162,16 @@ def bench_train(model: str = "llama2-7b-random", devices: list[int] = [1, 2], ba
     results = []
     for devices in args.devices:
         cmd = [sys.executable, __file__, "_train", "--devices", str(devices), "--model", args.model, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--strategy", args.strategy]
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--strategy", args.strategy,
+               "--fused", str(fused).lower(), "--checkpointing", str(checkpointing).lower()]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             sys.exit(f"{devices} device(s) failed:\n{proc.stderr[-4000:]}")
         results.append(json.loads(line[len("RESULT "):]))
         print(line, flush=True)
-    print(f"{args.model}, batch {args.batch} × {args.seq} tokens per GPU, {args.steps} timed steps, on {results[0]['gpu']}")
+    print(f"{args.model}, batch {args.batch} × {args.seq} tokens per GPU, {args.steps} timed steps, "
+          f"{'fused' if fused else 'chunked'} exit loss, checkpointing {'on' if checkpointing else 'off'}, on {results[0]['gpu']}")
     print("| GPUs | strategy | tokens/s | tokens/s per GPU | peak memory per GPU (GiB) |")
     print("|---|---|---|---|---|")
     for r in results:
