@@ -95,6 +95,17 @@ def unwrapped(module: nn.Module) -> nn.Module:
         module = inner
 
 
+
+def _compiled_where_grad(forward):
+    """``forward`` compiled for calls that record gradients, and itself for calls that do not."""
+    compiled = torch.compile(forward)
+
+    def run(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else forward)(*args, **kwargs)
+
+    run.compiled = compiled  # what tests and callers can inspect
+    return run
+
 class EarlyExitHead(nn.Module):
     """Exit-aware view of a Hugging Face causal LM (plain or peft-wrapped).
 
@@ -249,15 +260,17 @@ class EarlyExitHead(nn.Module):
         return out
 
     def compile_blocks(self, on: bool = True) -> None:
-        """``on``: each decoder block's ``forward`` runs through ``torch.compile`` (regional compilation: the blocks
-        share one code object, so one compiled graph serves them all; shapes that vary from batch to batch turn it
-        dynamic after the second; hooks and the block list stay eager). Off: the plain forwards again."""
+        """``on``: each decoder block's ``forward`` runs through ``torch.compile`` where gradients are recorded, i.e.
+        in training steps (regional compilation: the blocks share one code object, so one compiled graph serves them
+        all; shapes that vary from batch to batch turn it dynamic after the second; hooks and the block list stay
+        eager). Forwards without gradients (the teacher pass, validation, measurements) stay eager: each would
+        otherwise compile graphs of its own, seconds each on a GPU. Off: the plain forwards again."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in self.blocks:
             block = unwrapped(block)  # under FSDP: the block itself, whose forward runs on gathered weights
             block.__dict__.pop("forward", None)
             if on:
-                block.forward = torch.compile(block.forward)
+                block.forward = _compiled_where_grad(block.forward)
 
     @contextmanager
     def truncated(self, exit_layer: int) -> Iterator[None]:

@@ -237,6 +237,31 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     assert frames <= 2, frames  # one graph for all four blocks (not one per block)
 
 
+def test_compiled_blocks_leave_forwards_without_gradients_eager():
+    """The teacher pass, validation and measurements record no gradients: with compiled blocks they run the plain
+    forwards (no graph is compiled for them, which cost a GPU run seconds per graph) and give the same states; the
+    training forward after them still compiles."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ee = EarlyExitHead(model)
+    ids = torch.randint(3, 128, (2, 8))
+    with torch.no_grad():
+        ref = ee.hidden_states(ids, exit_layers=[2, 4])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ee.compile_blocks()
+    try:
+        with torch.no_grad():
+            got = ee.hidden_states(ids, exit_layers=[2, 4])
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+        for layer in ref:
+            assert_close(got[layer], ref[layer])
+        ee.hidden_states(ids, exit_layers=[2, 4])[4].sum().backward()
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    finally:
+        ee.compile_blocks(False)
+
+
 @pytest.mark.parametrize("teacher_kind, softcap", [("dense", 30.0), ("top-k", None)])
 def test_the_compiled_chunk_terms_equal_the_eager_ones(teacher_kind, softcap):
     """What the fused loss runs on a GPU (chunk_terms through torch.compile, dynamic shapes) against the eager
