@@ -271,11 +271,31 @@ class EpochSampler(DistributedSampler):
         return self.n if self.world == 1 else self.n // (self.batch_size * self.world) * self.batch_size
 
 
+
+def prompt_groups(records: list[dict]) -> list[list[dict]]:
+    """Records grouped by prompt (instruction and input), in order of first appearance; each group in source order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["instruction"], record.get("input") or ""), []).append(record)
+    return list(groups.values())
+
+
+def held_out_groups(groups: list[list], size: int) -> int:
+    """How many leading groups hold at least ``size`` items (all of them when they hold fewer)."""
+    count = 0
+    for n, group in enumerate(groups):
+        if count >= size:
+            return n
+        count += len(group)
+    return len(groups)
+
 class AlpacaDataModule(L.LightningDataModule):
     """Alpaca records for early-exit training (``fit``) and per-layer generation (``predict``).
 
     The first ``eval_size`` valid records (in source order) form the evaluation split, never trained on;
-    the remaining records are shuffled with ``seed`` and ``val_size`` of them are kept for validation.
+    the remaining records are shuffled with ``seed`` and ``val_size`` of them are kept for validation. Records that
+    share a prompt (several answers to one instruction and input, as ``scripts/self_answers.py --samples`` writes)
+    move together: all on the validation side or all on the training side.
 
     Args:
         source: ``alpaca-sample`` (5,000 Alpaca records shipped with the package), a local ``alpaca_data.json`` /
@@ -285,7 +305,8 @@ class AlpacaDataModule(L.LightningDataModule):
         eval_size: records at the head of the source held out for evaluation.
         offset: first record of the evaluation split used by ``predict``.
         limit: number of evaluation records used by ``predict`` (all of the split when None).
-        val_size: training records held out for validation loss.
+        val_size: training records held out for validation loss (more when the last prompt held out has several
+            answers: they all go to validation).
         max_length: tokens per training example (prompt + answer), and per prompt for generation.
         batch_size: examples per batch.
         pack: training and validation batches put several examples in one row of up to ``max_length`` tokens
@@ -365,13 +386,15 @@ class AlpacaDataModule(L.LightningDataModule):
             return
         loaded = self.load()
         rest = loaded.records[hp.eval_size :]
-        random.Random(hp.seed).shuffle(rest)
+        groups = prompt_groups(rest)
+        random.Random(hp.seed).shuffle(groups)  # with one record a prompt: the same order as shuffling the records
         if len(rest) <= hp.val_size:
             raise EarlyExitError(f"{len(rest)} training records left after holding out {hp.eval_size} for evaluation")
-        encoded = [encode_example(r, self.tokenizer, hp.template, hp.max_length) for r in rest]
         # Position 0 predicts nothing, so an example whose answer starts at or past max_length has nothing to learn.
-        kept = [e for e in encoded if supervised_tokens(e) > 0]
-        self.no_answer = len(encoded) - len(kept)
+        encoded = [[encode_example(r, self.tokenizer, hp.template, hp.max_length) for r in group] for group in groups]
+        kept_groups = [kept for kept in ([e for e in group if supervised_tokens(e) > 0] for group in encoded) if kept]
+        kept = [e for group in kept_groups for e in group]
+        self.no_answer = sum(map(len, encoded)) - len(kept)
         if self.no_answer:
             log.warning("skipped %d of %d training/validation example(s) with no answer token within data.max_length=%d "
                         "(the prompt fills it)", self.no_answer, len(encoded), hp.max_length)
@@ -381,7 +404,12 @@ class AlpacaDataModule(L.LightningDataModule):
                                  "would train; raise data.max_length")
         if hp.teacher_cache:
             self._attach_teacher(kept)
-        self.val_set, self.train_set = kept[: hp.val_size], kept[hp.val_size :]
+        held = held_out_groups(kept_groups, hp.val_size)
+        self.val_set = [e for group in kept_groups[:held] for e in group]
+        self.train_set = [e for group in kept_groups[held:] for e in group]
+        if not self.train_set:
+            raise EarlyExitError(f"every training prompt went to validation (data.val_size={hp.val_size}, "
+                                 f"{len(kept_groups)} prompts): lower data.val_size")
 
     def _attach_teacher(self, examples: list[dict]) -> None:
         """Give every example its cached teacher; a cache built for other examples is refused."""

@@ -133,6 +133,8 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("sweep_dynamic.py", ["--speculative", "[[15, 0]]"], "speculative d = 0 is out of range"),
     ("profile_decode.py", ["--tokens", "0"], "tokens = 0 is out of range"),
     ("time_to_loss.py", ["--every", "0"], "every = 0 is out of range"),
+    ("self_answers.py", ["--samples", "0"], "samples = 0 is out of range"),
+    ("self_answers.py", ["--temperature", "0"], "temperature = 0"),
     ("time_to_loss.py", ["--candidate", "nowhere.yaml"], "config 'nowhere.yaml' not found"),
     ("bench_evaluate.py", ["--limit", "-1"], "limit = -1 is out of range"),
     ("bench_multigpu.py", ["train", "--devices", "[0]"], "devices = 0 is out of range"),
@@ -167,6 +169,32 @@ def test_self_answers_writes_the_models_own_greedy_answers(tiny_dir, tmp_path, m
     assert run_command("self_answers.py", argv, monkeypatch) == 0  # a rerun resumes: nothing left to generate
     assert json.loads(out.read_text()) == written
 
+
+
+def test_self_answers_adds_sampled_answers_after_each_greedy_one(tiny_dir, tmp_path, monkeypatch):
+    """--samples 3: each prompt's greedy answer (the one-sample file's), then its distinct sampled answers."""
+    import json
+
+    data = tmp_path / "alpaca_data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"It is {i}."} for i in range(7)]))
+    common = ["--model.name", tiny_dir, "--model.device", "cpu", "--data", str(data), "--skip", "2", "--max_new_tokens",
+              "6", "--batch_size", "2"]
+    greedy_out, sampled_out = tmp_path / "greedy.json", tmp_path / "sampled.json"
+    assert run_command("self_answers.py", [*common, "--out", str(greedy_out), "--work_dir", str(tmp_path / "g")], monkeypatch) == 0
+    argv = [*common, "--samples", "3", "--temperature", "1.5", "--out", str(sampled_out), "--work_dir", str(tmp_path / "s")]
+    assert run_command("self_answers.py", argv, monkeypatch) == 0
+    greedy, sampled = json.loads(greedy_out.read_text()), json.loads(sampled_out.read_text())
+    by_prompt = {}
+    for record in sampled:
+        by_prompt.setdefault(record["instruction"], []).append(record["output"])
+    assert list(by_prompt) == [r["instruction"] for r in greedy]  # prompt by prompt, in source order
+    for record in greedy:
+        answers = by_prompt[record["instruction"]]
+        assert answers[0] == record["output"] and len(set(answers)) == len(answers) <= 3
+    assert len(sampled) > len(greedy)  # at temperature 1.5 the tiny model's samples differ from its greedy answers
+    assert (tmp_path / "s_sample2" / "generations.jsonl").is_file()
+    assert run_command("self_answers.py", argv, monkeypatch) == 0  # resumed: the same file
+    assert json.loads(sampled_out.read_text()) == sampled
 
 def test_profile_decode_counts_the_operators_of_a_token(tiny_dir, tmp_path, monkeypatch, capsys):
     import json

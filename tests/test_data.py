@@ -107,6 +107,36 @@ def test_splits_are_seeded_and_disjoint(data_file, tokenizer):
     assert train["input_ids"].shape == train["labels"].shape
 
 
+
+def test_one_record_a_prompt_splits_as_shuffling_the_records(data_file, tokenizer):
+    """Grouping by prompt changes nothing for data with one answer a prompt (every shipped result stays reproducible):
+    the split equals shuffling the records themselves."""
+    import random
+
+    from earlyexit.data import supervised_tokens
+
+    dm = AlpacaDataModule(str(data_file), template="alpaca", eval_size=5, val_size=4, batch_size=3, seed=3)
+    dm.attach_tokenizer(tokenizer)
+    dm.setup("fit")
+    rest = validate(RECORDS).records[5:]
+    random.Random(3).shuffle(rest)
+    kept = [e for e in (encode_example(r, tokenizer, "alpaca", dm.hparams.max_length) for r in rest) if supervised_tokens(e)]
+    assert dm.val_set == kept[:4] and dm.train_set == kept[4:]
+
+
+def test_answers_to_one_prompt_stay_on_one_side_of_the_split(tmp_path, tokenizer):
+    """Several answers to one prompt (sampled self-answers) go all to validation or all to training."""
+    records = [{"instruction": f"Count to {i}.", "input": "", "output": f"{'1 ' * k}{i}"} for i in range(12) for k in range(3)]
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps(records))
+    dm = AlpacaDataModule(str(path), template="alpaca", eval_size=0, val_size=4, batch_size=3, seed=0)
+    dm.attach_tokenizer(tokenizer)
+    dm.setup("fit")
+    prompt = lambda ex: tokenizer.decode(ex["input_ids"]).split("### Response:")[0]  # noqa: E731
+    val, train = {prompt(ex) for ex in dm.val_set}, {prompt(ex) for ex in dm.train_set}
+    assert not val & train and len(val) == 2 and len(dm.val_set) == 6  # 4 asked for: two whole prompts of 3 answers
+    assert len(dm.val_set) + len(dm.train_set) == 36
+
 def test_evaluation_slice(data_file):
     dm = AlpacaDataModule(str(data_file), eval_size=5, offset=1, limit=2)
     assert [i for i, _ in dm.eval_records()] == [1, 6]
