@@ -15,6 +15,9 @@ Every path trains on the same examples per step in one process, one after the ot
   instead of a teacher forward pass per step (with ``--distill`` > 0);
 * ``fused``: packed, with the fused exit loss (``loss.fused true``: each exit's loss and gradient in one pass over
   the head, no head product recomputed in the backward pass).
+* ``fast``: the new step whole, whatever ``--checkpointing`` and ``--compile`` say for the other paths: packed, the
+  fused loss, compiled blocks (``model.compile_blocks``), no activation checkpointing. ``--paths '[padded, fast]'
+  --checkpointing true`` puts today's step and the new one side by side in one run.
 
 ``--data`` takes Alpaca records (the shipped sample by default; the evaluation split is skipped); ``--data null``
 uses random tokens of exactly ``--seq`` per row, where the two paths coincide (no padding): the setting of the
@@ -44,7 +47,7 @@ from earlyexit.loading import ModelArgs
 from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs
 
 PEAK_BF16 = 989e12
-Path = Literal["padded", "packed", "cached", "fused"]
+Path = Literal["padded", "packed", "cached", "fused", "fast"]
 
 
 def batches(module: EarlyExitModule, data: str | None, batch: int, seq: int, count: int, path: Path) -> list[dict]:
@@ -113,25 +116,24 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
         exits: trained exits (quarters, all, everyK or a list); the last layer is always one.
         rotation: rotational curriculum: every k-th exit per step.
         distill: the loss's share of KL to the base model's final layer (a second forward with the adapters off).
-        paths: padded, packed, cached (packed with a teacher cache), fused (packed with the fused loss), side by side
-            on the same examples.
-        checkpointing: activation checkpointing of the blocks.
-        compile: each decoder block through ``torch.compile`` (``model.compile_blocks``; compiled in the warm-up steps).
+        paths: padded, packed, cached (packed with a teacher cache), fused (packed with the fused loss), fast (fused,
+            compiled blocks, no checkpointing), side by side on the same examples.
+        checkpointing: activation checkpointing of the blocks (all paths but fast).
+        compile: each decoder block through ``torch.compile`` (``model.compile_blocks``; compiled in the warm-up steps;
+            all paths but fast, which always compiles).
     """
     for option, value in (("batch", batch), ("seq", seq), ("steps", steps), ("rank", rank), ("rotation", rotation)):
         positive(option, value)
     non_negative("warmup", warmup)
     in_unit("distill", distill)
     if not paths:
-        raise EarlyExitError("paths: name at least one of padded, packed, cached, fused")
+        raise EarlyExitError("paths: name at least one of padded, packed, cached, fused, fast")
     module = EarlyExitModule(
         base=ModelArgs(name=model, device=device, dtype=dtype), lora=LoraArgs(r=rank, alpha=2 * rank),
         loss=ExitLossArgs(exit_layers=exits, weights="uniform", curriculum="rotational", rotation=rotation, distill=distill),
         gradient_checkpointing=checkpointing, compile_blocks=compile,
     )
     module.train()
-    if compile:
-        module.ee.compile_blocks()
     cuda = device.startswith("cuda")
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -141,11 +143,18 @@ def main(model: str = "smollm2-135m-instruct", device: str = "cuda", dtype: Lite
     print(f"{model} on {name}: weights {dtype}, LoRA r={rank} on all linear layers ({sum(p.numel() for p in params) / 1e6:.1f}M "
           f"trainable), exits {exits}+{n} rotating by {rotation}, distill {distill}, {batch} examples a step "
           f"({'random tokens, ' + str(seq) + ' a row' if data is None else data + ', rows of up to ' + str(seq)}), "
-          f"gradient checkpointing {'on' if checkpointing else 'off'}, blocks {'compiled' if compile else 'eager'}, {warmup} warm-up + {steps} timed steps per path")
+          f"gradient checkpointing {'on' if checkpointing else 'off'}, blocks {'compiled' if compile else 'eager'}{' (fast: off, compiled)' if 'fast' in paths else ''}, "
+          f"{warmup} warm-up + {steps} timed steps per path")
     print("| path | rows × width (mean) | examples/s | real tokens/s | computed tokens/s | s/step | peak memory | TFLOP/s | MFU (989) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for path in paths:
-        module.loss_args = replace(module.loss_args, fused=path == "fused")
+        fast = path == "fast"
+        module.loss_args = replace(module.loss_args, fused=path in ("fused", "fast"))
+        module.ee.compile_blocks(compile or fast)
+        if checkpointing and not fast:
+            module.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.lm.gradient_checkpointing_disable()
         todo = batches(module, data, batch, seq, warmup + steps, path)
         todo = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in todo]
 

@@ -126,7 +126,7 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("lens", ["--prompt", "hi", "--tuned.lr", "0"], "tuned.lr = 0.0 is out of range: it must be > 0"),
     ("lens", ["--limit", "0"], "limit = 0 is out of range"),
     ("bench_train.py", ["--device", "cpu", "--batch", "0"], "batch = 0 is out of range"),
-    ("bench_train.py", ["--device", "cpu", "--paths", "[]"], "paths: name at least one of padded, packed, cached, fused"),
+    ("bench_train.py", ["--device", "cpu", "--paths", "[]"], "paths: name at least one of padded, packed, cached, fused, fast"),
     ("acceptance.py", ["--records", "0"], "records = 0 is out of range"),
     ("acceptance.py", ["--n_draft", "[0]"], "n_draft ≥ 1"),
     ("sweep_dynamic.py", ["--records", "0"], "records = 0 is out of range"),
@@ -300,9 +300,12 @@ def test_bench_train_runs_both_paths_on_the_same_examples(tiny_dir, tmp_path, mo
     data = tmp_path / "alpaca_data.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"It is {i} and more."} for i in range(400)]))
     argv = ["--model", tiny_dir, "--device", "cpu", "--dtype", "float32", "--data", str(data), "--batch", "4", "--seq", "512",
-            "--steps", "1", "--warmup", "0", "--rank", "2", "--distill", "0.5", "--paths", "[padded, packed, cached, fused]"]
+            "--steps", "1", "--warmup", "0", "--rank", "2", "--distill", "0.5", "--paths", "[padded, packed, cached, fused, fast]",
+            "--checkpointing", "true"]
     assert run_command("bench_train.py", argv, monkeypatch) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| pad", "| pack", "| cach", "| fus"))]
-    assert [line.split("|")[1].strip() for line in lines] == ["padded", "packed", "cached", "fused"]
+    out = capsys.readouterr().out
+    assert "gradient checkpointing on, blocks eager (fast: off, compiled)" in out
+    lines = [line for line in out.splitlines() if line.startswith(("| pad", "| pack", "| cach", "| fus", "| fast"))]
+    assert [line.split("|")[1].strip() for line in lines] == ["padded", "packed", "cached", "fused", "fast"]
     rows = [float(line.split("|")[2].split("×")[0]) for line in lines]
     assert rows[0] == 4.0 and rows[1] < 4.0  # the same 4 examples, packed into fewer rows
