@@ -111,10 +111,21 @@ def materialize_default(root: Path | None = None) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
+        publish(staging, target, "config.json", "model.safetensors")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def publish(staging: Path, target: Path, *files: str) -> None:
+    """Rename the finished ``staging`` directory to ``target``. Processes that convert the same model at once (the
+    ranks of a first multi-GPU run, two jobs on a fresh machine) race here; a loser finds the winner's directory
+    (the same content) and keeps it."""
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not all((target / name).is_file() for name in files):
+            raise
 
 
 TINY_PREFIX = "tiny-random-"
@@ -134,7 +145,7 @@ def materialize_tiny(name: str) -> str:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
         try:
             save_tiny(staging, model_type)
-            os.replace(staging, target)
+            publish(staging, target, "config.json")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return str(target)

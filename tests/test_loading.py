@@ -90,3 +90,25 @@ def test_smollm2_greedy_at_every_exit_matches_references(smollm2):
         nxt = logits.argmax(-1)
         assert nxt.item() == early.tokens[0, step].item()
         ids = torch.cat([ids, nxt[:, None]], 1)
+
+
+def test_publish_keeps_the_directory_another_process_finished_first(tmp_path):
+    """Two processes converting the same model at once: the second rename finds the first one's directory."""
+    from earlyexit.loading import publish
+
+    def staged(name, text):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(text)
+        return path
+
+    target = tmp_path / "model"
+    publish(staged("a", "first"), target, "config.json")
+    assert (target / "config.json").read_text() == "first"
+    publish(staged("b", "second"), target, "config.json")  # lost the race: no error, the winner's files stay
+    assert (target / "config.json").read_text() == "first"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "junk").write_text("x")
+    with pytest.raises(OSError):  # something else is in the way: not hidden
+        publish(staged("c", "third"), broken, "config.json")
