@@ -30,7 +30,7 @@ from earlyexit.loss import (
     top1_agreement,
 )
 from earlyexit.generation import GenerationArgs, example_seed
-from earlyexit.model import EarlyExitHead, ExitLayers, parse_exit_layers
+from earlyexit.model import EarlyExitHead, ExitLayers, parse_exit_layers, unwrapped
 
 
 @dataclass
@@ -319,8 +319,18 @@ class EarlyExitModule(L.LightningModule):
         return torch.log_softmax(logits.float(), dim=-1)
 
     def on_fit_start(self) -> None:
+        if self.hparams["gradient_checkpointing"]:
+            self._checkpoint_blocks()
         if self.compiled_training:
             self.ee.compile_blocks()
+
+    def _checkpoint_blocks(self) -> None:
+        """Gradient checkpointing acts only on a block in train mode (HF checks the block's own flag), but the model is
+        loaded for inference, in eval mode, and Lightning's fit leaves it so: checkpointing was silently off. The
+        blocks themselves get train mode; the modules inside them keep theirs, so the frozen trunk's own dropout
+        stays off. Validation switches everything to eval mode and back."""
+        for block in self.ee.blocks:
+            unwrapped(block).training = True
 
     def on_fit_end(self) -> None:
         if self.compiled_training:

@@ -89,14 +89,21 @@ class Losses(Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-def fit(tiny_dir, data_file, root, max_steps, ckpt_path=None, compile_blocks=False):
+def fit(tiny_dir, data_file, root, max_steps, ckpt_path=None, compile_blocks=False, gradient_checkpointing=False,
+        calls=None):
+    """``calls``: with ``gradient_checkpointing``, a list that gets one item each time the first block runs under
+    activation checkpointing."""
     torch.manual_seed(0)
     module = EarlyExitModule(
         base=ModelArgs(name=tiny_dir, device="cpu"), lora=LoraArgs(r=4, alpha=8),
         loss=ExitLossArgs(exit_layers="all", curriculum="rotational", distill=0.3),
         layer_dropout=LayerDropoutArgs(p_max=0.3, seed=1), optim=OptimArgs(lr=3e-3, warmup_steps=2),
-        compile_blocks=compile_blocks,
+        compile_blocks=compile_blocks, gradient_checkpointing=gradient_checkpointing,
     )
+    if calls is not None:
+        block = module.ee.blocks[0]
+        checkpoint = block._gradient_checkpointing_func
+        block._gradient_checkpointing_func = lambda *args, **kwargs: (calls.append(1), checkpoint(*args, **kwargs))[1]
     data = AlpacaDataModule(data_file, template="alpaca", eval_size=4, val_size=4, batch_size=4, max_length=200)
     data.attach_tokenizer(module.tokenizer)
     losses = Losses()
@@ -118,6 +125,17 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_next_losses(tiny_dir, d
     for step in resumed:
         assert resumed[step] == pytest.approx(full[step], rel=1e-6), step
 
+
+
+def test_gradient_checkpointing_acts_under_the_trainer(tiny_dir, data_file, tmp_path):
+    """``gradient_checkpointing``: under Lightning's fit (which leaves the loaded model in eval mode) the blocks of
+    every training step run checkpointed (it used to be silently off), and the losses are the plain run's."""
+    calls = []
+    plain = fit(tiny_dir, data_file, tmp_path / "plain", max_steps=2)
+    checkpointed = fit(tiny_dir, data_file, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True, calls=calls)
+    assert len(calls) >= 2  # the first block, checkpointed in both steps (the teacher pass has no gradients: plain)
+    for step in plain:
+        assert checkpointed[step] == pytest.approx(plain[step], rel=1e-5), step
 
 def test_layer_dropout_only_in_training(tiny_dir):
     module = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), lora=LoraArgs(r=2),
