@@ -271,7 +271,6 @@ class EpochSampler(DistributedSampler):
         return self.n if self.world == 1 else self.n // (self.batch_size * self.world) * self.batch_size
 
 
-
 def prompt_groups(records: list[dict]) -> list[list[dict]]:
     """Records grouped by prompt (instruction and input), in order of first appearance; each group in source order."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -288,6 +287,7 @@ def held_out_groups(groups: list[list], size: int) -> int:
             return n
         count += len(group)
     return len(groups)
+
 
 class AlpacaDataModule(L.LightningDataModule):
     """Alpaca records for early-exit training (``fit``) and per-layer generation (``predict``).
@@ -397,7 +397,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self.no_answer = sum(map(len, encoded)) - len(kept)
         if self.no_answer:
             log.warning("skipped %d of %d training/validation example(s) with no answer token within data.max_length=%d "
-                        "(the prompt fills it)", self.no_answer, len(encoded), hp.max_length)
+                        "(the prompt fills it)", self.no_answer, len(kept) + self.no_answer, hp.max_length)
         if len(kept) <= hp.val_size:
             raise EarlyExitError(f"{len(kept)} of {len(encoded)} training examples have an answer token within "
                                  f"data.max_length={hp.max_length}, not more than data.val_size={hp.val_size}: nothing "

@@ -95,7 +95,6 @@ def unwrapped(module: nn.Module) -> nn.Module:
         module = inner
 
 
-
 def _compiled_where_grad(forward):
     """``forward`` compiled for calls that record gradients, and itself for calls that do not."""
     compiled = torch.compile(forward)
@@ -103,8 +102,8 @@ def _compiled_where_grad(forward):
     def run(*args, **kwargs):
         return (compiled if torch.is_grad_enabled() else forward)(*args, **kwargs)
 
-    run.compiled = compiled  # what tests and callers can inspect
     return run
+
 
 class EarlyExitHead(nn.Module):
     """Exit-aware view of a Hugging Face causal LM (plain or peft-wrapped).

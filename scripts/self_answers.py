@@ -62,11 +62,12 @@ def main(model: ModelArgs = ModelArgs(), data: str = SAMPLE, skip: int = 200, li
     examples = records.eval_records()  # every valid record after the evaluation split; bad data fails here
     device = resolve_device(model.device)
     answers: list[dict[int, str]] = []  # answer k of each example id
+    module = EarlyExitModule(base=model, exit_layers="last")  # the answers the exits learn; loaded once
     for k in range(samples):
         generation = (GenerationArgs(max_new_tokens=max_new_tokens) if k == 0 else
                       GenerationArgs(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, seed=k))
         fingerprint = generation_fingerprint(model, records, generation, device, purpose="self_answers", skip=skip)
-        module = EarlyExitModule(base=model, generation=generation, exit_layers="last")  # the answers the exits learn
+        module.generation = generation  # what predict decodes with (the engine depends on none of what changes here)
         results = ResultsDir(work_dir if k == 0 else f"{work_dir}_sample{k}", fingerprint)
         if not generate_answers(module, results, records, examples, TrainerArgs(), device):
             return
