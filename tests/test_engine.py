@@ -440,3 +440,26 @@ def test_compiled_engine_equals_the_eager_engine(compile_mode):
     compiled = Engine(ee, compile=True, compile_mode=compile_mode).generate(ids, mask, [2, 4], max_new_tokens=10, ignore_eos=True)
     for layer in (2, 4):
         assert torch.equal(compiled[layer].tokens, eager[layer].tokens), layer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cuda_graphs_equal_the_eager_engine_in_every_mode(family):
+    """On a GPU, float32: CUDA graphs (the decode step and, on the fast path, the prompt pass) give the eager engine's
+    tokens in every mode, on the first call of a shape and on its replays."""
+    ee = EarlyExitHead(tiny_model(family, seed=2).cuda())
+    ids, mask = prompts()
+    eager, graphed = Engine(ee, cuda_graphs=False), Engine(ee, cuda_graphs=True)
+    options = GenerationArgs(max_new_tokens=12)
+    for _ in range(2):  # the second call replays the first call's graphs
+        a, b = (e.generate(ids, mask, [2, 4], options, ignore_eos=True) for e in (eager, graphed))
+        assert all(torch.equal(a[layer].tokens, b[layer].tokens) for layer in (2, 4))
+        for threshold in (0.0, 0.0105, 1.01):
+            a, b = (e.generate_dynamic(ids, mask, options, threshold=threshold, min_layer=2, ignore_eos=True)
+                    for e in (eager, graphed))
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.layers, b.layers), threshold
+        a, b = (e.generate_speculative(ids, mask, 2, 3, options, ignore_eos=True) for e in (eager, graphed))
+        assert torch.equal(a.tokens, b.tokens) and a.accepted == b.accepted
+    short = prompts(seed=3)  # another batch of the same shape: the replayed prompt pass reads its new ids
+    a, b = (e.generate(*short, [4], options, ignore_eos=True)[4].tokens for e in (eager, graphed))
+    assert torch.equal(a, b)

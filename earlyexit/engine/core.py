@@ -204,6 +204,25 @@ class Core:
         """Greedy tokens ``[R]`` of block outputs grouped by exit (the head and its argmax, compiled together)."""
         return self._head(hidden, groups, banned).argmax(-1)
 
+    def _prompt_pass(self, run: Callable[[torch.Tensor], None], shape: tuple[int, int], state: list[torch.Tensor],
+                     graph: bool = True) -> Callable[[torch.Tensor], None]:
+        """A program's prompt pass ``run(ids)`` (it writes its results in place). On the fast path on a GPU, for at
+        most :data:`PROMPT_GRAPH_TOKENS` prompt tokens and with ``graph``, it is captured once with its ids read from a
+        buffer of ``shape`` and replayed; ``state``: the tensors it changes (as :meth:`_graphs`)."""
+        if not (graph and self.cuda_graphs and self.fast is not None) or shape[0] * shape[1] > PROMPT_GRAPH_TOKENS:
+            return run
+        ids = torch.zeros(shape, dtype=torch.long, device=self.device)
+        graphed = None
+
+        def replay(new_ids: torch.Tensor) -> None:
+            nonlocal graphed
+            ids.copy_(new_ids)
+            if graphed is None:
+                graphed = self._graph(lambda: run(ids), state)
+            graphed()
+
+        return replay
+
     def _graph(self, step: Callable[[], torch.Tensor], state: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
         """``step`` advances ``state`` in place; on a GPU capture it once and replay it."""
         return self._graphs([step], state)[0]
@@ -325,6 +344,11 @@ class Core:
         layers = range(1, exits[0] + 1)
         graphed = None
 
+        def first(ids):  # the prompt pass and its answer, column 0
+            loop.out[:, 0] = choose(self._head(self._prefill(ids, valid, npad, cache, layers, rows, groups)[:, -1], groups, banned))
+
+        first = self._prompt_pass(first, (total, prompt), loop.state(), graph=not args.do_sample)
+
         def step():
             hidden, kwargs, masks = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
             hidden = self._shared_block(self._decode_blocks(hidden, kwargs, masks, layers, rows), kwargs, masks, groups)
@@ -339,7 +363,7 @@ class Core:
             nonlocal graphed
             ids = load(ids, mask)
             loop.start(prompt)
-            loop.out[:, 0] = choose(self._head(self._prefill(ids, valid, npad, cache, layers, rows, groups)[:, -1], groups, banned))
+            first(ids)
             if graphed is None:  # sampling draws host-side random state: it runs eagerly
                 graphed = step if args.do_sample else self._graph(step, loop.state())
             until_done(graphed, loop.out, is_eos)
@@ -410,6 +434,11 @@ class Columns:
         """Every tensor a step changes (restored after a graph's warm-up and capture)."""
         return [self.out, *self.extras, self.step, self.slot]
 
+
+PROMPT_GRAPH_TOKENS = 2048
+"""A prompt pass of at most this many tokens (rows × prompt length) is replayed as a CUDA graph: run eagerly, its
+few thousand small kernels cost more host time than decoding a short answer (SmolLM2 at batch 1: docs/benchmarks.md).
+Longer passes are bound by their matrix products, and a graph would keep their activations' memory."""
 
 GEMV_BELOW = 2048
 """``compile_mode auto`` takes ``gemv`` below this hidden size (measured: SmolLM2's 576 gains, Llama-2-7B's 4,096

@@ -193,11 +193,14 @@ class DynamicExits(Core):
             loop.advance(token, exits.layer)
             return token
 
+        state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted]
+        start = self._prompt_pass(lambda ids: self._start(exits, checks, loop, ids, valid, npad, cache), (batch, prompt), state)
+
         def run(ids, mask):
             nonlocal graphed
-            self._start(exits, checks, loop, load(ids, mask), valid, npad, cache)
+            start(load(ids, mask))
             if graphed is None:
-                graphed = self._graph(step, loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted])
+                graphed = self._graph(step, state)
             until_done(graphed, loop.out, ends)
             return loop.out.clone(), used.clone()
 
@@ -275,9 +278,12 @@ class DynamicExits(Core):
                     return graphed[len(pieces) + j]()
             return graphed[len(checks)]()
 
+        start = self._prompt_pass(lambda ids: self._start(exits, checks, loop, ids, valid, npad, cache), (batch, prompt),
+                                  loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted])
+
         def run(ids, mask):
             nonlocal graphed
-            self._start(exits, checks, loop, load(ids, mask), valid, npad, cache)
+            start(load(ids, mask))
             if graphed is None:
                 state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted, hidden, *rotary, ended, skip,
                                         *masks.values()]

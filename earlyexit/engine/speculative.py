@@ -190,9 +190,7 @@ class SelfSpeculation(Core):
                     return graphed[depth + j]()  # draft j is not proposed: verify the j before it
             return graphed[2 * depth]()
 
-        def run(ids, mask):
-            nonlocal graphed
-            ids = load(ids, mask)
+        def start(ids):  # the prompt at full depth, its answer (column 0) and the first cycle's inputs
             out.fill_(pad)
             if shared:  # the prompt's layer-E states through the shared block too: its cache for the drafts
                 slots = torch.arange(ids.shape[1], device=self.device).expand(ids.shape[0], -1)
@@ -209,8 +207,14 @@ class SelfSpeculation(Core):
             count.fill_(1)
             done.copy_(torch.isin(first, ends) if ends is not None else torch.zeros_like(done))
             stats.zero_()
+
+        state = [out, cur, pos, count, done, stats, states, drafts, unsure] + ([q] if do_sample else [])
+        start = self._prompt_pass(start, (batch, prompt), state, graph=not do_sample)
+
+        def run(ids, mask):
+            nonlocal graphed
+            start(load(ids, mask))
             if graphed is None:
-                state = [out, cur, pos, count, done, stats, states, drafts, unsure] + ([q] if do_sample else [])
                 pieces = [whole_cycle] if draft_threshold <= 0 else [draft(j) for j in range(depth)] + [verify(k) for k in range(depth + 1)]
                 graphed = self._graphs(pieces, state)
             for _ in range(max_new_tokens):
