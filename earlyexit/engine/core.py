@@ -437,7 +437,8 @@ class Columns:
 
 PROMPT_GRAPH_TOKENS = 2048
 """A prompt pass of at most this many tokens (rows × prompt length) is replayed as a CUDA graph: run eagerly, its
-few thousand small kernels cost more host time than decoding a short answer (SmolLM2 at batch 1: docs/benchmarks.md).
+small kernels are launched one by one from Python, a cost the bench counts in every run (SmolLM2 at batch 1:
+docs/benchmarks.md).
 Longer passes are bound by their matrix products, and a graph would keep their activations' memory."""
 
 GEMV_BELOW = 2048

@@ -278,16 +278,14 @@ class DynamicExits(Core):
                     return graphed[len(pieces) + j]()
             return graphed[len(checks)]()
 
-        start = self._prompt_pass(lambda ids: self._start(exits, checks, loop, ids, valid, npad, cache), (batch, prompt),
-                                  loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted])
+        state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted]
+        start = self._prompt_pass(lambda ids: self._start(exits, checks, loop, ids, valid, npad, cache), (batch, prompt), state)
 
         def run(ids, mask):
             nonlocal graphed
             start(load(ids, mask))
             if graphed is None:
-                state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted, hidden, *rotary, ended, skip,
-                                        *masks.values()]
-                graphed = self._graphs(pieces + fills, state)
+                graphed = self._graphs(pieces + fills, state + [hidden, *rotary, ended, skip, *masks.values()])
             until_done(step, loop.out, ends)
             return loop.out.clone(), used.clone()
 
