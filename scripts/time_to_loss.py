@@ -58,7 +58,7 @@ def time_to_loss(
     candidate: str = "configs/smollm2_lora_fast.yaml",
     candidate_args: list[Arg] = [],  # noqa: B006
     baseline_every: int = 150,
-    every: int = 10,
+    every: int = 5,
     work_dir: str = "results/time_to_loss",
     rerun_baseline: bool = False,
 ) -> dict:
