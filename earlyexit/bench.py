@@ -30,13 +30,16 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from earlyexit.adapters import CONFIG as EXIT_ADAPTERS_CONFIG
+from earlyexit.adapters import shared_block
 from earlyexit.cli import make_parser, save_config
 from earlyexit.data import SAMPLE
 from earlyexit.engine import Engine
@@ -296,12 +299,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def shared_block_modes(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> BenchArgs:
+    """The engine decodes a shared exit block (exit adapters of kind ``block``) on its fast path only, so
+    ``generic`` (the model's own blocks) and ``--generation.fast false`` cannot time an adapter that has one. The
+    default modes then leave ``generic`` out (said on stderr); asking for either is refused before loading."""
+    adapter = model_args.adapter
+    if not adapter or not (Path(adapter) / EXIT_ADAPTERS_CONFIG).is_file() or not shared_block(adapter):
+        return bench
+    if generation.fast is False:
+        raise EarlyExitError(f"--model.adapter {adapter} has a shared exit block, which the engine decodes on its fast "
+                             "path only: leave out --generation.fast false")
+    if "generic" not in bench.modes:
+        return bench
+    if list(bench.modes) != list(MODES):
+        raise EarlyExitError(f"--modes generic runs the model's own blocks, which cannot decode the shared exit block of "
+                             f"--model.adapter {adapter}: leave generic out of --modes")
+    print(f"mode generic left out: the shared exit block of {adapter} runs on the fast path only", file=sys.stderr)
+    return replace(bench, modes=[mode for mode in bench.modes if mode != "generic"])
+
+
 @report_errors
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     cfg = parser.parse_args(argv)
     model_args, generation, bench = ModelArgs(**cfg.model), GenerationArgs(**cfg.generation), BenchArgs(**{
         name: cfg[name] for name in BenchArgs.__dataclass_fields__})
+    bench = shared_block_modes(model_args, generation, bench)
     save_config(parser, cfg, bench.out_dir)
     rows = run(model_args, generation, bench)
     print()

@@ -44,3 +44,42 @@ def test_bad_options_are_refused_before_loading(tiny_dir, data_file, capsys, ext
     with pytest.raises(SystemExit) as exit_info:
         main(["--model.name", tiny_dir, "--model.device", "cpu", "--data", data_file, *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def block_adapter(tiny_dir, tmp_path_factory):
+    """A shared exit block on exits 1 and 2 of the tiny model, with random weights, saved as an adapter directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from earlyexit.adapters import ExitAdapters, block_template
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    adapters = ExitAdapters([1, 2], model.config.hidden_size, kind="block", template=block_template(model))
+    torch.manual_seed(0)
+    for param in adapters.parameters():
+        torch.nn.init.normal_(param, std=0.05)
+    directory = tmp_path_factory.mktemp("block_adapter")
+    adapters.save(directory)
+    return str(directory)
+
+
+def test_a_shared_exit_block_is_timed_without_the_generic_mode(tiny_dir, data_file, block_adapter, tmp_path, capsys):
+    """The default modes leave out generic (the model's own blocks cannot run the block) and say so; the rest run."""
+    main(["--model.name", tiny_dir, "--model.adapter", block_adapter, "--model.device", "cpu", "--data", data_file,
+          "--generation.max_new_tokens", "4", "--repeats", "1", "--draft_layer", "[2]", "--n_draft", "[2]",
+          "--out_dir", str(tmp_path)])
+    modes = [row["mode"] for row in json.loads((tmp_path / "bench.json").read_text())["rows"]]
+    assert "generic" not in modes and {"full", "hf", "exit 2", "speculative E=2 d=2"} <= set(modes)
+    assert "mode generic left out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--modes", "[full,generic]"], "--modes generic runs the model's own blocks, which cannot decode the shared exit block"),
+    (["--generation.fast", "false"], "has a shared exit block, which the engine decodes on its fast path only"),
+])
+def test_what_cannot_decode_a_shared_exit_block_is_refused(tiny_dir, data_file, block_adapter, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model.name", tiny_dir, "--model.adapter", block_adapter, "--model.device", "cpu", "--data", data_file,
+              *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
