@@ -49,6 +49,8 @@ class GenerationArgs:
             (cosine of consecutive hidden states).
         check_every: dynamic exit: confidence is tested at ``min_layer``, ``min_layer + check_every``, … (and the last
             layer always exits); fewer check layers cost fewer heads and, on the fast path, fewer host decisions.
+        check_layers: dynamic exit: test confidence at exactly these layers (below the last; e.g. the exits a shared
+            exit block was trained on, ``[15, 18, 22]``) instead of ``min_layer`` and ``check_every``.
     """
 
     max_new_tokens: int = 64
@@ -65,6 +67,7 @@ class GenerationArgs:
     min_layer: int | None = None
     measure: Measure = "softmax"
     check_every: int = 1
+    check_layers: list[int] | None = None
 
     def __post_init__(self):
         positive("generation.max_new_tokens", self.max_new_tokens)
@@ -75,6 +78,10 @@ class GenerationArgs:
         non_negative("generation.threshold", self.threshold)
         positive("generation.min_layer", self.min_layer, optional=True)
         positive("generation.check_every", self.check_every)
+        if self.check_layers is not None:
+            require(len(self.check_layers) > 0 and all(layer >= 1 for layer in self.check_layers), "generation.check_layers",
+                    self.check_layers, "a non-empty list of layers ≥ 1")
+            object.__setattr__(self, "check_layers", sorted(set(self.check_layers)))
         if self.measure not in ("softmax", "margin", "state"):
             raise EarlyExitError(f"generation.measure {self.measure!r}: choose softmax, margin or state")
 
@@ -84,10 +91,16 @@ class GenerationArgs:
 
     def min_layer_of(self, n_layers: int) -> int:
         """The dynamic exit's lowest exit on a model of ``n_layers`` blocks."""
+        if self.check_layers is not None:
+            return self.check_layers[0]
         return self.min_layer if self.min_layer is not None else default_min_layer(n_layers)
 
     def check_layers_of(self, n_layers: int) -> list[int]:
         """The layers below ``n_layers`` where a dynamic exit tests its confidence."""
+        if self.check_layers is not None:
+            require(self.check_layers[-1] < n_layers, "generation.check_layers", self.check_layers,
+                    f"below the last layer ({n_layers}), which always exits")
+            return list(self.check_layers)
         return list(range(self.min_layer_of(n_layers), n_layers, self.check_every))
 
 

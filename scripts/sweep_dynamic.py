@@ -160,8 +160,8 @@ def sweep(
     name = args.name + (f" + {args.adapter.rstrip('/').split('/')[-2]}" if args.adapter and "/" in args.adapter.rstrip("/") else "")
     where = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"\n{name} on {where}, records {offset}..{offset + len(chosen) - 1} of {data}, greedy, at most "
-          f"{greedy.max_new_tokens} new tokens, batch {batch}, min layer {greedy.min_layer_of(ee.n_layers)}, checks every "
-          f"{greedy.check_every}, fast path {'on' if engine.fast is not None else 'off'}\n")
+          f"{greedy.max_new_tokens} new tokens, batch {batch}, check layers {greedy.check_layers_of(ee.n_layers)}, "
+          f"fast path {'on' if engine.fast is not None else 'off'}\n")
     full_speed = next(row["speed"] for row in rows if row["kind"] == "fixed" and row["setting"] == n)
     print("| exit | setting | mean layers per token | ROUGE-L | tokens/s | × full depth | acceptance |\n|---|---|---|---|---|---|---|")
     for row in rows:
@@ -170,7 +170,7 @@ def sweep(
               f"{row['speed'] / full_speed:.2f} | {accepted} |")
     if target is not None:
         full = next(row["rougeL"] for row in rows if row["kind"] == "fixed" and row["setting"] == ee.n_layers)
-        good = [row for row in rows if row["kind"] != "fixed" and row["rougeL"] >= target * full]
+        good = [row for row in rows if row["kind"].startswith("dynamic") and row["rougeL"] >= target * full]
         if good:
             best = min(good, key=lambda row: row["depth"])
             print(f"\ncalibrated threshold: {best['setting']} (ROUGE-L {best['rougeL']:.3f} = "

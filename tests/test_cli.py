@@ -1,6 +1,7 @@
 """Bad input through the real command line: one clear line on stderr, exit status 2, no traceback."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -245,9 +246,10 @@ def test_sweep_puts_every_mode_on_one_quality_speed_figure(tiny_dir, tmp_path, m
     plot = tmp_path / "speed.png"
     argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--data", str(data), "--records", "4", "--batch", "2",
             "--generation.max_new_tokens", "6", "--generation.min_layer", "1", "--fixed", "[1, 2]", "--thresholds", "[0, 1.01]",
-            "--speculative", "[[1, 2], [3, 3]]", "--hf", "true", "--speed_plot", str(plot)]
+            "--speculative", "[[1, 2], [3, 3]]", "--hf", "true", "--speed_plot", str(plot), "--target", "0.95"]
     assert run_command("sweep_dynamic.py", argv, monkeypatch) == 0
     out = capsys.readouterr().out
+    assert re.search(r"calibrated threshold: (0\.0|1\.01) \(", out)  # a dynamic threshold, never a speculative setting
     rows = {(line.split("|")[1].strip(), line.split("|")[2].strip()): line.split("|") for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| exit")}
     rouge = {key: float(cells[4]) for key, cells in rows.items()}

@@ -247,22 +247,72 @@ def test_dynamic_exit_at_sparse_check_layers_equals_the_reference(fast):
     assert set(exits) <= {1, 3, 4} and len(set(exits)) > 1  # checks at 1 and 3; the last layer always exits
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_dynamic_exit_at_listed_check_layers_equals_the_arithmetic_ones(fast):
+    ee = EarlyExitHead(tiny_model("llama", seed=3))
+    ids = torch.tensor([[5, 17, 42, 9, 33]])
+    engine = Engine(ee, fast=fast)
+    listed = engine.generate_dynamic(ids, torch.ones_like(ids), threshold=0.0105, check_layers=[3, 1], max_new_tokens=12,
+                                     ignore_eos=True)
+    spaced = engine.generate_dynamic(ids, torch.ones_like(ids), threshold=0.0105, min_layer=1, check_every=2,
+                                     max_new_tokens=12, ignore_eos=True)
+    assert torch.equal(listed.tokens, spaced.tokens) and torch.equal(listed.layers, spaced.layers)
+    with pytest.raises(EarlyExitError, match="check_layers"):
+        engine.generate_dynamic(ids, torch.ones_like(ids), check_layers=[2, 4], max_new_tokens=2)
+    with pytest.raises(EarlyExitError, match="check_layers"):
+        GenerationArgs(check_layers=[0, 2])
+
+
 def test_dynamic_exit_skips_the_blocks_above_the_exit_and_fills_their_kv():
     """Threshold 0 at min_layer 2 of 4: after the prompt, blocks 3 and 4 never run; their K/V are filled per token."""
     ee = EarlyExitHead(tiny_model("llama"))
     ids, mask = prompts()
     engine = Engine(ee, fast=True)
-    calls = {"run": [0] * 4, "fill": [0] * 4}
+    calls = {"run": [0] * 4, "fill": []}
     engine.fast = [_Counting(block, i, calls) for i, block in enumerate(engine.fast)]
+    engine.kv_fill = _CountingFill(engine.kv_fill, calls)
     out = engine.generate_dynamic(ids, mask, threshold=0.0, min_layer=2, max_new_tokens=6, ignore_eos=True)
     assert calls["run"] == [6, 6, 1, 1]  # the prompt, then 5 decode steps through blocks 1-2 only
-    assert calls["fill"] == [0, 0, 5, 5]
+    assert calls["fill"] == [(3, 4)] * 5  # blocks 3-4's K/V, together, once a step
     assert torch.equal(out.tokens, ee.generate(ids, mask, 2, max_new_tokens=6, ignore_eos=True).tokens)
     assert (out.layers == 2).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biases on q, k, v
+def test_kv_fill_of_several_blocks_equals_each_blocks_fill(family):
+    ee = EarlyExitHead(tiny_model(family, seed=2))
+    engine = Engine(ee, fast=True)
+    blocks, n = engine.fast, ee.n_layers
+    hidden = torch.randn(3, 1, ee.config.hidden_size)
+    slots = torch.tensor([[4], [6], [5]])
+    rotary = ee.decoder.rotary_emb(hidden, position_ids=slots)
+    stacked, single = StaticKV(8), StaticKV(8)
+    stacked.stack(n, 3, blocks[0].kv_heads, blocks[0].head_dim, torch.float32, "cpu")
+    stacked.slots = single.slots = slots
+    engine.kv_fill(hidden, rotary, stacked, 2, n)
+    for layer in range(2, n + 1):
+        blocks[layer - 1].fill(hidden, rotary, single)
+    assert 0 not in stacked.keys or not stacked.keys[0].any()  # block 1 untouched
+    for layer in range(1, n):
+        assert torch.allclose(stacked.keys[layer], single.keys[layer], atol=1e-6)
+        assert torch.allclose(stacked.values[layer], single.values[layer], atol=1e-6)
+        assert stacked.keys[layer][torch.arange(3), :, slots[:, 0]].abs().sum() > 0
+
+
+class _CountingFill:
+    """A K/V fill that records the blocks it fills."""
+
+    def __init__(self, fill, calls):
+        self.fill, self.calls = fill, calls
+        self.kv_heads, self.head_dim = fill.kv_heads, fill.head_dim
+
+    def __call__(self, *args, **kwargs):
+        self.calls["fill"].append(args[3:5])
+        return self.fill(*args, **kwargs)
+
+
 class _Counting:
-    """A fused block that counts its full runs and its K/V fills."""
+    """A fused block that counts its full runs."""
 
     def __init__(self, block, index, calls):
         self.block, self.index, self.calls = block, index, calls
@@ -271,10 +321,6 @@ class _Counting:
     def __call__(self, *args):
         self.calls["run"][self.index] += 1
         return type(self.block).__call__(self.block, *args)
-
-    def fill(self, *args):
-        self.calls["fill"][self.index] += 1
-        return type(self.block).fill(self.block, *args)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])

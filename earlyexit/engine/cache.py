@@ -24,6 +24,27 @@ class StaticKV:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.slots: torch.Tensor | None = None
+        self.key_stack: torch.Tensor | None = None  # see stack()
+        self.value_stack: torch.Tensor | None = None
+
+    def stack(self, layers: int, rows: int, heads: int, dim: int, dtype: torch.dtype, device) -> None:
+        """Allocate layers 0..``layers`` − 1 as slices of one ``[layers, rows, heads, capacity, dim]`` pair, so that
+        :meth:`update_layers` writes them all at once."""
+        self.key_stack = torch.zeros(layers, rows, heads, self.capacity, dim, dtype=dtype, device=device)
+        self.value_stack = torch.zeros_like(self.key_stack)
+        for layer in range(layers):
+            self.keys[layer], self.values[layer] = self.key_stack[layer], self.value_stack[layer]
+
+    def update_layers(self, key: torch.Tensor, value: torch.Tensor, first: int) -> None:
+        """Write layers ``first``, ``first`` + 1, …'s new keys and values (``[L, R, heads, q, dim]``) at ``slots`` into
+        the buffers :meth:`stack` allocated, in one write."""
+        count, rows, heads, q, _ = key.shape
+        device = key.device
+        at = (torch.arange(first, first + count, device=device)[:, None, None, None],
+              torch.arange(rows, device=device)[None, :, None, None], torch.arange(heads, device=device)[None, None, :, None],
+              self.slots[None, :rows, None, :])
+        self.key_stack.index_put_(at, key)
+        self.value_stack.index_put_(at, value)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         rows, heads, q, dim = key.shape

@@ -67,8 +67,11 @@ class Core:
         if self._cache_name is None:
             raise EarlyExitError(f"{type(ee.blocks[0]).__name__} takes no cache argument; the engine cannot drive it")
         self.fast = None  # llama-style families: fused blocks (earlyexit/engine/fast.py); others: the model's own blocks
+        self.kv_fill = None  # and their keys and values filled together (a dynamic exit skipping blocks)
         if fast is not False:
-            self.fast = fast_blocks(ee)
+            fused = fast_blocks(ee)
+            if fused is not None:
+                self.fast, self.kv_fill = fused
             if fast and self.fast is None:
                 raise EarlyExitError(f"no fast path for {ee.config.model_type} blocks: it serves llama-style families "
                                      f"({', '.join(sorted(t for t, s in ARCHITECTURES.items() if s.fast_block))})")

@@ -1,22 +1,27 @@
 """Dynamic early exits (CALM, Schuster et al., 2022): each token stops at the first confident layer.
 
-A token exits at the first check layer (``min_layer``, ``min_layer + check_every``, …) whose :func:`confidence`
-reaches the threshold; the last layer always exits. Tokens after it still need keys and values at the layers it
-skipped: its exit state is propagated upwards (CALM's choice), i.e. every block above the exit takes the exit
-hidden state as that token's input, so its keys and values there are the K/V projections of that state.
+A token exits at the first check layer (``min_layer``, ``min_layer + check_every``, …, or the ``check_layers``
+listed) whose :func:`confidence` reaches the threshold; the last layer always exits. Tokens after it still need keys
+and values at the layers it skipped: its exit state is propagated upwards (CALM's choice), i.e. every block above
+the exit takes the exit hidden state as that token's input, so its keys and values there are the K/V projections of
+that state.
 
 Two ways to run the same rule:
 
 * **skipping** (the fast path of llama-style families): the step is cut at the check layers. After each, the host
   reads one flag: once every row of the batch has exited (or has already ended its answer), the blocks above are
-  not run; only their K/V projections of the exit state are written to the cache (:meth:`FusedBlock.fill`, about
-  a sixth of a block's weights for SmolLM2, a third for Llama-2-7B), then one head reads the exit states. On a GPU
-  each piece is a CUDA graph; a check layer costs one host synchronisation.
+  not run; only their K/V projections of the exit state are written to the cache
+  (:class:`~earlyexit.engine.fast.KVFill`: one batched product for all of them, about a sixth of a block's weights
+  each for SmolLM2, a third for Llama-2-7B), then one head reads the exit states. On a GPU each piece is a CUDA
+  graph; a check layer costs one host synchronisation.
 * **propagating** (other families, the model's own blocks): every block still runs for every token, the exited rows
   taking their exit state as input; one CUDA graph per step. It measures quality against depth, not time.
 
 A batch skips only above the layer where its *last* row exits: rows that exited earlier ride along (their inputs
-held at their exit state) until then.
+held at their exit state) until then. Letting them leave the batch instead (gathering the running rows, a program
+per row count) was built and measured slower on SmolLM2 at batch 8 (0.63× full depth against 0.78×): a decode step
+of a small model costs the same for 4 rows as for 8, so fewer rows save nothing while the gathers and the extra
+fills cost launches (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -125,8 +130,8 @@ class DynamicExits(Core):
 
         Args:
             input_ids, attention_mask: ``[B, T]`` left-padded prompts.
-            generation: the options; ``threshold``, ``min_layer`` (default N/4), ``check_every``, ``measure`` and
-                ``max_new_tokens`` are read (decoding is greedy). Keyword ``changes`` override single fields.
+            generation: the options; ``threshold``, ``min_layer`` (default N/4), ``check_every`` (or ``check_layers``),
+                ``measure`` and ``max_new_tokens`` are read (decoding is greedy). Keyword ``changes`` override single fields.
             eos_token_id, pad_token_id, ignore_eos: as :meth:`Core.generate`.
         """
         args = options(generation, **changes)
@@ -210,13 +215,14 @@ class DynamicExits(Core):
                           max_new_tokens: int, stops: Stops):
         n = self.n_layers
         cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens)
+        cache.stack(n, batch, self.kv_fill.kv_heads, self.kv_fill.head_dim, self.dtype, self.device)  # for kv_fill
         banned, ends = stops.tensors(self.device)
         loop = Columns(batch, max_new_tokens, stops.pad, self.device, extras=1)
         used = loop.extras[0]
         exits = _Exits(self, batch, threshold, measure, banned)
         # the step's inputs, written by its first piece and read by the others
         hidden = torch.zeros(batch, 1, self.ee.config.hidden_size, dtype=self.dtype, device=self.device)
-        rotary = tuple(torch.zeros(batch, 1, self.fast[0].head_dim, dtype=self.dtype, device=self.device) for _ in range(2))
+        rotary = tuple(torch.zeros(batch, 1, self.kv_fill.head_dim, dtype=self.dtype, device=self.device) for _ in range(2))
         masks = {w: torch.zeros(batch, 1, 1, valid.shape[1], dtype=self.dtype, device=self.device) for w in dict.fromkeys(self.windows)}
         kwargs = {"position_embeddings": rotary, self._cache_name: cache}
         ended = torch.zeros(batch, dtype=torch.bool, device=self.device)  # rows whose answer has ended (EOS written)
@@ -258,9 +264,9 @@ class DynamicExits(Core):
 
         def fill(j: int):
             def run():  # every row has exited at or below bounds[j + 1]: only the K/V of the blocks above
-                for layer in range(bounds[j + 1] + 1, n + 1):
-                    self.fast[layer - 1].fill(exits.state, rotary, cache)
-                    if layer in checks and self.shared is not None and self.ee.adapters.has_block(layer):
+                self.kv_fill(exits.state, rotary, cache, bounds[j + 1] + 1, n)
+                for layer in checks[j + 1 :]:
+                    if self.shared is not None and self.ee.adapters.has_block(layer):
                         self._shared_fill(exits.state, rotary, cache, layer)
                 token = exits.token()
                 loop.advance(token, exits.layer)

@@ -41,9 +41,10 @@ def _linear(module: nn.Module) -> nn.Linear:
     return getattr(module, "base_layer", module)
 
 
-def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several projections of the same input; each ``nn.Linear`` then views its rows."""
-    weight = torch.cat([lin.weight.detach() for lin in linears])
+def _fuse(linears: list[nn.Linear], out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections of the same input; each ``nn.Linear`` then views its rows.
+    ``out``: where the fused weight goes (a slice of the stacked weights of every block), else a new tensor."""
+    weight = torch.cat([lin.weight.detach() for lin in linears], out=out)
     biases = [lin.bias for lin in linears]
     bias = None
     if any(b is not None for b in biases):
@@ -61,7 +62,7 @@ def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
 class FusedBlock:
     """One llama-style block on fused weights. ``__call__`` equals the block's own forward."""
 
-    def __init__(self, block: nn.Module, config):
+    def __init__(self, block: nn.Module, config, qkv: torch.Tensor | None = None):
         attn, mlp = block.self_attn, block.mlp
         self.layer_idx = attn.layer_idx
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -69,7 +70,7 @@ class FusedBlock:
         self.scaling = attn.scaling
         self.ln1, self.eps1 = block.input_layernorm.weight, block.input_layernorm.variance_epsilon
         self.ln2, self.eps2 = block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon
-        self.wqkv, self.bqkv = _fuse([_linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj)])
+        self.wqkv, self.bqkv = _fuse([_linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj)], qkv)
         self.wo, self.bo = _linear(attn.o_proj).weight, _linear(attn.o_proj).bias
         self.wgu, self.bgu = _fuse([_linear(mlp.gate_proj), _linear(mlp.up_proj)])
         self.wdown, self.bdown = _linear(mlp.down_proj).weight, _linear(mlp.down_proj).bias
@@ -110,22 +111,61 @@ class FusedBlock:
         cache.update(rotate(key, cos, sin), value, self.layer_idx)
 
 
+class KVFill:
+    """The keys and values of consecutive blocks for one input state, computed together: a dynamic exit's state is the
+    input of every block it skips (CALM's state propagation), so their K/V projections are one batched product over
+    the stacked k|v rows of the blocks' fused weights (views, no copy) and one cache write, instead of a norm, a
+    product, a rotation and two writes per block. Equals :meth:`FusedBlock.fill` block by block."""
+
+    def __init__(self, blocks: list[FusedBlock], qkv: torch.Tensor, bias: torch.Tensor | None):
+        first = blocks[0]
+        self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
+        if {block.eps1 for block in blocks} != {first.eps1}:
+            raise EarlyExitError("the fast path needs one RMSNorm epsilon for every block")
+        self.eps = first.eps1
+        start = first.heads * first.head_dim
+        self.weight = qkv[:, start:]  # [n, 2 k d, D]: the k|v rows of every block
+        self.bias = None if bias is None else bias[:, start:]
+        self.norms = torch.stack([block.ln1.detach() for block in blocks])  # [n, D]
+
+    def __call__(self, hidden: torch.Tensor, position_embeddings, cache, first: int, last: int) -> None:
+        """Write blocks ``first``..``last``'s (1-based) keys and values for input ``hidden`` ``[R, q, D]`` into ``cache``
+        (its stacked buffers, :meth:`~earlyexit.engine.cache.StaticKV.stack`)."""
+        rows, q, width = hidden.shape
+        count, k, d = last - first + 1, self.kv_heads, self.head_dim
+        x = hidden.float()
+        normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(hidden.dtype)  # as rms_norm
+        x = self.norms[first - 1 : last, None] * normed.reshape(1, rows * q, width)  # [L, R q, D]
+        kv = torch.matmul(x, self.weight[first - 1 : last].transpose(1, 2))  # [L, R q, 2 k d]
+        if self.bias is not None:
+            kv = kv + self.bias[first - 1 : last, None]
+        kv = kv.view(count, rows, q, 2 * k, d).transpose(2, 3)  # [L, R, 2k, q, d]
+        cos, sin = (t[None, :, None] for t in position_embeddings)  # [1, R, 1, q, d]
+        cache.update_layers(rotate(kv[:, :, :k], cos, sin), kv[:, :, k:], first - 1)
+
+
 def fast_inputs(decoder: nn.Module, ids: torch.Tensor, positions: torch.Tensor):
     """The block inputs of a llama-style decoder: its own token embedding and rotary tables (cos, sin) at ``positions``."""
     hidden = decoder.embed_tokens(ids)
     return hidden, decoder.rotary_emb(hidden, position_ids=positions)
 
 
-def fast_blocks(ee) -> list[FusedBlock] | None:
-    """The fused blocks of ``ee``'s model when its family takes the fast path (else None); merges LoRA adapters."""
+def fast_blocks(ee) -> tuple[list[FusedBlock], KVFill] | None:
+    """The fused blocks of ``ee``'s model and their stacked K/V fill when its family takes the fast path (else
+    None); merges LoRA adapters. Every block's fused q|k|v weight is one slice of a stacked ``[n, (h + 2k) d, D]``
+    tensor, so :class:`KVFill` reads them all without a copy."""
     spec = ee.spec
     if not spec.fast_block or getattr(ee.config, "hidden_act", "silu") != "silu":
         return None
     lm = ee.lm
     if hasattr(lm, "merge_adapter") and any(hasattr(m, "lora_A") for m in lm.modules()):
         lm.merge_adapter()  # the fused weights must hold the adapted weights
-    blocks = [FusedBlock(block, ee.config) for block in ee.blocks]
+    projections = [_linear(getattr(ee.blocks[0].self_attn, name)) for name in ("q_proj", "k_proj", "v_proj")]
+    first = projections[0].weight
+    qkv = first.new_empty(len(ee.blocks), sum(p.out_features for p in projections), first.shape[1])
+    blocks = [FusedBlock(block, ee.config, qkv[i]) for i, block in enumerate(ee.blocks)]
     for block in blocks:
         if block.heads % block.kv_heads:
             raise EarlyExitError(f"{ee.config.model_type}: {block.heads} heads do not group over {block.kv_heads} KV heads")
-    return blocks
+    bias = None if blocks[0].bqkv is None else torch.stack([block.bqkv for block in blocks])
+    return blocks, KVFill(blocks, qkv, bias)
