@@ -16,8 +16,7 @@ class StaticKV:
     The model's attention calls :meth:`update` with the new keys and values of the rows it ran; a layer's
     buffers are allocated on first use with that many rows (so a layer only the deepest exits reach holds only
     their rows) and ``capacity`` slots. ``slots`` (``[R, q]``) says where each row's q new tokens go; the mask
-    decides what is read, so stale slots past a row's position (rejected drafts) are never attended to. ``rows``,
-    when set, says which buffer rows the rows it ran are (a dynamic exit's rows still running, gathered).
+    decides what is read, so stale slots past a row's position (rejected drafts) are never attended to.
     """
 
     def __init__(self, capacity: int):
@@ -25,7 +24,6 @@ class StaticKV:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.slots: torch.Tensor | None = None
-        self.rows: torch.Tensor | None = None  # [R'] the buffer rows the next update's R' rows are (None: 0..R'-1)
         self.key_stack: torch.Tensor | None = None  # see stack()
         self.value_stack: torch.Tensor | None = None
 
@@ -37,18 +35,14 @@ class StaticKV:
         for layer in range(layers):
             self.keys[layer], self.values[layer] = self.key_stack[layer], self.value_stack[layer]
 
-    def update_layers(self, key: torch.Tensor, value: torch.Tensor, first: int, only: torch.Tensor | None = None) -> None:
+    def update_layers(self, key: torch.Tensor, value: torch.Tensor, first: int) -> None:
         """Write layers ``first``, ``first`` + 1, …'s new keys and values (``[L, R, heads, q, dim]``) at ``slots`` into
-        the buffers :meth:`stack` allocated, in one write; ``only`` (``[R]`` bool): the rows written (the others keep
-        what they hold)."""
+        the buffers :meth:`stack` allocated, in one write."""
         count, rows, heads, q, _ = key.shape
         device = key.device
         at = (torch.arange(first, first + count, device=device)[:, None, None, None],
               torch.arange(rows, device=device)[None, :, None, None], torch.arange(heads, device=device)[None, None, :, None],
               self.slots[None, :rows, None, :])
-        if only is not None:
-            pick = only[None, :, None, None, None]
-            key, value = torch.where(pick, key, self.key_stack[at]), torch.where(pick, value, self.value_stack[at])
         self.key_stack.index_put_(at, key)
         self.value_stack.index_put_(at, value)
 
@@ -58,13 +52,11 @@ class StaticKV:
             self.keys[layer_idx] = key.new_zeros(rows, heads, self.capacity, dim)
             self.values[layer_idx] = value.new_zeros(rows, heads, self.capacity, value.shape[-1])
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        index = torch.arange(rows, device=key.device) if self.rows is None else self.rows
         # an indexed write, not a scatter: compiled, it stays in place and writes only the new slots
-        at = (index[:, None, None], torch.arange(heads, device=key.device)[None, :, None], self.slots[:rows, None, :])
+        at = (torch.arange(rows, device=key.device)[:, None, None], torch.arange(heads, device=key.device)[None, :, None],
+              self.slots[:rows, None, :])
         keys.index_put_(at, key)
         values.index_put_(at, value)
-        if self.rows is not None:  # the attention of those rows reads theirs
-            return keys.index_select(0, self.rows), values.index_select(0, self.rows)
         return keys, values
 
 

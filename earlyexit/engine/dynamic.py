@@ -1,23 +1,27 @@
 """Dynamic early exits (CALM, Schuster et al., 2022): each token stops at the first confident layer.
 
-A token exits at the first check layer (``min_layer``, ``min_layer + check_every``, …) whose :func:`confidence`
-reaches the threshold; the last layer always exits. Tokens after it still need keys and values at the layers it
-skipped: its exit state is propagated upwards (CALM's choice), i.e. every block above the exit takes the exit
-hidden state as that token's input, so its keys and values there are the K/V projections of that state.
+A token exits at the first check layer (``min_layer``, ``min_layer + check_every``, …, or the ``check_layers``
+listed) whose :func:`confidence` reaches the threshold; the last layer always exits. Tokens after it still need keys
+and values at the layers it skipped: its exit state is propagated upwards (CALM's choice), i.e. every block above
+the exit takes the exit hidden state as that token's input, so its keys and values there are the K/V projections of
+that state.
 
 Two ways to run the same rule:
 
 * **skipping** (the fast path of llama-style families): the step is cut at the check layers. After each, the host
   reads one flag: once every row of the batch has exited (or has already ended its answer), the blocks above are
-  not run; only their K/V projections of the exit state are written to the cache (:class:`~earlyexit.engine.fast.KVFill`: one batched
-  product for all of them, about a sixth of a block's weights each for SmolLM2, a third for Llama-2-7B), then one
-  head reads the exit states. On a GPU
-  each piece is a CUDA graph; a check layer costs one host synchronisation.
+  not run; only their K/V projections of the exit state are written to the cache
+  (:class:`~earlyexit.engine.fast.KVFill`: one batched product for all of them, about a sixth of a block's weights
+  each for SmolLM2, a third for Llama-2-7B), then one head reads the exit states. On a GPU each piece is a CUDA
+  graph; a check layer costs one host synchronisation.
 * **propagating** (other families, the model's own blocks): every block still runs for every token, the exited rows
   taking their exit state as input; one CUDA graph per step. It measures quality against depth, not time.
 
 A batch skips only above the layer where its *last* row exits: rows that exited earlier ride along (their inputs
-held at their exit state) until then.
+held at their exit state) until then. Letting them leave the batch instead (gathering the running rows, a program
+per row count) was built and measured slower on SmolLM2 at batch 8 (0.63× full depth against 0.78×): a decode step
+of a small model costs the same for 4 rows as for 8, so fewer rows save nothing while the gathers and the extra
+fills cost launches (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -126,8 +130,8 @@ class DynamicExits(Core):
 
         Args:
             input_ids, attention_mask: ``[B, T]`` left-padded prompts.
-            generation: the options; ``threshold``, ``min_layer`` (default N/4), ``check_every``, ``measure`` and
-                ``max_new_tokens`` are read (decoding is greedy). Keyword ``changes`` override single fields.
+            generation: the options; ``threshold``, ``min_layer`` (default N/4), ``check_every`` (or ``check_layers``),
+                ``measure`` and ``max_new_tokens`` are read (decoding is greedy). Keyword ``changes`` override single fields.
             eos_token_id, pad_token_id, ignore_eos: as :meth:`Core.generate`.
         """
         args = options(generation, **changes)
@@ -222,11 +226,9 @@ class DynamicExits(Core):
         masks = {w: torch.zeros(batch, 1, 1, valid.shape[1], dtype=self.dtype, device=self.device) for w in dict.fromkeys(self.windows)}
         kwargs = {"position_embeddings": rotary, self._cache_name: cache}
         ended = torch.zeros(batch, dtype=torch.bool, device=self.device)  # rows whose answer has ended (EOS written)
-        order = torch.arange(batch, device=self.device)  # the rows still running first, then the others
-        report = torch.zeros(2, dtype=torch.long, device=self.device)  # rows still running, rows that exited just now
+        skip = torch.zeros((), dtype=torch.bool, device=self.device)  # every row has exited or ended
         bounds = [0, *checks, n]  # piece j runs blocks bounds[j] + 1 .. bounds[j + 1]
         columns = torch.arange(max_new_tokens, device=self.device)
-        sizes = bucket_sizes(batch)
 
         def begin():
             h, kw, mk = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
@@ -239,43 +241,30 @@ class DynamicExits(Core):
             if ends is not None:
                 ended.copy_((torch.isin(loop.out, ends) & (columns <= loop.step)).any(1))
 
-        def piece(j: int, size: int):
-            def run():  # blocks of piece j on the first `size` rows of `order` (those still running, and a few more)
+        def piece(j: int):
+            def run():
                 if j == 0:
                     begin()
-                rows = order[:size]
-                inputs = h = exits.inputs(hidden).index_select(0, rows)  # rows that exited ride along on their exit state
-                part = {w: mask.index_select(0, rows) for w, mask in masks.items()}
-                cache.slots, cache.rows = loop.slot.index_select(0, rows), rows
-                call = {"position_embeddings": tuple(t.index_select(0, rows) for t in rotary), self._cache_name: cache}
+                h = hidden
                 for layer in range(bounds[j] + 1, bounds[j + 1] + 1):
-                    inputs = h
-                    h = self._decode_blocks(inputs, call, part, range(layer, layer + 1))
-                cache.slots, cache.rows = loop.slot, None
+                    inputs = exits.inputs(h)
+                    h = self._decode_blocks(inputs, kwargs, masks, range(layer, layer + 1))
                 top = bounds[j + 1]
-                last, previous = hidden.index_copy(0, rows, h), hidden.index_copy(0, rows, inputs)
-                adapted = self._shared_check(exits.inputs(last), kwargs, masks, top)
-                exits.decide(top, last, previous, final=top == n, adapted=adapted)
+                adapted = self._shared_check(exits.inputs(h), kwargs, masks, top)
+                exits.decide(top, h, inputs, final=top == n, adapted=adapted)
                 if top == n:
                     token = exits.token()
                     loop.advance(token, exits.layer)
                     return token
-                hidden.copy_(last)
-                running = ~(exits.exited | ended)
-                order.copy_(torch.argsort((~running).to(torch.uint8), stable=True))
-                report.copy_(torch.stack([running.sum(), (exits.layer == top).sum()]))
-                return report
+                hidden.copy_(h)
+                skip.copy_((exits.exited | ended).all())
+                return skip
 
             return run
 
         def fill(j: int):
-            def run():  # rows that exited at check j: the K/V of every block above it, from their exit state
-                self.kv_fill(exits.state, rotary, cache, bounds[j + 1] + 1, n, only=exits.layer == bounds[j + 1])
-
-            return run
-
-        def finish(j: int):
-            def run():  # no row runs on after check j: the shared block's K/V at the checks above, then the tokens
+            def run():  # every row has exited at or below bounds[j + 1]: only the K/V of the blocks above
+                self.kv_fill(exits.state, rotary, cache, bounds[j + 1] + 1, n)
                 for layer in checks[j + 1 :]:
                     if self.shared is not None and self.ee.adapters.has_block(layer):
                         self._shared_fill(exits.state, rotary, cache, layer)
@@ -285,23 +274,15 @@ class DynamicExits(Core):
 
             return run
 
-        keys = [(0, batch)] + [(j, size) for j in range(1, len(bounds) - 1) for size in sizes]
-        steps = [piece(j, size) for j, size in keys]
-        steps += [fill(j) for j in range(len(checks))] + [finish(j) for j in range(len(checks))]
+        pieces = [piece(j) for j in range(len(bounds) - 1)]
+        fills = [fill(j) for j in range(len(checks))]
         graphed = None
 
         def step():
-            pieces = dict(zip(keys, graphed))
-            fills, finishes = graphed[len(keys) : len(keys) + len(checks)], graphed[len(keys) + len(checks) :]
-            size = batch
-            for j in range(len(checks)):
-                running, exited = pieces[j, size]().tolist()  # one host synchronisation per check layer
-                if exited:
-                    fills[j]()
-                if not running:
-                    return finishes[j]()
-                size = next(s for s in sizes if s >= running)
-            return pieces[len(checks), size]()
+            for j, check in enumerate(graphed[: len(checks)]):
+                if bool(check()):  # one host synchronisation per check layer
+                    return graphed[len(pieces) + j]()
+            return graphed[len(checks)]()
 
         state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted]
         start = self._prompt_pass(lambda ids: self._start(exits, checks, loop, ids, valid, npad, cache), (batch, prompt), state)
@@ -310,18 +291,8 @@ class DynamicExits(Core):
             nonlocal graphed
             start(load(ids, mask))
             if graphed is None:
-                graphed = self._graphs(steps, state + [hidden, *rotary, ended, order, report, *masks.values()])
+                graphed = self._graphs(pieces + fills, state + [hidden, *rotary, ended, skip, *masks.values()])
             until_done(step, loop.out, ends)
             return loop.out.clone(), used.clone()
 
         return run
-
-
-def bucket_sizes(batch: int) -> list[int]:
-    """The row counts a dynamic step's later pieces are built for: powers of two below ``batch``, and ``batch``. The
-    rows still running are rounded up to one of them, so a batch of B needs about log2(B) programs a piece."""
-    sizes, size = [], 1
-    while size < batch:
-        sizes.append(size)
-        size *= 2
-    return sizes + [batch]

@@ -128,10 +128,9 @@ class KVFill:
         self.bias = None if bias is None else bias[:, start:]
         self.norms = torch.stack([block.ln1.detach() for block in blocks])  # [n, D]
 
-    def __call__(self, hidden: torch.Tensor, position_embeddings, cache, first: int, last: int,
-                 only: torch.Tensor | None = None) -> None:
+    def __call__(self, hidden: torch.Tensor, position_embeddings, cache, first: int, last: int) -> None:
         """Write blocks ``first``..``last``'s (1-based) keys and values for input ``hidden`` ``[R, q, D]`` into ``cache``
-        (its stacked buffers, :meth:`~earlyexit.engine.cache.StaticKV.stack`); ``only`` (``[R]`` bool): for those rows alone."""
+        (its stacked buffers, :meth:`~earlyexit.engine.cache.StaticKV.stack`)."""
         rows, q, width = hidden.shape
         count, k, d = last - first + 1, self.kv_heads, self.head_dim
         x = hidden.float()
@@ -142,7 +141,7 @@ class KVFill:
             kv = kv + self.bias[first - 1 : last, None]
         kv = kv.view(count, rows, q, 2 * k, d).transpose(2, 3)  # [L, R, 2k, q, d]
         cos, sin = (t[None, :, None] for t in position_embeddings)  # [1, R, 1, q, d]
-        cache.update_layers(rotate(kv[:, :, :k], cos, sin), kv[:, :, k:], first - 1, only)
+        cache.update_layers(rotate(kv[:, :, :k], cos, sin), kv[:, :, k:], first - 1)
 
 
 def fast_inputs(decoder: nn.Module, ids: torch.Tensor, positions: torch.Tensor):
