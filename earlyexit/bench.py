@@ -171,6 +171,9 @@ def run(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> 
     modes = list(dict.fromkeys(bench.modes))
     model, tokenizer = load(model_args, bench)
     ee = EarlyExitHead(model)
+    if "dynamic" in modes:  # its check layers, before any decoding
+        ee.check_layer(generation.min_layer_of(ee.n_layers))
+        generation.check_layers_of(ee.n_layers)
     options = dict(compile=generation.compile, compile_mode=generation.compile_mode)
     generic = Engine(ee, fast=False, **options) if "generic" in bench.modes else None
     engine = Engine(ee, fast=generation.fast, **options)

@@ -250,6 +250,7 @@ class EarlyExitModule(L.LightningModule):
                 raise EarlyExitError("generation.exit dynamic decodes greedily through the engine: "
                                      "set generation.do_sample false and generation.engine true")
             self.ee.check_layer(generation.min_layer_of(n))
+            generation.check_layers_of(n)  # listed check layers must lie below the last
         self._engine = None
         self.train_exits = sorted(set(parse_exit_layers(loss.exit_layers, n)) | {n})
         self.dropout_rates = layer_dropout_rates(n, layer_dropout.p_max, layer_dropout.scale)

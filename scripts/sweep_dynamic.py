@@ -91,6 +91,8 @@ def sweep(
     for draft_layer, _ in speculative:
         if ee.check_layer(draft_layer) >= ee.n_layers:
             raise EarlyExitError(f"speculative E = {draft_layer} must be below the last layer {ee.n_layers}")
+    ee.check_layer(generation.min_layer_of(ee.n_layers))
+    generation.check_layers_of(ee.n_layers)  # before any decoding
     engine = Engine(ee, compile=generation.compile, fast=generation.fast, compile_mode=generation.compile_mode)
     greedy = generation.but(do_sample=False)
     device = next(lm.parameters()).device

@@ -132,6 +132,8 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("acceptance.py", ["--n_draft", "[0]"], "n_draft ≥ 1"),
     ("sweep_dynamic.py", ["--records", "0"], "records = 0 is out of range"),
     ("sweep_dynamic.py", ["--speculative", "[[15, 0]]"], "speculative d = 0 is out of range"),
+    ("sweep_dynamic.py", ["--generation.check_layers", "[0, 15]"], "generation.check_layers = [0, 15] is out of range"),
+    ("bench", ["--generation.check_layers", "[]"], "generation.check_layers = [] is out of range"),
     ("profile_decode.py", ["--tokens", "0"], "tokens = 0 is out of range"),
     ("time_to_loss.py", ["--every", "0"], "every = 0 is out of range"),
     ("self_answers.py", ["--samples", "0"], "samples = 0 is out of range"),
@@ -144,6 +146,15 @@ def test_scripts_and_commands_refuse_bad_values_with_one_line(name, argv, messag
     assert run_command(name, argv, monkeypatch) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]
+
+
+def test_check_layers_at_or_above_the_last_layer_are_refused_before_decoding(tiny_dir, monkeypatch, capsys):
+    argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--modes", "[full,dynamic]", "--generation.check_layers",
+            "[2, 4]"]
+    assert run_command("bench", argv, monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: generation.check_layers = [2, 4] is out of range: it must be below the last layer")
+    assert not any("tokens/s" in line for line in err)
 
 
 def test_self_answers_writes_the_models_own_greedy_answers(tiny_dir, tmp_path, monkeypatch):
