@@ -90,6 +90,22 @@ class SparseTeacher:
         return (logp.exp() * (logp - student.gather(-1, self.ids.long()))).sum(-1)
 
 
+def pulled_teacher(teacher: torch.Tensor, exit_logp: torch.Tensor, pull: float) -> torch.Tensor:
+    """The last layer's teacher pulled towards an early exit: the normalised geometric mean teacher^(1−β) · exit^β.
+
+    The last layer then learns something the exit can already say, so their top-1 tokens agree more often (what
+    self-speculation accepts and a dynamic exit keeps), at some cost to the last layer's own quality.
+
+    Args:
+        teacher: ``[M, V]`` the teacher's log-probabilities (the base model's last layer).
+        exit_logp: ``[M, V]`` the exit's log-probabilities, detached.
+        pull: β in [0, 1]; 0 returns ``teacher``, 1 the exit.
+    """
+    if pull <= 0:
+        return teacher
+    return torch.log_softmax((1 - pull) * teacher.float() + pull * exit_logp.float(), dim=-1)
+
+
 def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, target: torch.Tensor,
                 teacher: torch.Tensor | SparseTeacher | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE and summed distillation KL of one chunk. hidden: [M, D]; target: [M]; teacher: [M, V] log-probs
@@ -221,7 +237,7 @@ def early_exit_loss(
     labels: torch.Tensor,
     head: Callable[[torch.Tensor, int], torch.Tensor],
     weights: dict[int, float],
-    teacher: torch.Tensor | SparseTeacher | None = None,
+    teacher: torch.Tensor | SparseTeacher | dict[int, torch.Tensor] | None = None,
     alpha: float = 0.0,
     chunk_size: int = 1024,
     tokens: float | None = None,
@@ -236,7 +252,8 @@ def early_exit_loss(
             and head: :meth:`earlyexit.model.EarlyExitHead.exit_logits`).
         weights: ``{layer: w}`` over the active exits (renormalised here).
         teacher: optional ``[M, V]`` log-probabilities at the answer positions (e.g. the base model's final
-            layer), or their top-k (:class:`SparseTeacher`, from a teacher cache), for self-distillation.
+            layer), or their top-k (:class:`SparseTeacher`, from a teacher cache), for self-distillation; or
+            ``{layer: teacher}``, one per exit (:func:`pulled_teacher` for the last layer).
         alpha: share of the distillation term, 0..1.
         chunk_size: answer tokens per logits block.
         tokens: the token count the sums are divided by; this batch's answer tokens when None. Under data
@@ -252,8 +269,11 @@ def early_exit_loss(
     norm = sum(weights.values())
     total = None
     per_exit = {}
+    teachers = teacher if isinstance(teacher, dict) else None
     for layer, weight in weights.items():
         states = hidden[layer][:, :-1][keep]  # [M, D]
+        if teachers is not None:
+            teacher = teachers[layer]
         if fused is not None:
             mix, ce_sum, _ = fused_exit_loss(fused.pre(states, layer), fused, tgt, teacher, alpha, chunk_size)
             per_exit[layer] = (ce_sum / count).detach()

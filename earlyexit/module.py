@@ -27,6 +27,7 @@ from earlyexit.loss import (
     early_exit_loss,
     exit_weights,
     layer_dropout_rates,
+    pulled_teacher,
     top1_agreement,
 )
 from earlyexit.generation import GenerationArgs, example_seed
@@ -93,6 +94,11 @@ class ExitLossArgs:
         fused: compute each exit's loss and its gradient in one pass over the head, chunk by chunk
             (:func:`earlyexit.loss.fused_exit_loss`: no head product recomputed in the backward pass); needs the
             head frozen. False: the checkpointed reference.
+        pull: share β of exit ``pull_exit`` in the last layer's teacher (:func:`earlyexit.loss.pulled_teacher`):
+            the last layer learns base^(1−β) · exit^β, the exit detached, so the two agree more often (speculative
+            acceptance, dynamic exits) at some cost to the last layer. 0 disables it; needs ``distill`` > 0 and a
+            teacher pass (not ``data.teacher_cache``).
+        pull_exit: the exit the last layer is pulled towards; the shallowest trained early exit when None.
     """
 
     exit_layers: ExitLayers = "all"
@@ -104,6 +110,8 @@ class ExitLossArgs:
     distill: float = 0.0
     chunk_size: int = 1024
     fused: bool = False
+    pull: float = 0.0
+    pull_exit: int | None = None
 
     def __post_init__(self):
         non_negative("loss.e_scale", self.e_scale)
@@ -111,6 +119,10 @@ class ExitLossArgs:
         positive("loss.gradual_interval", self.gradual_interval)
         in_unit("loss.distill", self.distill)
         positive("loss.chunk_size", self.chunk_size)
+        in_unit("loss.pull", self.pull)
+        positive("loss.pull_exit", self.pull_exit, optional=True)
+        if self.pull > 0 and self.distill <= 0:
+            raise EarlyExitError(f"loss.pull = {self.pull} changes the last layer's distillation teacher: set loss.distill > 0")
 
 
 @dataclass
@@ -155,6 +167,22 @@ class OptimArgs:
         non_negative("optim.weight_decay", self.weight_decay)
         non_negative("optim.warmup_steps", self.warmup_steps)
         in_unit("optim.min_lr_ratio", self.min_lr_ratio)
+
+
+PULL_REFUSAL = ("loss.pull needs the teacher's full distribution (a teacher pass): drop data.teacher_cache, or set "
+                "loss.pull 0")
+
+
+def pull_exit_of(loss: ExitLossArgs, train_exits: list[int], n_layers: int) -> int | None:
+    """The exit the last layer's teacher is pulled towards (``loss.pull``), None when it is off: ``loss.pull_exit``, or
+    the shallowest trained early exit. Refused when it is not a trained early exit."""
+    if loss.pull <= 0:
+        return None
+    early = [layer for layer in train_exits if layer < n_layers]
+    exit_ = loss.pull_exit if loss.pull_exit is not None else (early[0] if early else None)
+    if exit_ not in early:
+        raise EarlyExitError(f"loss.pull_exit {exit_} is not one of the trained early exits {early} (loss.exit_layers)")
+    return exit_
 
 
 FUSED_REFUSAL = ("loss.fused needs the output head frozen and a plain linear layer (it is trained or wrapped here: "
@@ -236,6 +264,9 @@ class EarlyExitModule(L.LightningModule):
         if loss.distill > 0 and not (hasattr(self.lm, "disable_adapter") or adapters is not None or full_finetune):
             raise EarlyExitError("loss.distill needs something that trains the exits (model.lora, model.exit_adapters or "
                                  "model.full_finetune): the teacher is the model's own final layer")
+        if loss.pull > 0 and self.frozen_trunk:
+            raise EarlyExitError("loss.pull moves the last layer, which only trains with the trunk: set model.lora or "
+                                 "model.full_finetune, or loss.pull 0")
         if gradient_checkpointing:
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ee = EarlyExitHead(self.lm)
@@ -253,6 +284,7 @@ class EarlyExitModule(L.LightningModule):
             generation.check_layers_of(n)  # listed check layers must lie below the last
         self._engine = None
         self.train_exits = sorted(set(parse_exit_layers(loss.exit_layers, n)) | {n})
+        self.pull_exit = pull_exit_of(loss, self.train_exits, n)
         self.dropout_rates = layer_dropout_rates(n, layer_dropout.p_max, layer_dropout.scale)
         self.loss_args, self.dropout_args, self.optim_args = loss, layer_dropout, optim
         self.strict_loading = False  # checkpoints hold the trainable (adapter) weights only
@@ -267,7 +299,8 @@ class EarlyExitModule(L.LightningModule):
         la = self.loss_args
         exits = active_exits(step, self.train_exits, n, la.curriculum, la.rotation, la.gradual_interval) if train else self.train_exits
         skip = dropped_layers(step, self.dropout_rates, self.dropout_args.seed) if train else set()
-        hidden = self.ee.hidden_states(batch["input_ids"], batch.get("attention_mask"), exit_layers=exits, skip=skip,
+        read = sorted(set(exits) | ({self.pull_exit} if self.pull_exit else set()))
+        hidden = self.ee.hidden_states(batch["input_ids"], batch.get("attention_mask"), exit_layers=read, skip=skip,
                                        position_ids=batch.get("position_ids"))
         if la.distill <= 0:
             teacher = None
@@ -275,6 +308,10 @@ class EarlyExitModule(L.LightningModule):
             teacher = SparseTeacher(batch["teacher_ids"], batch["teacher_logp"])
         else:
             teacher = self._teacher(batch, hidden if self.frozen_trunk and not skip else None)
+        if self.pull_exit and teacher is not None:
+            if isinstance(teacher, SparseTeacher):
+                raise EarlyExitError(PULL_REFUSAL)
+            teacher = {layer: teacher for layer in exits} | {n: pulled_teacher(teacher, self._exit_logp(batch, hidden), la.pull)}
         weights = exit_weights(exits, n, la.weights, la.e_scale)
         out = early_exit_loss(hidden, batch["labels"], self.ee.exit_logits, weights, teacher, la.distill, la.chunk_size,
                               tokens=self._tokens_per_rank(batch), fused=self._fused_head())
@@ -318,6 +355,14 @@ class EarlyExitModule(L.LightningModule):
                                       position_ids=batch.get("position_ids"))
             logits = ee.exit_logits(hidden[n][:, :-1][keep])
         return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.no_grad()
+    def _exit_logp(self, batch: dict, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+        """``[M, V]`` log-probabilities of exit ``pull_exit`` at the answer positions, detached."""
+        keep = batch["labels"][:, 1:] != IGNORE_INDEX
+        states = hidden[self.pull_exit][:, :-1][keep].detach()
+        pieces = states.split(self.loss_args.chunk_size)
+        return torch.cat([torch.log_softmax(self.ee.exit_logits(piece, self.pull_exit).float(), dim=-1) for piece in pieces])
 
     def on_fit_start(self) -> None:
         if self.hparams["gradient_checkpointing"]:

@@ -30,7 +30,7 @@ from earlyexit.distributed import check_setup, configure_strategy, full_state_di
 from earlyexit.adapters import attached
 from earlyexit.errors import EarlyExitError, report_errors
 from earlyexit.loss import early_exit_loss
-from earlyexit.module import EarlyExitModule
+from earlyexit.module import PULL_REFUSAL, EarlyExitModule
 
 
 class AdapterExport(Callback):
@@ -162,6 +162,8 @@ class EarlyExitCLI(LightningCLI):
         root = Path(trainer.default_root_dir or ".")
         if root.exists() and not root.is_dir():
             raise EarlyExitError(f"trainer.default_root_dir {str(root)!r} is a file, not a directory")
+        if self.config.model.loss.pull > 0 and self.config.data.teacher_cache:
+            raise EarlyExitError(PULL_REFUSAL)
         ckpt = self.config.get("ckpt_path")
         if ckpt and not Path(ckpt).is_file():
             raise EarlyExitError(f"checkpoint {ckpt!r} not found")

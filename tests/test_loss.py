@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 from earlyexit.adapters import ExitAdapters, attach
 from earlyexit.loss import (SparseTeacher, active_exits, dropped_layers, early_exit_loss, exit_weights,
-                            layer_dropout_rates)
+                            layer_dropout_rates, pulled_teacher)
 from earlyexit.model import EarlyExitHead
 from tiny import tiny_model
 
@@ -122,6 +122,16 @@ def test_fused_loss_is_refused_for_a_trained_head(tmp_path):
     with pytest.raises(EarlyExitError, match="loss.fused needs the output head frozen"):  # at once, before training
         EarlyExitModule(base=ModelArgs(name=save_tiny(tmp_path / "llama", "llama"), device="cpu", dtype="float32"),
                         lora=LoraArgs(r=2, target_modules=["q_proj", "lm_head"]), loss=ExitLossArgs(fused=True))
+
+
+def test_the_pulled_teacher_is_the_normalised_geometric_mean():
+    g = torch.Generator().manual_seed(0)
+    teacher, exit_ = (F.log_softmax(torch.randn(5, 11, generator=g, dtype=torch.float64), -1) for _ in range(2))
+    for beta in (0.25, 0.5):
+        mix = teacher.exp() ** (1 - beta) * exit_.exp() ** beta
+        assert_close(pulled_teacher(teacher, exit_, beta).exp(), (mix / mix.sum(-1, keepdim=True)).float())
+    assert pulled_teacher(teacher, exit_, 0.0) is teacher
+    assert_close(pulled_teacher(teacher, exit_, 1.0), exit_.float())
 
 
 def test_per_exit_cross_entropy_is_reported():

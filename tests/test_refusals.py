@@ -112,6 +112,13 @@ TRAIN_CASES = {
     "batch_size 0": (["--data.batch_size", "0"], "data.batch_size = 0 is out of range"),
     "max_length 0": (["--data.max_length", "0"], "data.max_length = 0 is out of range"),
     "distill above 1": (["--model.loss.distill", "1.5"], "loss.distill = 1.5 is out of range: it must be in [0, 1]"),
+    "pull above 1": (["--model.loss.pull", "2"], "loss.pull = 2.0 is out of range: it must be in [0, 1]"),
+    "pull without distill": (["--model.loss.pull", "0.5", "--model.loss.distill", "0"],
+                             "loss.pull = 0.5 changes the last layer's distillation teacher: set loss.distill > 0"),
+    "pull towards the last layer": (["--model.loss.pull", "0.5", "--model.loss.pull_exit", "4"],
+                                    "loss.pull_exit 4 is not one of the trained early exits [1, 2, 3]"),
+    "pull with a teacher cache": (["--model.loss.pull", "0.5", "--data.teacher_cache", "/no/cache.safetensors"],
+                                  "loss.pull needs the teacher's full distribution"),
 }
 
 

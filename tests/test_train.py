@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.testing import assert_close
 
@@ -204,6 +205,57 @@ def test_full_finetuning_distils_from_the_model_as_loaded(tiny_dir):
     base, _ = load_model(ModelArgs(name=tiny_dir, device="cpu"))
     expected = torch.log_softmax(EarlyExitHead(base)(ids)[:, :-1].reshape(-1, base.config.vocab_size).float(), -1)
     assert_close(module._teacher(batch), expected)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_pull_distils_the_last_layer_towards_the_exit(tiny_dir, fused):
+    """loss.pull β: the last layer's teacher is the normalised base^(1−β) · exit^β (the exit detached); the exits keep
+    the base teacher. Loss and gradients equal a naive computation in probability space."""
+    module = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), lora=LoraArgs(r=2),
+                             loss=ExitLossArgs(exit_layers="2", weights="uniform", distill=0.5, pull=0.3, fused=fused))
+    assert module.pull_exit == 2
+    with torch.no_grad():  # LoRA's B starts at zero; move it so the trained model differs from its base
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def grads(loss):
+        module.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+    out, _ = module._loss(batch, 0, train=True)
+    ours = grads(out.total)
+    keep = labels[:, 1:] != -100
+    tgt = labels[:, 1:][keep]
+    base = module._teacher(batch).exp()  # [M, V] probabilities of the base model's last layer
+    hidden = module.ee.hidden_states(ids, exit_layers=[2, 4])
+    logp = {layer: torch.log_softmax(module.ee.exit_logits(hidden[layer][:, :-1][keep], layer).float(), -1) for layer in (2, 4)}
+    mix = base ** 0.7 * logp[2].detach().exp() ** 0.3
+    pulled = mix / mix.sum(-1, keepdim=True)
+
+    def term(layer, teacher):
+        kl = (teacher * (teacher.log() - logp[layer])).sum(-1).mean()
+        return 0.5 * F.nll_loss(logp[layer], tgt) + 0.5 * kl
+
+    expected = 0.5 * term(2, base) + 0.5 * term(4, pulled)
+    assert_close(out.total, expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours, grads(expected)):
+        assert_close(a, b, rtol=1e-4, atol=1e-6)
+    plain = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), lora=LoraArgs(r=2),
+                            loss=ExitLossArgs(exit_layers="2", weights="uniform", distill=0.5))
+    plain.load_state_dict(module.state_dict())
+    assert plain.pull_exit is None and not torch.allclose(plain._loss(batch, 0, train=True)[0].total, out.total)
+
+
+def test_pull_needs_a_trained_trunk(tiny_dir):
+    with pytest.raises(EarlyExitError, match="loss.pull moves the last layer, which only trains with the trunk"):
+        EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), exit_adapters={"exit_layers": "2", "kind": "affine"},
+                        loss=ExitLossArgs(exit_layers="2", distill=1.0, pull=0.5))
 
 
 def test_compiled_blocks_train_like_eager_ones(tiny_dir, data_file, tmp_path):
