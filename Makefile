@@ -26,8 +26,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The best early-exit recipe for SmolLM2 (docs/results.md, "Exits that answer"), end to end; needs a GPU (about
-# 11 minutes on one H200): the model's own answers (once), the shared exit block and trunk LoRA trained on them (recipe T), the
+# The best early-exit recipe for SmolLM2 (docs/results.md, "Exits that answer"), end to end; needs a GPU (on one H200:
+# 2.3 minutes of answers, 7 of training): the model's own answers (once), the shared exit block and trunk LoRA trained on them (recipe Q), the
 # per-layer evaluation, and each exit's agreement and self-speculative acceptance. `make smollm2-ee
 # EE=smollm2_ee_affine` runs recipe B (an affine adapter per exit) the same way.
 EE ?= smollm2_ee
