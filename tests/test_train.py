@@ -252,6 +252,22 @@ def test_pull_distils_the_last_layer_towards_the_exit(tiny_dir, fused):
     assert plain.pull_exit is None and not torch.allclose(plain._loss(batch, 0, train=True)[0].total, out.total)
 
 
+def test_the_shipped_exit_recipe_trains_on_a_tiny_model(tiny_dir, data_file, tmp_path):
+    """configs/smollm2_ee.yaml as shipped (exit block, trunk LoRA, fused loss, the pull), its exits moved to the tiny
+    model's layers: two steps with validation, and the adapter it exports reloads with the block."""
+    main(["--config", str(ROOT / "configs" / "smollm2_ee.yaml"), "--model.base.name", tiny_dir, "--model.lora.r", "4",
+          "--model.exit_adapters.exit_layers", "1,2", "--model.loss.exit_layers", "1,2", "--model.loss.pull_exit", "1",
+          "--data.source", data_file, "--data.val_size", "4", "--data.batch_size", "4", "--data.max_length", "200",
+          "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["loss"]["pull"] == 0.6
+    assert any("exit_adapters." in k for k in ckpt["state_dict"]) and any("lora_" in k for k in ckpt["state_dict"])
+    lm, _ = load_model(ModelArgs(name=tiny_dir, device="cpu", adapter=str(tmp_path / "adapter")))
+    assert EarlyExitHead(lm).adapters is not None  # the exit block came back with the LoRA weights
+
+
 def test_pull_needs_a_trained_trunk(tiny_dir):
     with pytest.raises(EarlyExitError, match="loss.pull moves the last layer, which only trains with the trunk"):
         EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), exit_adapters={"exit_layers": "2", "kind": "affine"},
