@@ -299,7 +299,7 @@ class EarlyExitModule(L.LightningModule):
         la = self.loss_args
         exits = active_exits(step, self.train_exits, n, la.curriculum, la.rotation, la.gradual_interval) if train else self.train_exits
         skip = dropped_layers(step, self.dropout_rates, self.dropout_args.seed) if train else set()
-        read = sorted(set(exits) | ({self.pull_exit} if self.pull_exit else set()))
+        read = sorted(set(exits) | ({self.pull_exit} if self.pull_exit is not None else set()))
         hidden = self.ee.hidden_states(batch["input_ids"], batch.get("attention_mask"), exit_layers=read, skip=skip,
                                        position_ids=batch.get("position_ids"))
         if la.distill <= 0:
@@ -308,7 +308,7 @@ class EarlyExitModule(L.LightningModule):
             teacher = SparseTeacher(batch["teacher_ids"], batch["teacher_logp"])
         else:
             teacher = self._teacher(batch, hidden if self.frozen_trunk and not skip else None)
-        if self.pull_exit and teacher is not None:
+        if self.pull_exit is not None and teacher is not None:
             if isinstance(teacher, SparseTeacher):
                 raise EarlyExitError(PULL_REFUSAL)
             teacher = {layer: teacher for layer in exits} | {n: pulled_teacher(teacher, self._exit_logp(batch, hidden), la.pull)}
