@@ -180,7 +180,7 @@ class FlakyHandler(BaseHTTPRequestHandler):
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": '{"correct": true}'},
                                           "finish_reason": "stop"}]}
         if mode == "slow":
-            time.sleep(1.5)
+            time.sleep(3.0)  # past the slow tests' timeout of 1.5 s
         elif mode in ("500", "429", "401"):
             status, body = int(mode), {"error": {"message": f"injected {mode}", "type": "x", "param": None, "code": None}}
         elif mode == "shape":
@@ -216,19 +216,20 @@ def flaky():
 
 
 def openai_judge(url: str, **kw) -> J.OpenAIJudge:
-    args = dict(kind="openai", model="m", base_url=url, max_retries=2, timeout=0.5, concurrency=1) | kw
+    """A generous timeout: a loaded CI machine must not turn an injected 500 into a timeout. The slow tests pass 1.5 s."""
+    args = dict(kind="openai", model="m", base_url=url, max_retries=2, timeout=10.0, concurrency=1) | kw
     return J.OpenAIJudge(J.JudgeArgs(**args))
 
 
 @pytest.mark.parametrize("mode,needle", [
     ("500", "last: HTTP 500: injected 500"),
     ("429", "last: HTTP 429: injected 429"),
-    ("slow", "last: timed out after 0.5 s"),
+    ("slow", "last: timed out after 1.5 s"),
 ])
 def test_persistent_failures_retry_then_fail_clearly(flaky, tmp_path, mode, needle):
     server = flaky(default=mode)
     with pytest.raises(EarlyExitError) as err:
-        J.judge_cases(openai_judge(server.url), cases(), J.VerdictCache(tmp_path / "v.jsonl"))
+        J.judge_cases(openai_judge(server.url, timeout=1.5), cases(), J.VerdictCache(tmp_path / "v.jsonl"))
     message = str(err.value)
     assert f"the judge endpoint {server.url} failed 3 times; {needle}" in message, message
     assert "0 of 6 verdicts are kept" in message
@@ -265,7 +266,7 @@ def test_rerun_against_the_same_endpoint_asks_only_what_is_missing(flaky, tmp_pa
 
 def test_a_transient_failure_is_retried(flaky, tmp_path):
     server = flaky(plan=["500", "slow"])
-    verdicts = J.judge_cases(openai_judge(server.url), cases(2), J.VerdictCache(tmp_path / "v.jsonl"))
+    verdicts = J.judge_cases(openai_judge(server.url, timeout=1.5), cases(2), J.VerdictCache(tmp_path / "v.jsonl"))
     assert len(verdicts) == 2 and server.requests == 4
 
 
