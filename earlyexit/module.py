@@ -99,6 +99,9 @@ class ExitLossArgs:
             acceptance, dynamic exits) at some cost to the last layer. 0 disables it; needs ``distill`` > 0 and a
             teacher pass (not ``data.teacher_cache``).
         pull_exit: the exit the last layer is pulled towards; the shallowest trained early exit when None.
+        exit_teacher: the early exits' distillation teacher: ``base`` (the base model's last layer) or ``last`` (the
+            model's own last layer in the same step, detached: what self-speculation verifies with and a dynamic exit
+            is judged against, once the trunk has moved). Needs ``distill`` > 0.
     """
 
     exit_layers: ExitLayers = "all"
@@ -112,6 +115,7 @@ class ExitLossArgs:
     fused: bool = False
     pull: float = 0.0
     pull_exit: int | None = None
+    exit_teacher: Literal["base", "last"] = "base"
 
     def __post_init__(self):
         non_negative("loss.e_scale", self.e_scale)
@@ -123,6 +127,10 @@ class ExitLossArgs:
         positive("loss.pull_exit", self.pull_exit, optional=True)
         if self.pull > 0 and self.distill <= 0:
             raise EarlyExitError(f"loss.pull = {self.pull} changes the last layer's distillation teacher: set loss.distill > 0")
+        if self.exit_teacher not in ("base", "last"):
+            raise EarlyExitError(f"loss.exit_teacher {self.exit_teacher!r}: choose base or last")
+        if self.exit_teacher == "last" and self.distill <= 0:
+            raise EarlyExitError("loss.exit_teacher last is a distillation teacher: set loss.distill > 0")
 
 
 @dataclass
@@ -308,10 +316,15 @@ class EarlyExitModule(L.LightningModule):
             teacher = SparseTeacher(batch["teacher_ids"], batch["teacher_logp"])
         else:
             teacher = self._teacher(batch, hidden if self.frozen_trunk and not skip else None)
-        if self.pull_exit is not None and teacher is not None:
-            if isinstance(teacher, SparseTeacher):
-                raise EarlyExitError(PULL_REFUSAL)
-            teacher = {layer: teacher for layer in exits} | {n: pulled_teacher(teacher, self._exit_logp(batch, hidden), la.pull)}
+        if teacher is not None and (self.pull_exit is not None or la.exit_teacher == "last"):
+            last = teacher
+            if self.pull_exit is not None:
+                if isinstance(teacher, SparseTeacher):
+                    raise EarlyExitError(PULL_REFUSAL)
+                last = pulled_teacher(teacher, self._exit_logp(batch, hidden, self.pull_exit), la.pull)
+            if la.exit_teacher == "last":
+                teacher = self._exit_logp(batch, hidden, n)
+            teacher = {layer: teacher for layer in exits} | {n: last}
         weights = exit_weights(exits, n, la.weights, la.e_scale)
         out = early_exit_loss(hidden, batch["labels"], self.ee.exit_logits, weights, teacher, la.distill, la.chunk_size,
                               tokens=self._tokens_per_rank(batch), fused=self._fused_head())
@@ -357,12 +370,12 @@ class EarlyExitModule(L.LightningModule):
         return torch.log_softmax(logits.float(), dim=-1)
 
     @torch.no_grad()
-    def _exit_logp(self, batch: dict, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
-        """``[M, V]`` log-probabilities of exit ``pull_exit`` at the answer positions, detached."""
+    def _exit_logp(self, batch: dict, hidden: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
+        """``[M, V]`` log-probabilities of exit ``layer`` of the model being trained at the answer positions, detached."""
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
-        states = hidden[self.pull_exit][:, :-1][keep].detach()
+        states = hidden[layer][:, :-1][keep].detach()
         pieces = states.split(self.loss_args.chunk_size)
-        return torch.cat([torch.log_softmax(self.ee.exit_logits(piece, self.pull_exit).float(), dim=-1) for piece in pieces])
+        return torch.cat([torch.log_softmax(self.ee.exit_logits(piece, layer).float(), dim=-1) for piece in pieces])
 
     def on_fit_start(self) -> None:
         if self.hparams["gradient_checkpointing"]:

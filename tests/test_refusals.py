@@ -117,6 +117,9 @@ TRAIN_CASES = {
                              "loss.pull = 0.5 changes the last layer's distillation teacher: set loss.distill > 0"),
     "pull towards the last layer": (["--model.loss.pull", "0.5", "--model.loss.pull_exit", "4"],
                                     "loss.pull_exit 4 is not one of the trained early exits [1, 2, 3]"),
+    "exit teacher unknown": (["--model.loss.exit_teacher", "teacher"], "exit_teacher"),
+    "exit teacher without distill": (["--model.loss.exit_teacher", "last", "--model.loss.distill", "0"],
+                                     "loss.exit_teacher last is a distillation teacher: set loss.distill > 0"),
     "pull with a teacher cache": (["--model.loss.pull", "0.5", "--data.teacher_cache", "/no/cache.safetensors"],
                                   "loss.pull needs the teacher's full distribution"),
 }

@@ -207,12 +207,14 @@ def test_full_finetuning_distils_from_the_model_as_loaded(tiny_dir):
     assert_close(module._teacher(batch), expected)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_pull_distils_the_last_layer_towards_the_exit(tiny_dir, fused):
+@pytest.mark.parametrize("fused,exit_teacher", [(False, "base"), (True, "base"), (False, "last"), (True, "last")])
+def test_pull_distils_the_last_layer_towards_the_exit(tiny_dir, fused, exit_teacher):
     """loss.pull β: the last layer's teacher is the normalised base^(1−β) · exit^β (the exit detached); the exits keep
-    the base teacher. Loss and gradients equal a naive computation in probability space."""
+    the base teacher, or with loss.exit_teacher last learn the trained model's own last layer (detached). Loss and
+    gradients equal a naive computation in probability space."""
     module = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), lora=LoraArgs(r=2),
-                             loss=ExitLossArgs(exit_layers="2", weights="uniform", distill=0.5, pull=0.3, fused=fused))
+                             loss=ExitLossArgs(exit_layers="2", weights="uniform", distill=0.5, pull=0.3, fused=fused,
+                                               exit_teacher=exit_teacher))
     assert module.pull_exit == 2
     with torch.no_grad():  # LoRA's B starts at zero; move it so the trained model differs from its base
         for name, p in module.named_parameters():
@@ -242,7 +244,8 @@ def test_pull_distils_the_last_layer_towards_the_exit(tiny_dir, fused):
         kl = (teacher * (teacher.log() - logp[layer])).sum(-1).mean()
         return 0.5 * F.nll_loss(logp[layer], tgt) + 0.5 * kl
 
-    expected = 0.5 * term(2, base) + 0.5 * term(4, pulled)
+    exits_teacher = base if exit_teacher == "base" else logp[4].detach().exp()
+    expected = 0.5 * term(2, exits_teacher) + 0.5 * term(4, pulled)
     assert_close(out.total, expected, rtol=1e-5, atol=1e-6)
     for a, b in zip(ours, grads(expected)):
         assert_close(a, b, rtol=1e-4, atol=1e-6)
