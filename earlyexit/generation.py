@@ -9,13 +9,14 @@ requests (mapped onto it), :meth:`earlyexit.model.EarlyExitHead.generate` and ev
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 
 from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, require
 
-Measure = Literal["softmax", "margin", "state"]
+Measure = Literal["softmax", "margin", "state", "learned"]
 ExitMode = Literal["fixed", "dynamic"]
 
 
@@ -45,8 +46,10 @@ class GenerationArgs:
             the mean layers used.
         threshold: dynamic exit confidence threshold (0 exits at ``min_layer``; above 1 never exits early).
         min_layer: dynamic exit's lowest exit; :func:`default_min_layer` (N/4) when None.
-        measure: dynamic exit confidence: ``softmax`` (top probability), ``margin`` (top-1 − top-2) or ``state``
-            (cosine of consecutive hidden states).
+        measure: dynamic exit confidence: ``softmax`` (top probability), ``margin`` (top-1 − top-2), ``state``
+            (cosine of consecutive hidden states) or ``learned`` (CALM's classifier: ``probe``'s estimate that the
+            exit's token is the last layer's; no head and no shared exit block until a token exits).
+        probe: the exit probe ``learned`` reads (a directory written by ``scripts/fit_probe.py``).
         check_every: dynamic exit: confidence is tested at ``min_layer``, ``min_layer + check_every``, … (and the last
             layer always exits); fewer check layers cost fewer heads and, on the fast path, fewer host decisions.
         check_layers: dynamic exit: test confidence at exactly these layers (below the last; e.g. the exits a shared
@@ -68,6 +71,7 @@ class GenerationArgs:
     measure: Measure = "softmax"
     check_every: int = 1
     check_layers: list[int] | None = None
+    probe: str | None = None
 
     def __post_init__(self):
         positive("generation.max_new_tokens", self.max_new_tokens)
@@ -82,8 +86,14 @@ class GenerationArgs:
             require(len(self.check_layers) > 0 and all(layer >= 1 for layer in self.check_layers), "generation.check_layers",
                     self.check_layers, "a non-empty list of layers ≥ 1")
             object.__setattr__(self, "check_layers", sorted(set(self.check_layers)))
-        if self.measure not in ("softmax", "margin", "state"):
-            raise EarlyExitError(f"generation.measure {self.measure!r}: choose softmax, margin or state")
+        if self.measure not in ("softmax", "margin", "state", "learned"):
+            raise EarlyExitError(f"generation.measure {self.measure!r}: choose softmax, margin, state or learned")
+        if self.measure == "learned" and self.probe is None:
+            raise EarlyExitError("generation.measure learned reads an exit probe: set generation.probe to a directory "
+                                 "written by scripts/fit_probe.py")
+        if self.probe is not None and not (Path(self.probe) / "exit_probe.json").is_file():
+            raise EarlyExitError(f"generation.probe {self.probe}: no exit probe there (exit_probe.json); fit one with "
+                                 "scripts/fit_probe.py")
 
     def but(self, **changes) -> GenerationArgs:
         """A copy with ``changes`` (checked again)."""

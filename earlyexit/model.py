@@ -199,6 +199,7 @@ class EarlyExitHead(nn.Module):
         exit_layers: Iterable[int] | None = None,
         skip: Iterable[int] = (),
         position_ids: torch.Tensor | None = None,
+        raw: bool = False,
     ) -> dict[int, torch.Tensor]:
         """Block outputs at several exits from one teacher-forced pass.
 
@@ -217,6 +218,7 @@ class EarlyExitHead(nn.Module):
             position_ids: ``[B, T]`` for packed rows (several examples per row, positions restarting at 0 on each, with
                 ``attention_mask`` None): the model's own masks then keep attention within each example. Derived from
                 ``attention_mask`` when None.
+            raw: the blocks' own outputs even at exits read through the shared exit block (what a probe reads).
 
         Returns:
             ``{layer: hidden [B, T, D]}``.
@@ -227,7 +229,7 @@ class EarlyExitHead(nn.Module):
         captured: dict[int, torch.Tensor] = {}
         blocks = self.blocks
         adapters = self.adapters
-        shared = adapters is not None and any(adapters.has_block(layer) for layer in layers)
+        shared = not raw and adapters is not None and any(adapters.has_block(layer) for layer in layers)
         block_kwargs: dict = {}
 
         def capture(layer: int):

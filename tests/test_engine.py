@@ -165,10 +165,10 @@ def test_speculative_sampling_follows_the_full_model():
 
 
 @torch.no_grad()
-def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax", check_every=1):
+def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax", check_every=1, probe=None):
     """CALM from scratch, batch 1, no cache, through the model's own forward: each step reruns the whole sequence,
     and hooks on the blocks feed every block above a generated token's exit that token's exit state (the
-    propagation the engine implements) and pick the last position's exit."""
+    propagation the engine implements) and pick the last position's exit. ``probe``: the learned measure's."""
     tokens, exits = list(ids[0].tolist()), []
     prompt = len(tokens)
     adapters = ee.adapters  # a shared exit block reads, at a check layer, every position's state there
@@ -205,7 +205,11 @@ def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax", c
                         read = adapters.run_block(seq, block_kwargs)[:, -1]
                     logits = ee.exit_logits(read)
                     logits[:, 1] = float("-inf")  # EOS is banned (ignore_eos)
-                    if layer == ee.n_layers or float(confidence(logits, last, inputs[layer][:, -1], measure)) >= threshold:
+                    if measure == "learned":
+                        sure = layer < ee.n_layers and float(probe(last, layer)) >= threshold
+                    else:
+                        sure = float(confidence(logits, last, inputs[layer][:, -1], measure)) >= threshold
+                    if layer == ee.n_layers or sure:
                         frozen[length - 1], chosen["layer"], chosen["read"] = last[0], layer, read[0]
             return hook
 

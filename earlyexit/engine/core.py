@@ -58,6 +58,7 @@ class Core:
         if self.cuda_graphs and self.device.type != "cuda":
             raise EarlyExitError("CUDA graphs need the model on a GPU")
         self._programs: dict[tuple, Callable] = {}
+        self._probes: dict[str, torch.nn.Module] = {}  # dynamic exits' learned measure: the probes loaded, by directory
         self.windows = sliding_windows(ee.config)
         self.n_layers = ee.n_layers
         self._signature = inspect.signature(ee.blocks[0].forward)

@@ -35,6 +35,7 @@ from earlyexit.engine.core import Columns, Core, Stops, until_done
 from earlyexit.errors import EarlyExitError
 from earlyexit.generation import GenerationArgs, Measure, options
 from earlyexit.model import Generation
+from earlyexit.probe import ExitProbe
 
 
 def confidence(logits: torch.Tensor | None, hidden: torch.Tensor, previous: torch.Tensor, measure: Measure) -> torch.Tensor:
@@ -64,9 +65,10 @@ class _Exits:
     each row's exit ``state`` (the raw block output the blocks above take), its ``adapted`` state (what the head
     reads), whether it has ``exited`` and at which layer."""
 
-    def __init__(self, core: Core, rows: int, threshold: float, measure: Measure, banned: torch.Tensor):
+    def __init__(self, core: Core, rows: int, threshold: float, measure: Measure, banned: torch.Tensor,
+                 probe: ExitProbe | None = None):
         width = core.ee.config.hidden_size
-        self.core, self.threshold, self.measure, self.banned = core, threshold, measure, banned
+        self.core, self.threshold, self.measure, self.banned, self.probe = core, threshold, measure, banned, probe
         self.state = torch.zeros(rows, 1, width, dtype=core.dtype, device=core.device)
         self.adapted = torch.zeros_like(self.state)
         self.exited = torch.zeros(rows, dtype=torch.bool, device=core.device)
@@ -89,6 +91,8 @@ class _Exits:
             adapted = self.core._adapt(last, [(layer, last.shape[0])])
         if final:
             now = ~self.exited
+        elif self.measure == "learned":
+            now = ~self.exited & (self.probe(last[:, -1], layer) >= self.threshold)
         else:
             logits = None if self.measure == "state" else self.core._logits(last if adapted is None else adapted, self.banned)
             now = ~self.exited & (confidence(logits, last, previous, self.measure)[:, 0] >= self.threshold)
@@ -140,15 +144,25 @@ class DynamicExits(Core):
         stops = self.stops(eos_token_id, pad_token_id, ignore_eos)
         ids, mask = self._shape(input_ids, attention_mask)
         batch, prompt = ids.shape
-        key = ("dynamic", args.threshold, checks, args.measure, batch, prompt, args.max_new_tokens, stops)
+        probe = self._probe(args.probe, checks) if args.measure == "learned" else None
+        key = ("dynamic", args.threshold, checks, args.measure, args.probe, batch, prompt, args.max_new_tokens, stops)
         build = self._skipping_program if self.fast is not None else self._propagating_program
         program = self._program(key, lambda: build(args.threshold, checks, args.measure, batch, prompt, args.max_new_tokens,
-                                                   stops))
+                                                   stops, probe))
         out, used = program(ids, mask)
         result = stops.finish(out, args.max_new_tokens)
         steps = torch.arange(args.max_new_tokens, device=out.device)[None, :]
         layers = torch.where(steps < result.n_tokens[:, None], used, 0)
         return DynamicGeneration(result.tokens, result.n_tokens, result.finished, layers)
+
+    def _probe(self, directory: str, checks: tuple[int, ...]) -> ExitProbe:
+        """The exit probe saved in ``directory`` on this engine's device (loaded once), refused unless it was fitted
+        at every check layer."""
+        probe = self._probes.get(directory)
+        if probe is None:
+            probe = self._probes[directory] = ExitProbe.load(directory, self.ee.config.hidden_size).to(self.device)
+        probe.require(list(checks), directory)
+        return probe
 
     def _start(self, exits: _Exits, checks: tuple[int, ...], loop: Columns, ids, valid, npad, cache) -> None:
         """Start ``loop`` with the prompt's answer: the prompt runs at full depth (every block, every position), its
@@ -176,12 +190,12 @@ class DynamicExits(Core):
         return self._shared_block(hidden, kwargs, masks, [(layer, hidden.shape[0])])
 
     def _propagating_program(self, threshold: float, checks: tuple[int, ...], measure: Measure, batch: int, prompt: int,
-                             max_new_tokens: int, stops: Stops):
+                             max_new_tokens: int, stops: Stops, probe: ExitProbe | None):
         cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens)
         banned, ends = stops.tensors(self.device)
         loop = Columns(batch, max_new_tokens, stops.pad, self.device, extras=1)
         used = loop.extras[0]
-        exits = _Exits(self, batch, threshold, measure, banned)
+        exits = _Exits(self, batch, threshold, measure, banned, probe)
         graphed = None
 
         def step():
@@ -212,23 +226,28 @@ class DynamicExits(Core):
         return run
 
     def _skipping_program(self, threshold: float, checks: tuple[int, ...], measure: Measure, batch: int, prompt: int,
-                          max_new_tokens: int, stops: Stops):
+                          max_new_tokens: int, stops: Stops, probe: ExitProbe | None):
         n = self.n_layers
         cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens)
         cache.stack(n, batch, self.kv_fill.kv_heads, self.kv_fill.head_dim, self.dtype, self.device)  # for kv_fill
         banned, ends = stops.tensors(self.device)
         loop = Columns(batch, max_new_tokens, stops.pad, self.device, extras=1)
         used = loop.extras[0]
-        exits = _Exits(self, batch, threshold, measure, banned)
+        exits = _Exits(self, batch, threshold, measure, banned, probe)
         # the step's inputs, written by its first piece and read by the others
         hidden = torch.zeros(batch, 1, self.ee.config.hidden_size, dtype=self.dtype, device=self.device)
         rotary = tuple(torch.zeros(batch, 1, self.kv_fill.head_dim, dtype=self.dtype, device=self.device) for _ in range(2))
         masks = {w: torch.zeros(batch, 1, 1, valid.shape[1], dtype=self.dtype, device=self.device) for w in dict.fromkeys(self.windows)}
         kwargs = {"position_embeddings": rotary, self._cache_name: cache}
         ended = torch.zeros(batch, dtype=torch.bool, device=self.device)  # rows whose answer has ended (EOS written)
-        skip = torch.zeros((), dtype=torch.bool, device=self.device)  # every row has exited or ended
+        # after a check: [every row has exited or ended, a row exited here whose shared exit block is still to run]
+        flags = torch.zeros(2, dtype=torch.bool, device=self.device)
         bounds = [0, *checks, n]  # piece j runs blocks bounds[j] + 1 .. bounds[j + 1]
         columns = torch.arange(max_new_tokens, device=self.device)
+
+        def deferred(layer: int) -> bool:
+            """The learned measure decides before the shared exit block runs: only rows that exit run it (see adapt)."""
+            return measure == "learned" and self.shared is not None and self.ee.adapters.has_block(layer)
 
         def begin():
             h, kw, mk = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
@@ -250,20 +269,36 @@ class DynamicExits(Core):
                     inputs = exits.inputs(h)
                     h = self._decode_blocks(inputs, kwargs, masks, range(layer, layer + 1))
                 top = bounds[j + 1]
-                adapted = self._shared_check(exits.inputs(h), kwargs, masks, top)
-                exits.decide(top, h, inputs, final=top == n, adapted=adapted)
+                if deferred(top):  # the probe reads the raw state; the shared block only writes its keys and values
+                    exits.decide(top, h, inputs, final=False)
+                    self._shared_fill(exits.inputs(h), rotary, cache, top)
+                else:
+                    adapted = self._shared_check(exits.inputs(h), kwargs, masks, top)
+                    exits.decide(top, h, inputs, final=top == n, adapted=adapted)
                 if top == n:
                     token = exits.token()
                     loop.advance(token, exits.layer)
                     return token
                 hidden.copy_(h)
-                skip.copy_((exits.exited | ended).all())
-                return skip
+                new = ((exits.layer == top) & ~ended).any() if deferred(top) else exits.exited.new_zeros(())
+                flags.copy_(torch.stack([(exits.exited | ended).all(), new]))
+                return flags
+
+            return run
+
+        def adapt(j: int):
+            def run():  # rows that exited at bounds[j + 1] read it through the shared exit block (deferred: it rewrites
+                top = bounds[j + 1]  # the keys and values the piece wrote there, the same ones)
+                adapted = self._shared_block(exits.inputs(hidden), kwargs, masks, [(top, batch)])
+                exits.adapted.copy_(torch.where((exits.layer == top)[:, None, None], adapted, exits.adapted))
+                return exits.adapted
 
             return run
 
         def fill(j: int):
             def run():  # every row has exited at or below bounds[j + 1]: only the K/V of the blocks above
+                if deferred(bounds[j + 1]):
+                    adapts[j]()
                 self.kv_fill(exits.state, rotary, cache, bounds[j + 1] + 1, n)
                 for layer in checks[j + 1 :]:
                     if self.shared is not None and self.ee.adapters.has_block(layer):
@@ -274,15 +309,20 @@ class DynamicExits(Core):
 
             return run
 
+        adapts = {j: adapt(j) for j, layer in enumerate(checks) if deferred(layer)}
         pieces = [piece(j) for j in range(len(bounds) - 1)]
         fills = [fill(j) for j in range(len(checks))]
         graphed = None
 
         def step():
-            for j, check in enumerate(graphed[: len(checks)]):
-                if bool(check()):  # one host synchronisation per check layer
-                    return graphed[len(pieces) + j]()
-            return graphed[len(checks)]()
+            replays, adapted = graphed[: len(pieces) + len(fills)], dict(zip(adapts, graphed[len(pieces) + len(fills) :]))
+            for j, check in enumerate(replays[: len(checks)]):
+                done, exited = check().tolist()  # one host synchronisation per check layer
+                if done:
+                    return replays[len(pieces) + j]()
+                if exited:  # some rows exited here (learned measure): they read the shared exit block
+                    adapted[j]()
+            return replays[len(checks)]()
 
         state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted]
         start = self._prompt_pass(lambda ids: self._start(exits, checks, loop, ids, valid, npad, cache), (batch, prompt), state)
@@ -291,7 +331,8 @@ class DynamicExits(Core):
             nonlocal graphed
             start(load(ids, mask))
             if graphed is None:
-                graphed = self._graphs(pieces + fills, state + [hidden, *rotary, ended, skip, *masks.values()])
+                graphed = self._graphs(pieces + fills + list(adapts.values()),
+                                       state + [hidden, *rotary, ended, flags, *masks.values()])
             until_done(step, loop.out, ends)
             return loop.out.clone(), used.clone()
 
