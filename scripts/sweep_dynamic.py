@@ -5,6 +5,7 @@ self-speculation and HF; and the calibration of the threshold.
                                     [--thresholds '[0,0.3,0.5,0.7,0.9,1.01]'] [--generation.measure softmax]
                                     [--generation.check_every 7] [--plot docs/img/dynamic_sweep.png]
     python scripts/sweep_dynamic.py --offset 200 --records 100 --target 0.95 ...   # calibrate off the evaluation split
+    python scripts/sweep_dynamic.py --measures '{softmax: [0.5, 0.9], learned: [0.5, 0.7]}' --generation.probe DIR ...
     python scripts/sweep_dynamic.py --model.device cuda --batch 1 --speculative '[[15, 4], [22, 4]]' --hf true \
                                     --speed_plot docs/img/quality_speed.png           # every mode: quality vs speed
 
@@ -43,6 +44,7 @@ def sweep(
     records: int = 40,
     batch: int = 20,
     thresholds: list[float] = [0.0, 0.3, 0.5, 0.7, 0.9, 1.01],  # noqa: B006 (read only)
+    measures: dict[str, list[float]] | None = None,
     fixed: ExitLayers = "8,12,15,18,22,26,30",
     offset: int = 0,
     target: float | None = None,
@@ -61,7 +63,9 @@ def sweep(
         data: Alpaca records: ``alpaca-sample``, a local file or a hub id; records 0.. are used.
         records: how many records.
         batch: prompts per batch.
-        thresholds: dynamic thresholds to sweep.
+        thresholds: dynamic thresholds to sweep (of ``generation.measure``).
+        measures: several confidence measures in one run instead, each with its thresholds (e.g. ``{softmax: [0.5,
+            0.9], learned: [0.5, 0.7]}``; ``learned`` reads ``generation.probe``).
         fixed: fixed exits drawn beside the curve (the last layer is always added: it is the full-depth reference).
         offset: first record used: 0 is the evaluation split; calibrate on records it does not hold (e.g. 200 for the
             shipped sample, whose first 200 records are the evaluation split).
@@ -83,6 +87,11 @@ def sweep(
     non_negative("offset", offset)
     if target is not None:
         in_unit("target", target, low_open=True)
+    measures = {generation.measure: list(thresholds)} if measures is None else measures
+    for measure, values in measures.items():
+        generation.but(measure=measure)  # checked (learned needs generation.probe) before the model loads
+        for value in values:
+            non_negative(f"measures.{measure} threshold", value)
     args = model
     lm, tokenizer = load_model(args)
     if hasattr(lm, "merge_and_unload"):  # a LoRA adapter (exit adapters alone leave a plain model)
@@ -141,14 +150,15 @@ def sweep(
         for layer in fixed:  # one exit at a time, so each gets its own time
             answers, lengths, seconds, _ = timed(lambda ids, mask: engine.generate(ids, mask, [layer], greedy, pad_token_id=pad_id)[layer])
             rows.append(dict(kind="fixed", setting=layer, depth=float(layer), rougeL=score(answers), speed=sum(lengths) / seconds))
-        for threshold in thresholds:
-            answers, lengths, seconds, outs = timed(lambda ids, mask: engine.generate_dynamic(ids, mask, greedy, threshold=threshold,
-                                                                                              pad_token_id=pad_id))
-            used = [layer for out in outs for row, k in zip(out.layers, out.n_tokens) for layer in row[:k].tolist()]
-            depth = sum(used) / max(1, len(used))
-            rows.append(dict(kind=f"dynamic {greedy.measure}", setting=threshold, depth=depth, rougeL=score(answers),
-                             speed=len(used) / seconds))
-            print(f"threshold {threshold}: mean layers {depth:.2f}, {seconds:.1f} s", flush=True)
+        for measure, values in measures.items():
+            for threshold in values:
+                answers, lengths, seconds, outs = timed(lambda ids, mask: engine.generate_dynamic(
+                    ids, mask, greedy, threshold=threshold, measure=measure, pad_token_id=pad_id))
+                used = [layer for out in outs for row, k in zip(out.layers, out.n_tokens) for layer in row[:k].tolist()]
+                depth = sum(used) / max(1, len(used))
+                rows.append(dict(kind=f"dynamic {measure}", setting=threshold, depth=depth, rougeL=score(answers),
+                                 speed=len(used) / seconds))
+                print(f"{measure} threshold {threshold}: mean layers {depth:.2f}, {seconds:.1f} s", flush=True)
         for draft_layer, n_draft in speculative:
             answers, lengths, seconds, outs = timed(lambda ids, mask: engine.generate_speculative(
                 ids, mask, draft_layer, n_draft, greedy, draft_threshold=draft_threshold, pad_token_id=pad_id))
@@ -172,22 +182,25 @@ def sweep(
               f"{row['speed'] / full_speed:.2f} | {accepted} |")
     if target is not None:
         full = next(row["rougeL"] for row in rows if row["kind"] == "fixed" and row["setting"] == ee.n_layers)
-        good = [row for row in rows if row["kind"].startswith("dynamic") and row["rougeL"] >= target * full]
-        if good:
-            best = min(good, key=lambda row: row["depth"])
-            print(f"\ncalibrated threshold: {best['setting']} (ROUGE-L {best['rougeL']:.3f} = "
-                  f"{best['rougeL'] / max(full, 1e-9):.0%} of full depth's {full:.3f}, {best['depth']:.2f} layers per token)")
-        else:
-            print(f"\nno threshold keeps {target:.0%} of full depth's ROUGE-L {full:.3f}: sweep higher thresholds")
+        for measure in measures:
+            which = "" if len(measures) == 1 else f" ({measure})"
+            good = [row for row in rows if row["kind"] == f"dynamic {measure}" and row["rougeL"] >= target * full]
+            if good:
+                best = min(good, key=lambda row: row["depth"])
+                print(f"\ncalibrated threshold{which}: {best['setting']} (ROUGE-L {best['rougeL']:.3f} = "
+                      f"{best['rougeL'] / max(full, 1e-9):.0%} of full depth's {full:.3f}, {best['depth']:.2f} layers per token)")
+            else:
+                print(f"\nno threshold{which} keeps {target:.0%} of full depth's ROUGE-L {full:.3f}: sweep higher thresholds")
     if plot:
         from earlyexit.plotting import quality_vs_depth
 
         fixed_rows = [r for r in rows if r["kind"] == "fixed"]
-        dynamic_rows = sorted((r for r in rows if r["kind"] != "fixed"), key=lambda r: r["depth"])
-        fig = quality_vs_depth([r["depth"] for r in fixed_rows], [r["rougeL"] for r in fixed_rows],
-                               {f"dynamic ({greedy.measure} threshold)": ([r["depth"] for r in dynamic_rows],
-                                                                         [r["rougeL"] for r in dynamic_rows],
-                                                                         [r["setting"] for r in dynamic_rows])},
+        curves = {}
+        for measure in measures:
+            dynamic_rows = sorted((r for r in rows if r["kind"] == f"dynamic {measure}"), key=lambda r: r["depth"])
+            curves[f"dynamic ({measure} threshold)"] = ([r["depth"] for r in dynamic_rows], [r["rougeL"] for r in dynamic_rows],
+                                                        [r["setting"] for r in dynamic_rows])
+        fig = quality_vs_depth([r["depth"] for r in fixed_rows], [r["rougeL"] for r in fixed_rows], curves,
                                title=f"{name}: quality vs depth")
         fig.savefig(plot, dpi=120)
         print(f"\nplot: {plot}")
