@@ -2,7 +2,7 @@
 
 The tiny ones are what the tests and ``configs/debug.yaml`` run on: ``--model.name tiny-random-<model_type>``
 (e.g. ``tiny-random-llama``) builds one, seeded, with a character-level tokenizer, and caches it. The shapes of
-:data:`RANDOM_SHAPES` (``llama2-7b``) are what the benchmarks time: honest for speed, meaningless for quality.
+:data:`RANDOM_SHAPES` (``llama2-7b``, ``smollm2-135m``) are what the benchmarks time: honest for speed, meaningless for quality.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def save_tiny(directory, model_type: str = "llama", seed: int = 0) -> str:
 
 
 RANDOM_SHAPES: dict[str, dict] = {
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                         tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5),
     "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
 }
