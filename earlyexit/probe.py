@@ -93,14 +93,16 @@ class ExitProbe(nn.Module):
 
 
 @torch.no_grad()
-def collect(ee, examples: list[dict], layers: list[int], batch_size: int, pad_id: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Teacher-forced probe data: ``{layer: (features [M, D], agrees [M])}`` over every answer position of
+def collect(ee, examples: list[dict], layers: list[int], batch_size: int,
+            pad_id: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Teacher-forced probe data: ``{layer: (features [M, D], agrees [M], top [M])}`` over every answer position of
     ``examples`` (tokenized with ``input_ids`` and ``labels``), on the CPU. ``agrees``: exit ``layer``'s greedy token
-    (through its adapter or the shared exit block) equals the last layer's."""
+    (through its adapter or the shared exit block) equals the last layer's; ``top``: that exit's top probability
+    (the ``softmax`` measure, for comparison)."""
     device = next(ee.parameters()).device
     n = ee.n_layers
     adapters = ee.adapters
-    out: dict[int, tuple[list, list]] = {layer: ([], []) for layer in layers}
+    out: dict[int, tuple[list, list, list]] = {layer: ([], [], []) for layer in layers}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         input_ids = pad([e["input_ids"] for e in chunk], pad_id, "right").to(device)
@@ -111,15 +113,17 @@ def collect(ee, examples: list[dict], layers: list[int], batch_size: int, pad_id
         read = ee.hidden_states(input_ids, mask, exit_layers=layers) if through_block else raw
         final = ee.exit_logits(raw[n][:, :-1][keep]).argmax(-1)
         for layer in layers:
-            token = ee.exit_logits(read[layer][:, :-1][keep], layer).argmax(-1)
+            top, token = ee.exit_logits(read[layer][:, :-1][keep], layer).float().softmax(-1).max(-1)
             out[layer][0].append(features(raw[layer][:, :-1][keep]).cpu())
             out[layer][1].append((token == final).cpu())
-    return {layer: (torch.cat(f), torch.cat(a)) for layer, (f, a) in out.items()}
+            out[layer][2].append(top.cpu())
+    return {layer: tuple(torch.cat(parts) for parts in lists) for layer, lists in out.items()}
 
 
 @torch.enable_grad()
-def fit(data: dict[int, tuple[torch.Tensor, torch.Tensor]], l2: float = 1e-4, steps: int = 100) -> ExitProbe:
-    """Logistic regression per layer on :func:`collect`'s data (full batch, L-BFGS, ``l2`` on the weights)."""
+def fit(data: dict[int, tuple[torch.Tensor, ...]], l2: float = 1e-4, steps: int = 100) -> ExitProbe:
+    """Logistic regression per layer on :func:`collect`'s features and labels (full batch, L-BFGS, ``l2`` on the
+    weights)."""
     layers = sorted(data)
     hidden_size = data[layers[0]][0].shape[1]
     probe = ExitProbe(layers, hidden_size)

@@ -9,7 +9,8 @@ Teacher-forced passes over ``examples`` training examples (the data module's tra
 ``data.*`` options: never the evaluation split) collect, at every answer position and check layer, the raw block
 output and whether that exit's greedy token equals the last layer's. One logistic probe per layer is fitted on all
 but the last ``held_out`` share of the examples; a table of the held-out positions follows (agreement rate, the
-probe's accuracy and ROC AUC, and the share that would exit at a few thresholds with their agreement).
+probe's accuracy, its ROC AUC beside the softmax measure's, and the share that would exit at a few thresholds with
+their agreement, for both).
 """
 
 from __future__ import annotations
@@ -63,24 +64,30 @@ def main(model: ModelArgs = ModelArgs(), source: str = SAMPLE, template: Templat
         raise EarlyExitError(f"{len(chosen)} examples cannot be split {1 - held_out:g} / {held_out:g}: read more (--examples)")
     collected = P.collect(ee, chosen, checks, batch_size, tokenizer.pad_token_id)
     split = sum(sum(1 for y in e["labels"][1:] if y != IGNORE_INDEX) for e in chosen[:cut])  # answer positions of the fit part
-    fitted = P.fit({layer: (x[:split], y[:split]) for layer, (x, y) in collected.items()}, l2=l2)
+    fitted = P.fit({layer: (x[:split], y[:split]) for layer, (x, y, _) in collected.items()}, l2=l2)
     print(f"exit probe: {cut} examples fitted, {len(chosen) - cut} held out; {model.name} {model.adapter or ''}")
-    print("| layer | held-out positions | agree with the last layer | probe accuracy | ROC AUC | exits at 0.5 / 0.7 / 0.9 (agreement) |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| layer | held-out positions | agree with the last layer | probe accuracy | ROC AUC: probe | ROC AUC: softmax "
+          "| exit share (agreement) at 0.5 / 0.7 / 0.9: probe | softmax |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
     report = {}
-    for layer, (x, y) in collected.items():
-        x, y = x[split:], y[split:]
+
+    def shares(score, y):
+        cells = []
+        for tau in (0.5, 0.7, 0.9):
+            exit_ = score >= tau
+            cells.append(f"{exit_.float().mean():.2f} ({y[exit_].float().mean():.2f})" if exit_.any() else "0.00 (–)")
+        return " / ".join(cells)
+
+    for layer, (x, y, top) in collected.items():
+        x, y, top = x[split:], y[split:], top[split:]
         if not len(y):
             continue
         p = fitted(x, layer)
-        shares = []
-        for tau in (0.5, 0.7, 0.9):
-            exit_ = p >= tau
-            shares.append(f"{exit_.float().mean():.2f} ({y[exit_].float().mean():.2f})" if exit_.any() else "0.00 (–)")
         report[layer] = {"positions": len(y), "agree": float(y.float().mean()), "accuracy": float(((p >= 0.5) == y).float().mean()),
-                         "auc": P.auc(p, y)}
+                         "auc": P.auc(p, y), "auc_softmax": P.auc(top, y)}
         r = report[layer]
-        print(f"| {layer} | {r['positions']} | {r['agree']:.3f} | {r['accuracy']:.3f} | {r['auc']:.3f} | {' / '.join(shares)} |")
+        print(f"| {layer} | {r['positions']} | {r['agree']:.3f} | {r['accuracy']:.3f} | {r['auc']:.3f} | {r['auc_softmax']:.3f} "
+              f"| {shares(p, y)} | {shares(top, y)} |")
     fitted.save(out, {"model": model.name, "adapter": model.adapter, "examples": cut, "source": source,
                       "held_out": {str(k): v for k, v in report.items()}})
     print(f"exit probe at layers {fitted.layers} → {out}", file=sys.stderr)

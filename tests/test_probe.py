@@ -58,20 +58,22 @@ def test_collected_labels_are_each_exits_agreement_with_the_last_layer(block):
     for e, start in zip(examples, (4, 2)):  # the prompt is not supervised
         e["labels"] = [-100] * start + e["input_ids"][start:]
     data = P.collect(ee, examples, [1, 2, 3], batch_size=2, pad_id=0)
-    want_x, want_y = {layer: [] for layer in (1, 2, 3)}, {layer: [] for layer in (1, 2, 3)}
+    want_x, want_y, want_top = ({layer: [] for layer in (1, 2, 3)} for _ in range(3))
     for e, start in zip(examples, (4, 2)):
         ids = torch.tensor([e["input_ids"]])
         raw = ee.hidden_states(ids, raw=True)
         final = ee(ids)[0].argmax(-1)
         for layer in (1, 2, 3):
-            exit_ = ee(ids, exit_layer=layer)[0].argmax(-1)
+            logits = ee(ids, exit_layer=layer)[0]
             positions = range(start - 1, len(e["input_ids"]) - 1)  # those predicting a supervised token
             want_x[layer] += [P.features(raw[layer][0, t]) for t in positions]
-            want_y[layer] += [bool(exit_[t] == final[t]) for t in positions]
+            want_y[layer] += [bool(logits[t].argmax() == final[t]) for t in positions]
+            want_top[layer] += [float(logits[t].softmax(-1).max()) for t in positions]
     for layer in (1, 2, 3):
-        x, y = data[layer]
+        x, y, top = data[layer]
         assert torch.allclose(x, torch.stack(want_x[layer]), atol=1e-5)
         assert y.tolist() == want_y[layer]
+        assert torch.allclose(top, torch.tensor(want_top[layer]), atol=1e-5)
     assert any(not all(want_y[layer]) for layer in (1, 2)) and any(any(want_y[layer]) for layer in (1, 2))
 
 
