@@ -13,7 +13,9 @@ Two ways to run the same rule:
   not run; only their K/V projections of the exit state are written to the cache
   (:class:`~earlyexit.engine.fast.KVFill`: one batched product for all of them, about a sixth of a block's weights
   each for SmolLM2, a third for Llama-2-7B), then one head reads the exit states. On a GPU each piece is a CUDA
-  graph; a check layer costs one host synchronisation.
+  graph; a check layer costs one host synchronisation. With the ``learned`` measure (:mod:`earlyexit.probe`) a check
+  reads a probe instead of the head, and the shared exit block runs only for rows that exit there (it then writes
+  just its keys and values for the others).
 * **propagating** (other families, the model's own blocks): every block still runs for every token, the exited rows
   taking their exit state as input; one CUDA graph per step. It measures quality against depth, not time.
 
@@ -287,8 +289,10 @@ class DynamicExits(Core):
             return run
 
         def adapt(j: int):
-            def run():  # rows that exited at bounds[j + 1] read it through the shared exit block (deferred: it rewrites
-                top = bounds[j + 1]  # the keys and values the piece wrote there, the same ones)
+            # the rows that exited at bounds[j + 1] read it through the shared exit block, which rewrites the keys and
+            # values the piece wrote there (the same ones)
+            def run():
+                top = bounds[j + 1]
                 adapted = self._shared_block(exits.inputs(hidden), kwargs, masks, [(top, batch)])
                 exits.adapted.copy_(torch.where((exits.layer == top)[:, None, None], adapted, exits.adapted))
                 return exits.adapted
