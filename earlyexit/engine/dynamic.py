@@ -316,27 +316,27 @@ class DynamicExits(Core):
         adapts = {j: adapt(j) for j, layer in enumerate(checks) if deferred(layer)}
         pieces = [piece(j) for j in range(len(bounds) - 1)]
         fills = [fill(j) for j in range(len(checks))]
-        graphed = None
+        graphed = {}  # the pieces, fills and deferred blocks, captured (on a GPU) at the first call
 
         def step():
-            replays, adapted = graphed[: len(pieces) + len(fills)], dict(zip(adapts, graphed[len(pieces) + len(fills) :]))
-            for j, check in enumerate(replays[: len(checks)]):
+            for j, check in enumerate(graphed["pieces"][: len(checks)]):
                 done, exited = check().tolist()  # one host synchronisation per check layer
                 if done:
-                    return replays[len(pieces) + j]()
+                    return graphed["fills"][j]()
                 if exited:  # some rows exited here (learned measure): they read the shared exit block
-                    adapted[j]()
-            return replays[len(checks)]()
+                    graphed["adapts"][j]()
+            return graphed["pieces"][-1]()
 
         state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted]
         start = self._prompt_pass(lambda ids: self._start(exits, checks, loop, ids, valid, npad, cache), (batch, prompt), state)
 
         def run(ids, mask):
-            nonlocal graphed
             start(load(ids, mask))
-            if graphed is None:
-                graphed = self._graphs(pieces + fills + list(adapts.values()),
+            if not graphed:
+                replays = self._graphs(pieces + fills + list(adapts.values()),
                                        state + [hidden, *rotary, ended, flags, *masks.values()])
+                graphed.update(pieces=replays[: len(pieces)], fills=replays[len(pieces) : len(pieces) + len(fills)],
+                               adapts=dict(zip(adapts, replays[len(pieces) + len(fills) :])))
             until_done(step, loop.out, ends)
             return loop.out.clone(), used.clone()
 
