@@ -230,7 +230,8 @@ def run(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> 
             add(f"all_exits {','.join(map(str, exits))}", seconds, exits=exits)
         if "dynamic" in modes:
             seconds, out = timed(lambda: engine.generate_dynamic(ids, mask, greedy, ignore_eos=True), repeats, device)
-            add(f"dynamic {greedy.measure} {greedy.threshold}", seconds, mean_layers=float(out.layers.float().mean()))
+            add(f"dynamic {greedy.measure} {greedy.threshold}", seconds, mean_layers=float(out.layers.float().mean()),
+                full_from=out.full_from)
         for draft_layer in draft_layers:
             for n_draft in bench.n_draft:
                 if "speculative" in modes:
@@ -239,7 +240,7 @@ def run(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> 
                                                                              ignore_eos=True), repeats, device)
                     adaptive = f" stop<{bench.draft_threshold}" if bench.draft_threshold else ""
                     add(f"speculative E={draft_layer} d={n_draft}{adaptive}", seconds, acceptance=out.acceptance,
-                        **agreement(out.tokens.cpu(), texts["full"]))
+                        full_from=out.full_from, **agreement(out.tokens.cpu(), texts["full"]))
                 if "hf_assistant" in modes and batch == 1:
                     seconds, out = timed(hf(assistant_early_exit=draft_layer, num_assistant_tokens=n_draft,
                                             num_assistant_tokens_schedule="constant"), repeats, device)
@@ -286,6 +287,8 @@ def table(rows: list[dict]) -> str:
             notes.append(f"mean layers {row['mean_layers']:.1f}")
         if "acceptance" in row:
             notes.append(f"acceptance {row['acceptance']:.2f}")
+        if row.get("full_from") is not None:
+            notes.append(f"slower than full depth: full depth from token {row['full_from']}")
         if "share_of_bound" in row:
             notes.append(f"{row['share_of_bound']:.0%} of the bandwidth bound ({row['bound_tokens_per_s']:,.0f})")
         if row.get("fast"):

@@ -18,6 +18,7 @@ from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, re
 
 Measure = Literal["softmax", "margin", "state", "learned"]
 ExitMode = Literal["fixed", "dynamic"]
+Decide = Literal["auto", "device", "host"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,14 @@ class GenerationArgs:
             layer always exits); fewer check layers cost fewer heads and, on the fast path, fewer host decisions.
         check_layers: dynamic exit: test confidence at exactly these layers (below the last; e.g. the exits a shared
             exit block was trained on, ``[15, 18, 22]``) instead of ``min_layer`` and ``check_every``.
+        decide: where a dynamic exit's checks and adaptive drafting's stops are decided when the engine runs CUDA
+            graphs: ``device`` (one graph per step whose branches are conditional nodes; the host never waits),
+            ``host`` (a graph per piece, the host reading each decision: a synchronisation per check), ``auto``
+            (``device`` where conditional nodes can be built: CUDA ≥ 12.4 with torch ≥ 2.12 or ``cuda-bindings``).
+        fallback: on a GPU with CUDA graphs, dynamic exits and self-speculation time themselves against full depth
+            (measured once per program on this card and batch) every few steps, and decode the rest of the answer at
+            full depth when they are slower; the result says from which step. Speculative text is unchanged by it;
+            dynamic text then takes the last layer's tokens. False keeps the adaptive rule to the end.
     """
 
     max_new_tokens: int = 64
@@ -72,6 +81,8 @@ class GenerationArgs:
     check_every: int = 1
     check_layers: list[int] | None = None
     probe: str | None = None
+    decide: Decide = "auto"
+    fallback: bool = True
 
     def __post_init__(self):
         positive("generation.max_new_tokens", self.max_new_tokens)
@@ -86,6 +97,8 @@ class GenerationArgs:
             require(len(self.check_layers) > 0 and all(layer >= 1 for layer in self.check_layers), "generation.check_layers",
                     self.check_layers, "a non-empty list of layers ≥ 1")
             object.__setattr__(self, "check_layers", sorted(set(self.check_layers)))
+        if self.decide not in ("auto", "device", "host"):
+            raise EarlyExitError(f"generation.decide {self.decide!r}: choose auto, device or host")
         if self.measure not in ("softmax", "margin", "state", "learned"):
             raise EarlyExitError(f"generation.measure {self.measure!r}: choose softmax, margin, state or learned")
         if self.measure == "learned" and self.probe is None:

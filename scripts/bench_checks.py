@@ -2,9 +2,12 @@
 
     python scripts/bench_checks.py --shape smollm2-135m --device cuda --batch 1 --check_layers [15,18,22]
 
-Every setting decodes the same random prompts for ``max_new_tokens`` tokens (EOS ignored) on the engine's fast path,
-timed after one untimed call that builds and captures its programs; the median of ``repeats`` runs. Exits are forced,
-so the rows isolate what the machinery costs, not what trained exits would choose:
+Every setting decodes the same random prompts for ``max_new_tokens`` tokens (EOS ignored) on the engine's fast path
+(compiled unless ``--compile false``), timed after one untimed call that builds and captures its programs; the median
+of ``repeats`` runs. Each dynamic setting runs once per ``--decide`` (``host``: a CUDA graph per piece and a host
+synchronisation per check, the engine before conditional nodes; ``device``: one graph a step, the checks decided by
+the GPU), with the fallback to full depth off. Exits are forced, so the rows isolate what the machinery costs, not
+what trained exits would choose:
 
 * ``full depth`` and ``fixed exit L`` (through the shared block): the references.
 * ``softmax, never sure`` (threshold above 1): full depth plus a softmax check at every check layer (the shared block
@@ -26,12 +29,15 @@ import time
 import torch
 
 from earlyexit.cli import run_function
+from earlyexit.engine.control import Nodes, resolve
+from earlyexit.generation import Decide
 from earlyexit.errors import EarlyExitError, positive
 from earlyexit.tiny import RANDOM_SHAPES, random_model
 
 
 def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat16", batch: int = 1, prompt_len: int = 64,
-         max_new_tokens: int = 64, check_layers: list[int] = [15, 18, 22], repeats: int = 3) -> list[dict]:  # noqa: B006
+         max_new_tokens: int = 64, check_layers: list[int] = [15, 18, 22], repeats: int = 3,  # noqa: B006
+         decide: list[Decide] = ["host", "device"], compile: bool = True, nodes: Nodes = "auto") -> list[dict]:  # noqa: B006
     """Time forced exits by confidence measure and print a table.
 
     Args:
@@ -43,6 +49,9 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
         max_new_tokens: tokens generated a row.
         check_layers: the dynamic exit's check layers (the shared block serves them).
         repeats: timed runs a setting (the median is kept).
+        decide: where the dynamic settings' checks are decided (each timed): host, device (a GPU only).
+        compile: compile the decode step (``generation.compile``).
+        nodes: how the device-decided step builds its conditional nodes (auto, torch or driver).
     """
     from earlyexit.adapters import ExitAdapters, attach, block_template
     from earlyexit.engine import Engine
@@ -53,6 +62,10 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
         raise EarlyExitError(f"shape {shape!r}: choose from {', '.join(sorted(RANDOM_SHAPES))}")
     for name, value in (("batch", batch), ("prompt_len", prompt_len), ("max_new_tokens", max_new_tokens), ("repeats", repeats)):
         positive(name, value)
+    if not decide or any(way not in ("host", "device") for way in decide):
+        raise EarlyExitError(f"decide {decide}: a list of host and device")
+    if "device" in decide:
+        resolve("device", nodes)  # refused in one line where conditional nodes cannot be built
     if dtype not in ("bfloat16", "float16", "float32"):
         raise EarlyExitError(f"dtype {dtype!r}: choose bfloat16, float16 or float32")
     if device == "cuda" and not torch.cuda.is_available():
@@ -65,7 +78,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
     adapters = ExitAdapters(checks, model.config.hidden_size, kind="block", template=block_template(model))
     attach(model, adapters.to(device))
     ee = EarlyExitHead(model)
-    engine = Engine(ee)
+    engine = Engine(ee, compile=compile, nodes=nodes)
     if engine.fast is None:
         raise EarlyExitError(f"{shape}: no fast path, so no skipping to time")
     torch.manual_seed(0)
@@ -94,17 +107,19 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
         layers = out.layers.float().mean().item() if hasattr(out, "layers") else None
         return statistics.median(times), layers
 
-    common = dict(max_new_tokens=max_new_tokens, ignore_eos=True)
+    common = dict(max_new_tokens=max_new_tokens, ignore_eos=True, fallback=False)
     settings = [("full depth", lambda: engine.generate(ids, mask, [n], **common)[n], n)]
     settings += [(f"fixed exit {layer}", lambda layer=layer: engine.generate(ids, mask, [layer], **common)[layer], layer) for layer in checks]
-    settings.append(("softmax, never sure", lambda: engine.generate_dynamic(ids, mask, threshold=1.01, check_layers=checks, **common), None))
-    settings.append(("learned, never sure", lambda: engine.generate_dynamic(ids, mask, threshold=0.5, check_layers=checks,
-                                                                             measure="learned", probe=probe(None), **common), None))
-    settings.append((f"softmax, sure at {checks[0]}", lambda: engine.generate_dynamic(ids, mask, threshold=0.0, check_layers=checks,
-                                                                                       **common), None))
-    for layer in checks:
-        settings.append((f"learned, sure at {layer}", lambda layer=layer: engine.generate_dynamic(
-            ids, mask, threshold=0.5, check_layers=checks, measure="learned", probe=probe(layer), **common), None))
+    for way in decide:
+        dynamic = dict(check_layers=checks, decide=way, **common)
+        settings.append((f"softmax, never sure ({way})", lambda d=dynamic: engine.generate_dynamic(ids, mask, threshold=1.01, **d), None))
+        settings.append((f"learned, never sure ({way})", lambda d=dynamic: engine.generate_dynamic(
+            ids, mask, threshold=0.5, measure="learned", probe=probe(None), **d), None))
+        settings.append((f"softmax, sure at {checks[0]} ({way})", lambda d=dynamic: engine.generate_dynamic(ids, mask, threshold=0.0, **d),
+                         None))
+        for layer in checks:
+            settings.append((f"learned, sure at {layer} ({way})", lambda layer=layer, d=dynamic: engine.generate_dynamic(
+                ids, mask, threshold=0.5, measure="learned", probe=probe(layer), **d), None))
     rows = []
     with torch.inference_mode():
         for name, fn, depth in settings:
@@ -114,16 +129,18 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
     full = rows[0]["seconds"]
     per_layer = full / n
     where = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"\n{shape} (random weights, {dtype}) on {where}: batch {batch}, prompt {prompt_len}, {max_new_tokens} new tokens, "
-          f"check layers {checks}, shared exit block, median of {repeats}\n")
+    print(f"\n{shape} (random weights, {dtype}{', compiled' if compile else ''}) on {where}: batch {batch}, prompt {prompt_len}, "
+          f"{max_new_tokens} new tokens, check layers {checks}, shared exit block, median of {repeats}\n")
     print("| setting | layers a token | tokens/s | × full depth |\n|---|---:|---:|---:|")
     for row in rows:
         print(f"| {row['setting']} | {row['layers']:.1f} | {row['tokens_per_s']:,.1f} | {full / row['seconds']:.2f} |")
     print()
-    for measure in ("softmax", "learned"):
-        never = next(r for r in rows if r["setting"] == f"{measure}, never sure")["seconds"]
-        cost = (never - full) / len(checks) / max_new_tokens
-        print(f"a {measure} check costs {cost * 1e6:,.1f} µs a step = {cost * max_new_tokens / per_layer:.2f} layers of full depth")
+    for way in decide:
+        for measure in ("softmax", "learned"):
+            never = next(r for r in rows if r["setting"] == f"{measure}, never sure ({way})")["seconds"]
+            cost = (never - full) / len(checks) / max_new_tokens
+            print(f"a {measure} check decided on the {way} costs {cost * 1e6:,.1f} µs a step = "
+                  f"{cost * max_new_tokens / per_layer:.2f} layers of full depth")
     return rows
 
 

@@ -23,6 +23,7 @@ full depth's ROUGE-L.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -30,7 +31,8 @@ import torch
 from earlyexit.cli import run_function
 from earlyexit.data import SAMPLE, encode_prompt, pad, read_records
 from earlyexit.engine import Engine
-from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive
+from earlyexit.engine.control import resolve
+from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, require
 from earlyexit.generation import GenerationArgs
 from earlyexit.loading import ModelArgs, load_model
 from earlyexit.metrics import build_metric
@@ -49,7 +51,7 @@ def sweep(
     offset: int = 0,
     target: float | None = None,
     plot: str | None = None,
-    speculative: list[tuple[int, int]] = [],  # noqa: B006 (read only)
+    speculative: list[list[float]] = [],  # noqa: B006 (read only)
     draft_threshold: float = 0.0,
     hf: bool = False,
     speed_plot: str | None = None,
@@ -72,18 +74,24 @@ def sweep(
         target: calibration: pick the threshold with the fewest layers per token whose ROUGE-L is at least this share
             of full depth's (e.g. 0.95), and print it.
         plot: write the figure of quality against depth here.
-        speculative: self-speculative settings ``[E, d]`` (draft exit, drafted tokens per cycle) timed beside them.
-        draft_threshold: adaptive drafting of those (0: always d drafts).
+        speculative: self-speculative settings ``[E, d]`` (draft exit, drafted tokens per cycle) or ``[E, d, tau]`` (with
+            adaptive drafting at tau) timed beside them.
+        draft_threshold: adaptive drafting of the settings that name no tau (0: always d drafts).
         hf: time the model's own ``generate`` at full depth beside them.
         speed_plot: write the figure of quality against tokens/s of every setting here.
         out_dir: keep the resolved config here.
     """
     for option, value in (("records", records), ("batch", batch)):
         positive(option, value)
-    for draft_layer, n_draft in speculative:
-        positive("speculative E", draft_layer)
-        positive("speculative d", n_draft)
     in_unit("draft_threshold", draft_threshold)
+    drafting = []
+    for setting in speculative:
+        require(len(setting) in (2, 3), "speculative", setting, "[E, d] or [E, d, tau]")
+        positive("speculative E", int(setting[0]))
+        positive("speculative d", int(setting[1]))
+        tau = float(setting[2]) if len(setting) == 3 else draft_threshold
+        in_unit("speculative tau", tau)
+        drafting.append((int(setting[0]), int(setting[1]), tau))
     non_negative("offset", offset)
     if target is not None:
         in_unit("target", target, low_open=True)
@@ -97,12 +105,15 @@ def sweep(
     if hasattr(lm, "merge_and_unload"):  # a LoRA adapter (exit adapters alone leave a plain model)
         lm = lm.merge_and_unload()
     ee = EarlyExitHead(lm)
-    for draft_layer, _ in speculative:
+    for draft_layer, _, _ in drafting:
         if ee.check_layer(draft_layer) >= ee.n_layers:
             raise EarlyExitError(f"speculative E = {draft_layer} must be below the last layer {ee.n_layers}")
     ee.check_layer(generation.min_layer_of(ee.n_layers))
     generation.check_layers_of(ee.n_layers)  # before any decoding
     engine = Engine(ee, compile=generation.compile, fast=generation.fast, compile_mode=generation.compile_mode)
+    if engine.cuda_graphs:
+        print(f"decisions: {resolve(generation.decide, engine.nodes)[0]}, fallback to full depth "
+              f"{'on' if generation.fallback else 'off'}", file=sys.stderr)
     greedy = generation.but(do_sample=False)
     device = next(lm.parameters()).device
     chosen = read_records(data)[offset : offset + records]
@@ -157,14 +168,15 @@ def sweep(
                 used = [layer for out in outs for row, k in zip(out.layers, out.n_tokens) for layer in row[:k].tolist()]
                 depth = sum(used) / max(1, len(used))
                 rows.append(dict(kind=f"dynamic {measure}", setting=threshold, depth=depth, rougeL=score(answers),
-                                 speed=len(used) / seconds))
+                                 speed=len(used) / seconds, full=at_full_depth(outs)))
                 print(f"{measure} threshold {threshold}: mean layers {depth:.2f}, {seconds:.1f} s", flush=True)
-        for draft_layer, n_draft in speculative:
+        for draft_layer, n_draft, tau in drafting:
             answers, lengths, seconds, outs = timed(lambda ids, mask: engine.generate_speculative(
-                ids, mask, draft_layer, n_draft, greedy, draft_threshold=draft_threshold, pad_token_id=pad_id))
+                ids, mask, draft_layer, n_draft, greedy, draft_threshold=tau, pad_token_id=pad_id))
             accepted = sum(out.accepted for out in outs) / max(1, sum(out.drafted for out in outs))
-            rows.append(dict(kind="speculative", setting=f"E={draft_layer} d={n_draft}", depth=float(n), rougeL=score(answers),
-                             speed=sum(lengths) / seconds, acceptance=accepted))
+            name = f"E={draft_layer} d={n_draft}" + (f" tau={tau:g}" if tau else "")
+            rows.append(dict(kind="speculative", setting=name, depth=float(n), rougeL=score(answers),
+                             speed=sum(lengths) / seconds, acceptance=accepted, full=at_full_depth(outs)))
         if hf:
             answers, lengths, seconds, _ = timed(lambda ids, mask: ee.generate(ids, mask, n, greedy, pad_token_id=pad_id))
             rows.append(dict(kind="HF generate", setting=n, depth=float(n), rougeL=score(answers), speed=sum(lengths) / seconds))
@@ -175,11 +187,16 @@ def sweep(
           f"{greedy.max_new_tokens} new tokens, batch {batch}, check layers {greedy.check_layers_of(ee.n_layers)}, "
           f"fast path {'on' if engine.fast is not None else 'off'}\n")
     full_speed = next(row["speed"] for row in rows if row["kind"] == "fixed" and row["setting"] == n)
-    print("| exit | setting | mean layers per token | ROUGE-L | tokens/s | × full depth | acceptance |\n|---|---|---|---|---|---|---|")
+    print("| exit | setting | mean layers per token | ROUGE-L | tokens/s | × full depth | acceptance | fell back |\n"
+          "|---|---|---|---|---|---|---|---|")
     for row in rows:
         accepted = f"{row['acceptance']:.2f}" if "acceptance" in row else ""
+        fell = f"{row['full']:.0%}" if "full" in row else ""
         print(f"| {row['kind']} | {row['setting']} | {row['depth']:.2f} | {row['rougeL']:.3f} | {row['speed']:,.1f} | "
-              f"{row['speed'] / full_speed:.2f} | {accepted} |")
+              f"{row['speed'] / full_speed:.2f} | {accepted} | {fell} |")
+    if any("full" in row for row in rows):
+        print("\nfell back: the share of tokens decoded at full depth after an adaptive mode timed itself slower than "
+              "full depth (generation.fallback)")
     if target is not None:
         full = next(row["rougeL"] for row in rows if row["kind"] == "fixed" and row["setting"] == ee.n_layers)
         for measure in measures:
@@ -217,6 +234,13 @@ def sweep(
         fig.savefig(speed_plot, dpi=120)
         print(f"plot: {speed_plot}")
     return rows
+
+
+def at_full_depth(outs) -> float:
+    """The share of generated tokens decoded at full depth after an adaptive mode fell back to it (``full_from``)."""
+    total = sum(int(out.n_tokens.sum()) for out in outs)
+    after = sum(int((out.n_tokens - out.full_from).clamp(min=0).sum()) for out in outs if out.full_from is not None)
+    return after / max(1, total)
 
 
 if __name__ == "__main__":

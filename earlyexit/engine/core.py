@@ -28,6 +28,7 @@ import torch
 
 from earlyexit.arch import ARCHITECTURES, CACHE_ARGS, UNBATCHED_ARGS, sliding_windows
 from earlyexit.engine.cache import StaticKV, additive_mask
+from earlyexit.engine.control import Nodes, Plan, capture, pieces, resolve, walk
 from earlyexit.engine.fast import FusedBlock, fast_blocks, fast_inputs
 from earlyexit.errors import EarlyExitError
 from earlyexit.generation import GenerationArgs, options, select
@@ -47,10 +48,12 @@ class Core:
         compile: run the decode step's blocks and head through ``torch.compile`` (fuses the norms, rotary and
             element-wise work between the matmuls; compiles once per exit set and batch shape).
         compile_mode: how (:attr:`earlyexit.generation.GenerationArgs.compile_mode`).
+        nodes: how device-decided steps build their conditional nodes (:mod:`earlyexit.engine.control`): ``auto``,
+            ``torch`` or ``driver``.
     """
 
     def __init__(self, ee: EarlyExitHead, cuda_graphs: bool | None = None, compile: bool = False, fast: bool | None = None,
-                 compile_mode: str = "auto"):
+                 compile_mode: str = "auto", nodes: Nodes = "auto"):
         self.ee = ee
         self.device = next(ee.parameters()).device
         self.dtype = ee.norm.weight.dtype if getattr(ee.norm, "weight", None) is not None else torch.float32
@@ -83,16 +86,19 @@ class Core:
                 raise EarlyExitError("the engine decodes a shared exit block (exit adapters of kind block) on its fast "
                                      "path only: set generation.engine false (the model's own generate)")
             self.shared = FusedBlock(adapters.block, ee.config)
+        self.nodes = nodes
         self._decode_blocks, self._decode_inputs = self._blocks, self._inputs
         self._decode_head, self._decode_greedy = self._head, self._greedy
+        self._compiled: Callable[[Callable], Callable] = lambda fn: fn  # a decode piece's own work, compiled or not
         if compile:  # the decode step's blocks and head; on the fast path its inputs too (embedding, rotary, masks)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             how = compiler(compile_mode, ee.config.hidden_size)
-            self._decode_blocks = torch.compile(self._blocks, dynamic=False, **how)
-            self._decode_head = torch.compile(self._head, dynamic=False, **how)
-            self._decode_greedy = torch.compile(self._greedy, dynamic=False, **how)
+            self._compiled = lambda fn: torch.compile(fn, dynamic=False, **how)
+            self._decode_blocks = self._compiled(self._blocks)
+            self._decode_head = self._compiled(self._head)
+            self._decode_greedy = self._compiled(self._greedy)
             if self.fast is not None:
-                self._decode_inputs = torch.compile(self._inputs, dynamic=False, **how)
+                self._decode_inputs = self._compiled(self._inputs)
 
     # ----------------------------------------------------------------------------------------- model pieces
     def _inputs(self, ids: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, npad: torch.Tensor, cache: StaticKV):
@@ -255,6 +261,34 @@ class Core:
         for tensor, value in zip(state, saved):
             tensor.copy_(value)
         return replays
+
+    def _stepper(self, plan: Plan, state: list[torch.Tensor], decide: str) -> Callable[[], None]:
+        """One step of ``plan`` (:mod:`earlyexit.engine.control`) as this engine runs it: eagerly without CUDA graphs;
+        with them, ``decide`` ``host`` (a graph per piece, the host reading each branch's flag) or ``device`` (one graph
+        whose branches are conditional nodes). ``state``: the tensors the plan changes (as :meth:`_graphs`)."""
+        if not self.cuda_graphs:
+            return lambda: walk(plan)
+        way, nodes = resolve(decide, self.nodes)
+        if way == "device":
+            return capture(plan, state, self.device, nodes)
+        parts = pieces(plan)
+        replays = dict(zip(map(id, parts), self._graphs(parts, state)))
+        return lambda: walk(plan, lambda piece: replays[id(piece)]())
+
+    def _time(self, step: Callable[[], object], state: list[torch.Tensor], repeats: int = 10) -> float:
+        """GPU seconds one replay of ``step`` takes (after two untimed ones), ``state`` restored after."""
+        saved = [tensor.clone() for tensor in state]
+        for _ in range(2):
+            step()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(repeats):
+            step()
+        end.record()
+        end.synchronize()
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
+        return begin.elapsed_time(end) / 1e3 / repeats
 
     # ------------------------------------------------------------------------------------------ set-up
     @property
@@ -476,10 +510,48 @@ def take_rows(value, n: int, total: int):
     return value
 
 
-def until_done(step: Callable, out: torch.Tensor, eos: torch.Tensor | None) -> None:
-    """Run ``step`` (which writes column t of ``out``) for t = 1.. until ``out`` is full or, every 16 steps (a
-    host sync each), every row holds one of ``eos``."""
+SYNC_EVERY = 16
+"""Decode steps between the host's looks at a decode loop's results (has every row ended? is an adaptive mode slower
+than full depth?): the only synchronisations of a device-decided loop."""
+
+
+def until_done(step: Callable, out: torch.Tensor, eos: torch.Tensor | None, full: tuple[Callable, float] | None = None
+               ) -> int | None:
+    """Run ``step`` (which writes column t of ``out``) for t = 1.. until ``out`` is full or, every :data:`SYNC_EVERY`
+    steps (a host sync each), every row holds one of ``eos``.
+
+    ``full``: (the full-depth step, its GPU seconds a step): an adaptive step times each stretch of steps on the GPU
+    and, once it is slower than full depth, the rest of the answer runs the full-depth step. Returns the step at which
+    it switched (None: never)."""
+    timer = Stretch() if full is not None else None
+    switched = None
     for t in range(1, out.shape[1]):
         step()
-        if eos is not None and t % 16 == 0 and bool(torch.isin(out[:, : t + 1], eos).any(1).all()):
-            return
+        if t % SYNC_EVERY:
+            continue
+        if eos is not None and bool(torch.isin(out[:, : t + 1], eos).any(1).all()):
+            return switched
+        if timer is not None and switched is None:
+            if timer.seconds() / SYNC_EVERY > full[1]:
+                step, switched = full[0], t + 1
+            else:
+                timer.restart()
+    return switched
+
+
+class Stretch:
+    """GPU time of a stretch of work on the current stream, from its start (or restart) to the call of
+    :meth:`seconds` (which waits for it)."""
+
+    def __init__(self):
+        self.begin = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+        self.begin.record()
+
+    def restart(self) -> None:
+        self.begin.record()
+
+    def seconds(self) -> float:
+        self.end.record()
+        self.end.synchronize()
+        return self.begin.elapsed_time(self.end) / 1e3

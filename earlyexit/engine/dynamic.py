@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from earlyexit.engine.control import Branch
 from earlyexit.engine.core import Columns, Core, Stops, until_done
 from earlyexit.errors import EarlyExitError
 from earlyexit.generation import GenerationArgs, Measure, options
@@ -57,9 +58,12 @@ def confidence(logits: torch.Tensor | None, hidden: torch.Tensor, previous: torc
 
 @dataclass
 class DynamicGeneration(Generation):
-    """A :class:`Generation` plus ``layers``: ``[B, max_new_tokens]`` exit layer of each token (0 after EOS)."""
+    """A :class:`Generation` plus ``layers``: ``[B, max_new_tokens]`` exit layer of each token (0 after EOS), and
+    ``full_from``: the step from which it decoded at full depth because the dynamic steps were slower (None: never;
+    ``generation.fallback``)."""
 
     layers: torch.Tensor | None = None
+    full_from: int | None = None
 
 
 class _Exits:
@@ -75,6 +79,7 @@ class _Exits:
         self.adapted = torch.zeros_like(self.state)
         self.exited = torch.zeros(rows, dtype=torch.bool, device=core.device)
         self.layer = torch.zeros(rows, dtype=torch.long, device=core.device)
+        self.chosen = torch.zeros(rows, dtype=torch.long, device=core.device)  # a head measure's token at the exit
 
     def reset(self) -> None:
         self.exited.zero_()
@@ -98,6 +103,8 @@ class _Exits:
         else:
             logits = None if self.measure == "state" else self.core._logits(last if adapted is None else adapted, self.banned)
             now = ~self.exited & (confidence(logits, last, previous, self.measure)[:, 0] >= self.threshold)
+            if logits is not None:  # the exiting rows' tokens: a step that ends here needs no other head
+                self.chosen.copy_(torch.where(now, logits[:, -1].argmax(-1), self.chosen))
         pick = now[:, None, None]
         self.state.copy_(torch.where(pick, last, self.state))
         if adapted is not None:
@@ -147,15 +154,18 @@ class DynamicExits(Core):
         ids, mask = self._shape(input_ids, attention_mask)
         batch, prompt = ids.shape
         probe = self._probe(args.probe, checks) if args.measure == "learned" else None
-        key = ("dynamic", args.threshold, checks, args.measure, args.probe, batch, prompt, args.max_new_tokens, stops)
-        build = self._skipping_program if self.fast is not None else self._propagating_program
-        program = self._program(key, lambda: build(args.threshold, checks, args.measure, batch, prompt, args.max_new_tokens,
-                                                   stops, probe))
-        out, used = program(ids, mask)
+        key = ("dynamic", args.threshold, checks, args.measure, args.probe, batch, prompt, args.max_new_tokens, stops,
+               args.decide, args.fallback)
+        if self.fast is not None:
+            program = self._program(key, lambda: self._skipping_program(args, checks, batch, prompt, stops, probe))
+        else:
+            program = self._program(key, lambda: self._propagating_program(args.threshold, checks, args.measure, batch, prompt,
+                                                                           args.max_new_tokens, stops, probe))
+        out, used, switched = program(ids, mask)
         result = stops.finish(out, args.max_new_tokens)
         steps = torch.arange(args.max_new_tokens, device=out.device)[None, :]
         layers = torch.where(steps < result.n_tokens[:, None], used, 0)
-        return DynamicGeneration(result.tokens, result.n_tokens, result.finished, layers)
+        return DynamicGeneration(result.tokens, result.n_tokens, result.finished, layers, switched)
 
     def _probe(self, directory: str, checks: tuple[int, ...]) -> ExitProbe:
         """The exit probe saved in ``directory`` on this engine's device (loaded once), refused unless it was fitted
@@ -223,13 +233,14 @@ class DynamicExits(Core):
             if graphed is None:
                 graphed = self._graph(step, state)
             until_done(graphed, loop.out, ends)
-            return loop.out.clone(), used.clone()
+            return loop.out.clone(), used.clone(), None
 
         return run
 
-    def _skipping_program(self, threshold: float, checks: tuple[int, ...], measure: Measure, batch: int, prompt: int,
-                          max_new_tokens: int, stops: Stops, probe: ExitProbe | None):
-        n = self.n_layers
+    def _skipping_program(self, args: GenerationArgs, checks: tuple[int, ...], batch: int, prompt: int, stops: Stops,
+                          probe: ExitProbe | None):
+        threshold, measure, max_new_tokens = args.threshold, args.measure, args.max_new_tokens
+        n, p = self.n_layers, len(checks)
         cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens)
         cache.stack(n, batch, self.kv_fill.kv_heads, self.kv_fill.head_dim, self.dtype, self.device)  # for kv_fill
         banned, ends = stops.tensors(self.device)
@@ -242,10 +253,11 @@ class DynamicExits(Core):
         masks = {w: torch.zeros(batch, 1, 1, valid.shape[1], dtype=self.dtype, device=self.device) for w in dict.fromkeys(self.windows)}
         kwargs = {"position_embeddings": rotary, self._cache_name: cache}
         ended = torch.zeros(batch, dtype=torch.bool, device=self.device)  # rows whose answer has ended (EOS written)
-        # after a check: [every row has exited or ended, a row exited here whose shared exit block is still to run]
-        flags = torch.zeros(2, dtype=torch.bool, device=self.device)
+        # after check j: [every row has exited or ended, a row exited here whose shared exit block is still to run]
+        flags = torch.zeros(max(p, 1), 2, dtype=torch.bool, device=self.device)
         bounds = [0, *checks, n]  # piece j runs blocks bounds[j] + 1 .. bounds[j + 1]
         columns = torch.arange(max_new_tokens, device=self.device)
+        head_measure = measure in ("softmax", "margin")  # the check computed each exiting row's token
 
         def deferred(layer: int) -> bool:
             """The learned measure decides before the shared exit block runs: only rows that exit run it (see adapt)."""
@@ -262,29 +274,43 @@ class DynamicExits(Core):
             if ends is not None:
                 ended.copy_((torch.isin(loop.out, ends) & (columns <= loop.step)).any(1))
 
-        def piece(j: int):
-            def run():
-                if j == 0:
-                    begin()
-                h = hidden
-                for layer in range(bounds[j] + 1, bounds[j + 1] + 1):
-                    inputs = exits.inputs(h)
-                    h = self._decode_blocks(inputs, kwargs, masks, range(layer, layer + 1))
-                top = bounds[j + 1]
+        def blocks(j: int):
+            """Blocks bounds[j] + 1 .. bounds[j + 1] on the step's state, exited rows held at their exit state."""
+            h = inputs = hidden
+            for layer in range(bounds[j] + 1, bounds[j + 1] + 1):
+                inputs = exits.inputs(h)
+                h = self._decode_blocks(inputs, kwargs, masks, range(layer, layer + 1))
+            return h, inputs
+
+        def check(j: int):
+            top = bounds[j + 1]
+
+            def run(h, inputs):  # the decisions at check layer top and the flags the branches after it read
                 if deferred(top):  # the probe reads the raw state; the shared block only writes its keys and values
                     exits.decide(top, h, inputs, final=False)
                     self._shared_fill(exits.inputs(h), rotary, cache, top)
                 else:
                     adapted = self._shared_check(exits.inputs(h), kwargs, masks, top)
-                    exits.decide(top, h, inputs, final=top == n, adapted=adapted)
-                if top == n:
-                    token = exits.token()
-                    loop.advance(token, exits.layer)
-                    return token
+                    exits.decide(top, h, inputs, final=False, adapted=adapted)
                 hidden.copy_(h)
-                new = ((exits.layer == top) & ~ended).any() if deferred(top) else exits.exited.new_zeros(())
-                flags.copy_(torch.stack([(exits.exited | ended).all(), new]))
-                return flags
+                new = ((exits.layer == top) & ~ended).any() if deferred(top) else ended.new_zeros(())
+                flags[j].copy_(torch.stack([(exits.exited | ended).all(), new]))
+
+            return self._compiled(run)
+
+        checked = [check(j) for j in range(p)]
+
+        def piece(j: int):
+            def run():
+                if j == 0:
+                    begin()
+                h, inputs = blocks(j)
+                if j < p:
+                    checked[j](h, inputs)
+                    return
+                adapted = self._shared_check(exits.inputs(h), kwargs, masks, n)
+                exits.decide(n, h, inputs, final=True, adapted=adapted)
+                loop.advance(exits.token(), exits.layer)
 
             return run
 
@@ -295,49 +321,49 @@ class DynamicExits(Core):
                 top = bounds[j + 1]
                 adapted = self._shared_block(exits.inputs(hidden), kwargs, masks, [(top, batch)])
                 exits.adapted.copy_(torch.where((exits.layer == top)[:, None, None], adapted, exits.adapted))
-                return exits.adapted
 
-            return run
+            return self._compiled(run)
 
         def fill(j: int):
-            def run():  # every row has exited at or below bounds[j + 1]: only the K/V of the blocks above
-                if deferred(bounds[j + 1]):
-                    adapts[j]()
+            def run():  # every row has exited at or below bounds[j + 1]: only the K/V of the blocks above, then the token
                 self.kv_fill(exits.state, rotary, cache, bounds[j + 1] + 1, n)
                 for layer in checks[j + 1 :]:
                     if self.shared is not None and self.ee.adapters.has_block(layer):
                         self._shared_fill(exits.state, rotary, cache, layer)
-                token = exits.token()
-                loop.advance(token, exits.layer)
-                return token
+                loop.advance(exits.chosen if head_measure else exits.token(), exits.layer)
 
-            return run
+            return self._compiled(run)
 
         adapts = {j: adapt(j) for j, layer in enumerate(checks) if deferred(layer)}
-        pieces = [piece(j) for j in range(len(bounds) - 1)]
-        fills = [fill(j) for j in range(len(checks))]
-        graphed = {}  # the pieces, fills and deferred blocks, captured (on a GPU) at the first call
+        fills = [fill(j) for j in range(p)]
 
-        def step():
-            for j, check in enumerate(graphed["pieces"][: len(checks)]):
-                done, exited = check().tolist()  # one host synchronisation per check layer
-                if done:
-                    return graphed["fills"][j]()
-                if exited:  # some rows exited here (learned measure): they read the shared exit block
-                    graphed["adapts"][j]()
-            return graphed["pieces"][-1]()
+        def plan(j: int):
+            """Piece j, then: every row out → fill j (after the deferred shared block), else the pieces above."""
+            if j == p:
+                return [piece(p)]
+            above = [Branch(flags[j, 1], adapts[j]), plan(j + 1)] if j in adapts else plan(j + 1)
+            done = [adapts[j], fills[j]] if j in adapts else fills[j]
+            return [piece(j), Branch(flags[j, 0], done, above)]
 
-        state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted]
+        def full():  # the fallback: every block for every row, the last layer's token
+            begin()
+            h = self._decode_blocks(hidden, kwargs, masks, range(1, n + 1))
+            exits.layer.fill_(n)
+            loop.advance(self._decode_greedy(h[:, -1], [(n, batch)], banned), exits.layer)
+
+        state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted, exits.chosen, hidden, *rotary, ended,
+                                flags, *masks.values()]
         start = self._prompt_pass(lambda ids: self._start(exits, checks, loop, ids, valid, npad, cache), (batch, prompt), state)
+        steps = {}  # the step and its fallback, built (captured, on a GPU) at the first call
 
         def run(ids, mask):
             start(load(ids, mask))
-            if not graphed:
-                replays = self._graphs(pieces + fills + list(adapts.values()),
-                                       state + [hidden, *rotary, ended, flags, *masks.values()])
-                graphed.update(pieces=replays[: len(pieces)], fills=replays[len(pieces) : len(pieces) + len(fills)],
-                               adapts=dict(zip(adapts, replays[len(pieces) + len(fills) :])))
-            until_done(step, loop.out, ends)
-            return loop.out.clone(), used.clone()
+            if not steps:
+                steps["dynamic"] = self._stepper(plan(0), state, args.decide)
+                if self.cuda_graphs and args.fallback:
+                    step = self._stepper(full, state, "host")
+                    steps["full"] = (step, self._time(step, state))
+            switched = until_done(steps["dynamic"], loop.out, ends, steps.get("full"))
+            return loop.out.clone(), used.clone(), switched
 
         return run

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from earlyexit.engine.core import Core, Stops
+from typing import Callable
+
+from earlyexit.engine.control import Branch
+from earlyexit.engine.core import Core, Stops, Stretch
 from earlyexit.errors import EarlyExitError
 from earlyexit.generation import GenerationArgs, options, probabilities, sample
 from earlyexit.model import Generation
@@ -20,11 +23,14 @@ from earlyexit.model import Generation
 
 @dataclass
 class SpeculativeGeneration(Generation):
-    """A :class:`Generation` plus draft statistics: ``drafted`` and ``accepted`` tokens, ``cycles`` run."""
+    """A :class:`Generation` plus draft statistics: ``drafted`` and ``accepted`` tokens, ``cycles`` run, and
+    ``full_from``: the answer length (longest row) from which it decoded one full-depth token a step because the cycles
+    were slower (None: never; ``generation.fallback``). The text is the same either way."""
 
     drafted: int = 0
     accepted: int = 0
     cycles: int = 0
+    full_from: int | None = None
 
     @property
     def acceptance(self) -> float:
@@ -66,8 +72,8 @@ class SelfSpeculation(Core):
             n_draft: d, tokens drafted per cycle at most.
             draft_threshold: adaptive drafting (Kangaroo): a cycle stops drafting at the first draft that no running
                 row's draft exit gives at least this probability, and verifies the drafts before it (none: one
-                full-depth step). Exactness is unchanged; each draft step then costs a host synchronisation. 0 always
-                drafts d (one CUDA graph per cycle).
+                full-depth step). Exactness is unchanged; the stops are decided on the device (``generation.decide``).
+                0 always drafts d.
             generation, eos_token_id, pad_token_id, ignore_eos, changes: as :meth:`Core.generate`.
         """
         args = options(generation, **changes)
@@ -82,12 +88,12 @@ class SelfSpeculation(Core):
         ids, mask = self._shape(input_ids, attention_mask)
         batch, prompt = ids.shape
         key = ("speculative", exit_layer, n_draft, draft_threshold, batch, prompt, args.max_new_tokens, args.do_sample,
-               args.temperature, args.top_p, stops)
+               args.temperature, args.top_p, stops, args.decide, args.fallback)
         program = self._program(key, lambda: self._speculative_program(exit_layer, n_draft, batch, prompt, args, stops,
                                                                        draft_threshold))
-        out, (drafted, accepted, cycles) = program(ids, mask)
+        out, (drafted, accepted, cycles), switched = program(ids, mask)
         result = stops.finish(out[:, : args.max_new_tokens], args.max_new_tokens)
-        return SpeculativeGeneration(result.tokens, result.n_tokens, result.finished, drafted, accepted, cycles)
+        return SpeculativeGeneration(result.tokens, result.n_tokens, result.finished, drafted, accepted, cycles, switched)
 
     def _speculative_program(self, exit_layer: int, depth: int, batch: int, prompt: int, args: GenerationArgs, stops: Stops,
                              draft_threshold: float = 0.0):
@@ -100,16 +106,18 @@ class SelfSpeculation(Core):
         pos = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         count = torch.ones(batch, dtype=torch.long, device=self.device)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        running = torch.zeros((), dtype=torch.bool, device=self.device)  # some row is not done: the cycle's guard
         stats = torch.zeros(3, dtype=torch.long, device=self.device)  # drafted, accepted, cycles
         offsets = torch.arange(depth + 1, device=self.device)
         rows = torch.arange(batch, device=self.device)
         # a cycle's drafts, written by its pieces in place: layer-E states of cur and of each draft, the drafts, their
-        # draft distributions (sampling), and whether every running row's last draft fell below draft_threshold
+        # draft distributions (sampling), whether draft j was sure enough to go on (adaptive drafting), how many were
+        # proposed
         states = torch.zeros(batch, depth + 1, self.ee.config.hidden_size, dtype=self.dtype, device=self.device)
         drafts = torch.zeros(batch, depth, dtype=torch.long, device=self.device)
         q = torch.zeros(batch, depth, self.ee.config.vocab_size, device=self.device) if do_sample else None
-        unsure = torch.zeros((), dtype=torch.bool, device=self.device)
-        graphed = None
+        sure = torch.zeros(depth, dtype=torch.bool, device=self.device)
+        proposed = torch.zeros((), dtype=torch.long, device=self.device)
 
         def dist(hidden, layer=None):
             logits = self._logits(hidden, banned, layer)
@@ -138,57 +146,61 @@ class SelfSpeculation(Core):
                 if do_sample:
                     q[:, j].copy_(scores)
                 if draft_threshold > 0:  # Kangaroo: stop drafting once no running row is sure of its next draft
-                    sure = (scores if do_sample else scores.softmax(-1)).max(-1).values
-                    unsure.copy_(((sure < draft_threshold) | done).all())
-                return unsure
+                    top = (scores if do_sample else scores.softmax(-1)).max(-1).values
+                    go = ((top >= draft_threshold) & ~done).any()
+                    sure[j].copy_(go)
+                    if j == 0:
+                        proposed.copy_(go.long())
+                    else:
+                        proposed.add_(go.long())
 
             return run
 
         def verify(k: int):
-            def run():  # k drafts proposed: blocks > E over cur and the k drafts, then keep the agreeing prefix
-                if k == depth:
-                    lower(depth)
-                proposed = drafts[:, :k]
-                _, kwargs, masks = self._decode_inputs(torch.cat([cur, proposed], 1), pos + offsets[: k + 1], valid, npad, cache)
+            def run():  # blocks > E over cur and k draft slots (the first ``proposed`` of them drafted), keep the agreeing prefix
+                slots = drafts[:, :k]
+                _, kwargs, masks = self._decode_inputs(torch.cat([cur, slots], 1), pos + offsets[: k + 1], valid, npad, cache)
                 target = dist(self._decode_blocks(states[:, : k + 1], kwargs, masks, range(exit_layer + 1, self.n_layers + 1)))
+                drafted = offsets[None, :k] < (proposed if draft_threshold > 0 else k)  # [1, k]
                 if do_sample:
-                    p_draft = target[:, :k].gather(-1, proposed[..., None])[..., 0]
-                    q_draft = q[:, :k].gather(-1, proposed[..., None])[..., 0]
-                    ok = torch.rand_like(p_draft) * q_draft < p_draft
-                    residual = torch.cat([(target[:, :k] - q[:, :k]).clamp(min=0), target[:, k:]], 1)  # [B, k+1, V]
+                    p_draft = target[:, :k].gather(-1, slots[..., None])[..., 0]
+                    q_draft = q[:, :k].gather(-1, slots[..., None])[..., 0]
+                    ok = (torch.rand_like(p_draft) * q_draft < p_draft) & drafted
+                    # after a rejected draft, the normalised max(0, p - q); after the last one drafted, p itself
+                    residual = torch.where(drafted[..., None], (target[:, :k] - q[:, :k]).clamp(min=0), target[:, :k])
+                    residual = torch.cat([residual, target[:, k:]], 1)  # [B, k+1, V]
                     accepted = ok.long().cumprod(1).sum(1)
                     fix = residual[rows, accepted]
                     nxt = sample(fix / fix.sum(-1, keepdim=True).clamp(min=1e-30))
                 else:
                     best = target.argmax(-1)  # [B, k+1]
-                    accepted = (proposed == best[:, :k]).long().cumprod(1).sum(1)
+                    accepted = ((slots == best[:, :k]) & drafted).long().cumprod(1).sum(1)
                     nxt = best.gather(1, accepted[:, None])[:, 0]
-                new = torch.cat([proposed, nxt[:, None]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, k+1]
+                new = torch.cat([slots, nxt[:, None]], 1).scatter(1, accepted[:, None], nxt[:, None])  # [B, k+1]
                 keep = (offsets[None, : k + 1] <= accepted[:, None]) & ~done[:, None]
                 out.scatter_(1, torch.where(keep, count[:, None] + offsets[: k + 1], width - 1), new)
                 advance = torch.where(done, 0, accepted + 1)
                 finished = (keep & torch.isin(new, ends)).any(1) if ends is not None else torch.zeros_like(done)
-                stats.add_(torch.stack([(~done).sum() * k, torch.where(done, 0, accepted).sum(), (~done).any().long()]))
+                n_drafted = drafted.sum() if k else count.new_zeros(())
+                stats.add_(torch.stack([(~done).sum() * n_drafted, torch.where(done, 0, accepted).sum(), (~done).any().long()]))
                 count.add_(advance)
                 pos.add_(advance[:, None])
                 cur.copy_(torch.where(done, cur[:, 0], nxt)[:, None])
                 done.logical_or_(finished | (count >= max_new_tokens))
-                return done
+                running.copy_(~done.all())
 
             return run
 
-        def whole_cycle():
-            for j in range(depth):
-                draft(j)()
-            return verify(depth)()
+        def chain(j: int):
+            """Draft j and, while some running row is sure of its drafts (adaptive drafting), the ones after it."""
+            if j == depth:
+                return [lambda: lower(depth)]  # the last draft's layer-E state, for the verification
+            rest = chain(j + 1)
+            return [draft(j), Branch(sure[j], rest)] if draft_threshold > 0 else [draft(j), *rest]
 
-        def cycle():
-            if draft_threshold <= 0:  # always d drafts: the whole cycle is one graph
-                return graphed[0]()
-            for j in range(depth):  # one graph per draft step, a host synchronisation after each
-                if bool(graphed[j]()):
-                    return graphed[depth + j]()  # draft j is not proposed: verify the j before it
-            return graphed[2 * depth]()
+        # a cycle, and the fallback: one full-depth token a row (no drafts)
+        cycle = Branch(running, [*chain(0), verify(depth)])
+        full = Branch(running, [lambda: lower(0), verify(0)])
 
         def start(ids):  # the prompt at full depth, its answer (column 0) and the first cycle's inputs
             out.fill_(pad)
@@ -206,20 +218,56 @@ class SelfSpeculation(Core):
             pos.fill_(prompt)
             count.fill_(1)
             done.copy_(torch.isin(first, ends) if ends is not None else torch.zeros_like(done))
+            running.copy_(~done.all())
             stats.zero_()
 
-        state = [out, cur, pos, count, done, stats, states, drafts, unsure] + ([q] if do_sample else [])
+        state = [out, cur, pos, count, done, running, stats, states, drafts, sure, proposed] + ([q] if do_sample else [])
         start = self._prompt_pass(start, (batch, prompt), state, graph=not do_sample)
+        steps = {}  # the cycle and its fallback, built (captured, on a GPU) at the first call
+
+        # sampling draws inside the cycle: random numbers inside conditional nodes are not replayed faithfully
+        decide = "host" if do_sample else args.decide
 
         def run(ids, mask):
-            nonlocal graphed
             start(load(ids, mask))
-            if graphed is None:
-                pieces = [whole_cycle] if draft_threshold <= 0 else [draft(j) for j in range(depth)] + [verify(k) for k in range(depth + 1)]
-                graphed = self._graphs(pieces, state)
-            for _ in range(max_new_tokens):
-                if bool(cycle().all()):
-                    break
-            return out.clone(), stats.tolist()
+            if not steps:
+                steps["cycle"] = self._stepper(cycle, state, decide)
+                if self.cuda_graphs and args.fallback:
+                    step = self._stepper(full, state, decide)
+                    steps["full"] = (step, self._time(step, state))
+            switched = until_all_done(steps["cycle"], running, count, max_new_tokens, steps.get("full"))
+            return out.clone(), stats.tolist(), switched
 
         return run
+
+
+CYCLES_BETWEEN_LOOKS = 4
+"""Speculative cycles between the host's looks at the results (is every row done? is speculation slower than full
+depth?). A cycle a row has no work for costs only its guard's condition."""
+
+
+def until_all_done(cycle: Callable[[], None], running: torch.Tensor, count: torch.Tensor, max_new_tokens: int,
+                   full: tuple[Callable[[], None], float] | None = None) -> int | None:
+    """Run speculative cycles until no row is running (each adds at least one token to every running row, so at most
+    ``max_new_tokens`` of them), looking every :data:`CYCLES_BETWEEN_LOOKS` cycles.
+
+    ``full``: (the full-depth step, its GPU seconds): a stretch of cycles that made fewer tokens a second than full
+    depth would have switches the rest of the answer to the full-depth step. Returns the token count (of the longest
+    row) at which it switched (None: never)."""
+    timer = Stretch() if full is not None else None
+    switched, before = None, count.clone()
+    for c in range(1, max_new_tokens + 1):
+        cycle()
+        if c % CYCLES_BETWEEN_LOOKS and c != max_new_tokens:
+            continue
+        if not bool(running):
+            return switched
+        if timer is not None and switched is None:
+            seconds, grown = timer.seconds(), count - before
+            would = seconds / full[1] * int((grown > 0).sum())  # the tokens full depth makes in that time
+            if int(grown.sum()) < would:
+                cycle, switched = full[0], int(count.max())
+            else:
+                timer.restart()
+                before = count.clone()
+    return switched
