@@ -172,7 +172,10 @@ class DriverNodes:
         self.index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.pool = pool
         self.routed = False
+        self.depth = 0
         self.kernel = self.compile(self.index)
+        for depth in range(1, 5):  # made before the capture begins
+            self.stream(depth)
 
     @staticmethod
     def check() -> None:
@@ -214,12 +217,17 @@ class DriverNodes:
         return kernel
 
     def branch(self, flag: torch.Tensor, then: Callable[[], None], otherwise: Callable[[], None] | None) -> None:
+        if otherwise is not None and "negate" in _VARIANT:  # two IF nodes, the second on the negated flag
+            negated = torch.logical_not(flag)
+            self.branch(flag, then, None)
+            self.branch(negated, otherwise, None)
+            return
         import numpy as np
         from cuda.bindings import __version__ as version
         from cuda.bindings import driver, runtime
 
         cuda13 = int(version.split(".")[0]) >= 13
-        if not self.routed:
+        if not self.routed and "noroute" not in _VARIANT:
             torch._C._cuda_endAllocateToPool(self.index, self.pool)
             torch._C._cuda_beginAllocateToPool(self.index, self.pool)
             torch._C._cuda_releasePool(self.index, self.pool)  # the begin took a reference the capture's end never returns
@@ -231,30 +239,62 @@ class DriverNodes:
         arguments = np.array([handle.getPtr(), pointer.ctypes.data], dtype=np.uint64)
         _ok(driver.cuLaunchKernel(self.kernel, 1, 1, 1, 1, 1, 1, 0, stream.cuda_stream, arguments.ctypes.data, 0)[0])
         _, _, graph, dependencies, *_ = _ok(*runtime.cudaStreamGetCaptureInfo(stream.cuda_stream))
-        params = driver.CUgraphNodeParams()
-        params.type = driver.CUgraphNodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL
-        params.conditional.handle = handle
-        params.conditional.type = driver.CUgraphConditionalNodeType.CU_GRAPH_COND_TYPE_IF
-        params.conditional.size = 1 if otherwise is None else 2
-        params.conditional.ctx = _ok(*driver.cuCtxGetCurrent())
+        size = 1 if otherwise is None else 2
+        if "runtime" in _VARIANT:
+            params = runtime.cudaGraphNodeParams()
+            params.type = runtime.cudaGraphNodeType.cudaGraphNodeTypeConditional
+            params.conditional.handle = handle
+            params.conditional.type = runtime.cudaGraphConditionalNodeType.cudaGraphCondTypeIf
+            params.conditional.size = size
+            node = _ok(*runtime.cudaGraphAddNode(graph, dependencies, None, len(dependencies), params))
+        else:
+            params = driver.CUgraphNodeParams()
+            params.type = driver.CUgraphNodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL
+            params.conditional.handle = handle
+            params.conditional.type = driver.CUgraphConditionalNodeType.CU_GRAPH_COND_TYPE_IF
+            params.conditional.size = size
+            params.conditional.ctx = _ok(*driver.cuCtxGetCurrent())
+            if cuda13:
+                node = _ok(*driver.cuGraphAddNode(graph, dependencies, None, len(dependencies), params))
+            else:
+                node = _ok(*driver.cuGraphAddNode(graph, dependencies, len(dependencies), params))
         if cuda13:
-            node = _ok(*driver.cuGraphAddNode(graph, dependencies, None, len(dependencies), params))
             _ok(runtime.cudaStreamUpdateCaptureDependencies(
                 stream.cuda_stream, [node], None, 1, runtime.cudaStreamUpdateCaptureDependenciesFlags.cudaStreamSetCaptureDependencies)[0])
         else:
-            node = _ok(*driver.cuGraphAddNode(graph, dependencies, len(dependencies), params))
             _ok(runtime.cudaStreamUpdateCaptureDependencies(
                 stream.cuda_stream, [node], 1, runtime.cudaStreamUpdateCaptureDependenciesFlags.cudaStreamSetCaptureDependencies)[0])
-        bodies = [params.conditional.phGraph_out[i] for i in range(params.conditional.size)]
+        bodies = list(params.conditional.phGraph_out)[:size]
         for body, work in zip(bodies, (then, otherwise)):
-            child = torch.cuda.Stream(self.device)
-            _ok(runtime.cudaStreamBeginCaptureToGraph(child.cuda_stream, body, None, None, 0,
-                                                      runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)[0])
+            self.depth += 1
+            child = self.stream(self.depth)
             try:
-                with torch.cuda.stream(child):
-                    work()
+                _ok(runtime.cudaStreamBeginCaptureToGraph(child.cuda_stream, body, None, None, 0,
+                                                          runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)[0])
+                try:
+                    with torch.cuda.stream(child):
+                        work()
+                finally:
+                    _ok(runtime.cudaStreamEndCapture(child.cuda_stream)[0])
             finally:
-                _ok(runtime.cudaStreamEndCapture(child.cuda_stream)[0])
+                self.depth -= 1
+
+    def stream(self, depth: int):
+        """The stream a body at nesting ``depth`` is captured from: one of our own per depth (never a stream of torch's
+        pool, which hands its streams out again, the capturing one included)."""
+        if "pool" in _VARIANT:
+            return torch.cuda.Stream(self.device)
+        streams = _streams.setdefault(self.index, [])
+        while len(streams) < depth:
+            from cuda.bindings import runtime
+
+            raw = _ok(*runtime.cudaStreamCreateWithFlags(runtime.cudaStreamNonBlocking))
+            streams.append(torch.cuda.ExternalStream(int(raw), device=self.device))
+        return streams[depth - 1]
+
+
+_streams: dict[int, list] = {}  # per device, the body-capture streams by nesting depth (made once)
+_VARIANT = __import__("os").environ.get("EARLYEXIT_NODES_VARIANT", "")  # a development switch, see .dev/nodes.py
 
 
 def _ok(err, *values):

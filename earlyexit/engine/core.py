@@ -276,10 +276,10 @@ class Core:
         return lambda: walk(plan, lambda piece: replays[id(piece)]())
 
     def _time(self, step: Callable[[], object], state: list[torch.Tensor], repeats: int = 10) -> float:
-        """GPU seconds one replay of ``step`` takes (after two untimed ones), ``state`` restored after."""
+        """GPU seconds one replay of ``step`` takes (after an untimed one), ``state`` restored after. A step advances
+        the decode loop: ``repeats`` + 1 replays must fit in the answer's columns."""
         saved = [tensor.clone() for tensor in state]
-        for _ in range(2):
-            step()
+        step()
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         for _ in range(repeats):

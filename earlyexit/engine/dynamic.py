@@ -360,9 +360,9 @@ class DynamicExits(Core):
             start(load(ids, mask))
             if not steps:
                 steps["dynamic"] = self._stepper(plan(0), state, args.decide)
-                if self.cuda_graphs and args.fallback:
+                if self.cuda_graphs and args.fallback and max_new_tokens > 4:
                     step = self._stepper(full, state, "host")
-                    steps["full"] = (step, self._time(step, state))
+                    steps["full"] = (step, self._time(step, state, repeats=min(10, max_new_tokens - 3)))
             switched = until_done(steps["dynamic"], loop.out, ends, steps.get("full"))
             return loop.out.clone(), used.clone(), switched
 

@@ -198,9 +198,9 @@ class SelfSpeculation(Core):
             rest = chain(j + 1)
             return [draft(j), Branch(sure[j], rest)] if draft_threshold > 0 else [draft(j), *rest]
 
-        # a cycle, and the fallback: one full-depth token a row (no drafts)
+        # a cycle, guarded (the host looks only every few cycles), and the fallback: one full-depth token a row
         cycle = Branch(running, [*chain(0), verify(depth)])
-        full = Branch(running, [lambda: lower(0), verify(0)])
+        full = [lambda: lower(0), verify(0)]
 
         def start(ids):  # the prompt at full depth, its answer (column 0) and the first cycle's inputs
             out.fill_(pad)
