@@ -80,6 +80,8 @@ def test_device_decisions_equal_host_decisions_in_every_mode(nodes, compile, tmp
         settings = [dict(measure=m, threshold=t) for m in ("softmax", "margin", "state") for t in (0.0, 0.0105, 0.6, 1.01)]
         if ee is block:
             settings += [dict(measure="learned", probe=probe, threshold=t) for t in (0.0, 0.5, 1.01)]
+        if compile:  # each setting compiles its pieces again (minutes on a GPU): one that exits at every check layer
+            settings = [settings[-2] if ee is block else dict(measure="softmax", threshold=0.0105)]
         for setting in settings:
             for _ in range(2):  # the first call captures, the second replays
                 got = {d: e.generate_dynamic(ids, mask, min_layer=1, decide=d, **setting, **common) for d, e in engines.items()}
@@ -87,7 +89,7 @@ def test_device_decisions_equal_host_decisions_in_every_mode(nodes, compile, tmp
                 for out in got.values():
                     assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.layers, ref.layers), setting
                     assert out.full_from is None
-        for draft_threshold in (0.0, 0.3, 0.9):
+        for draft_threshold in (0.3,) if compile else (0.0, 0.3, 0.9):
             got = {d: e.generate_speculative(ids, mask, 2, 3, draft_threshold=draft_threshold, decide=d, **common)
                    for d, e in engines.items()}
             ref = eager.generate_speculative(ids, mask, 2, 3, draft_threshold=draft_threshold, **common)

@@ -217,17 +217,12 @@ class DriverNodes:
         return kernel
 
     def branch(self, flag: torch.Tensor, then: Callable[[], None], otherwise: Callable[[], None] | None) -> None:
-        if otherwise is not None and "negate" in _VARIANT:  # two IF nodes, the second on the negated flag
-            negated = torch.logical_not(flag)
-            self.branch(flag, then, None)
-            self.branch(negated, otherwise, None)
-            return
         import numpy as np
         from cuda.bindings import __version__ as version
         from cuda.bindings import driver, runtime
 
         cuda13 = int(version.split(".")[0]) >= 13
-        if not self.routed and "noroute" not in _VARIANT:
+        if not self.routed:
             torch._C._cuda_endAllocateToPool(self.index, self.pool)
             torch._C._cuda_beginAllocateToPool(self.index, self.pool)
             torch._C._cuda_releasePool(self.index, self.pool)  # the begin took a reference the capture's end never returns
@@ -239,25 +234,17 @@ class DriverNodes:
         arguments = np.array([handle.getPtr(), pointer.ctypes.data], dtype=np.uint64)
         _ok(driver.cuLaunchKernel(self.kernel, 1, 1, 1, 1, 1, 1, 0, stream.cuda_stream, arguments.ctypes.data, 0)[0])
         _, _, graph, dependencies, *_ = _ok(*runtime.cudaStreamGetCaptureInfo(stream.cuda_stream))
-        size = 1 if otherwise is None else 2
-        if "runtime" in _VARIANT:
-            params = runtime.cudaGraphNodeParams()
-            params.type = runtime.cudaGraphNodeType.cudaGraphNodeTypeConditional
-            params.conditional.handle = handle
-            params.conditional.type = runtime.cudaGraphConditionalNodeType.cudaGraphCondTypeIf
-            params.conditional.size = size
-            node = _ok(*runtime.cudaGraphAddNode(graph, dependencies, None, len(dependencies), params))
+        size = 1 if otherwise is None else 2  # an IF node with an else body: CUDA ≥ 12.8
+        params = driver.CUgraphNodeParams()
+        params.type = driver.CUgraphNodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL
+        params.conditional.handle = handle
+        params.conditional.type = driver.CUgraphConditionalNodeType.CU_GRAPH_COND_TYPE_IF
+        params.conditional.size = size
+        params.conditional.ctx = _ok(*driver.cuCtxGetCurrent())
+        if cuda13:  # CUDA 13 added the edge data argument
+            node = _ok(*driver.cuGraphAddNode(graph, dependencies, None, len(dependencies), params))
         else:
-            params = driver.CUgraphNodeParams()
-            params.type = driver.CUgraphNodeType.CU_GRAPH_NODE_TYPE_CONDITIONAL
-            params.conditional.handle = handle
-            params.conditional.type = driver.CUgraphConditionalNodeType.CU_GRAPH_COND_TYPE_IF
-            params.conditional.size = size
-            params.conditional.ctx = _ok(*driver.cuCtxGetCurrent())
-            if cuda13:
-                node = _ok(*driver.cuGraphAddNode(graph, dependencies, None, len(dependencies), params))
-            else:
-                node = _ok(*driver.cuGraphAddNode(graph, dependencies, len(dependencies), params))
+            node = _ok(*driver.cuGraphAddNode(graph, dependencies, len(dependencies), params))
         if cuda13:
             _ok(runtime.cudaStreamUpdateCaptureDependencies(
                 stream.cuda_stream, [node], None, 1, runtime.cudaStreamUpdateCaptureDependenciesFlags.cudaStreamSetCaptureDependencies)[0])
@@ -280,10 +267,9 @@ class DriverNodes:
                 self.depth -= 1
 
     def stream(self, depth: int):
-        """The stream a body at nesting ``depth`` is captured from: one of our own per depth (never a stream of torch's
-        pool, which hands its streams out again, the capturing one included)."""
-        if "pool" in _VARIANT:
-            return torch.cuda.Stream(self.device)
+        """The stream a body at nesting ``depth`` is captured from: one of our own per depth, never one of torch's pool,
+        which hands its streams out round-robin (a body captured from a pool stream failed with cudaErrorIllegalState
+        on an H200 after a test had taken many streams: the stream handed out was, we take it, one still capturing)."""
         streams = _streams.setdefault(self.index, [])
         while len(streams) < depth:
             from cuda.bindings import runtime
@@ -294,7 +280,6 @@ class DriverNodes:
 
 
 _streams: dict[int, list] = {}  # per device, the body-capture streams by nesting depth (made once)
-_VARIANT = __import__("os").environ.get("EARLYEXIT_NODES_VARIANT", "")  # a development switch, see .dev/nodes.py
 
 
 def _ok(err, *values):
