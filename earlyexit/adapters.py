@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-
 from typing import Literal
 
 import torch
@@ -163,21 +162,21 @@ def block_template(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s last decoder block, taken before any LoRA wrapping: what a ``block`` exit adapter starts
     from. Refused for families whose blocks differ in their attention window (the shared block reads every exit with
     one kind of mask) and for blocks without llama-style output projections."""
-    from earlyexit.arch import sliding_windows
-    from earlyexit.model import EarlyExitHead
+    from earlyexit.arch import get_submodule, sliding_windows, spec_for
 
-    ee = EarlyExitHead(model)
-    if len(set(sliding_windows(ee.config))) > 1:
-        raise EarlyExitError(f"exit adapters of kind block: {ee.config.model_type}'s blocks differ in their attention "
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if len(set(sliding_windows(config))) > 1:
+        raise EarlyExitError(f"exit adapters of kind block: {config.model_type}'s blocks differ in their attention "
                              "window; use kind affine or mlp")
-    block = ee.blocks[-1]
+    block = get_submodule(base, spec_for(config.model_type).layers)[-1]
     if any(hasattr(m, "lora_A") for m in block.modules()):
         raise EarlyExitError("exit adapters of kind block are copied from the model before its LoRA adapters")
     for name in ("self_attn.o_proj", "mlp.down_proj"):
         try:
             block.get_submodule(name)
         except AttributeError:
-            raise EarlyExitError(f"exit adapters of kind block: {ee.config.model_type}'s blocks have no {name}; use "
+            raise EarlyExitError(f"exit adapters of kind block: {config.model_type}'s blocks have no {name}; use "
                                  "kind affine or mlp") from None
     return copy.deepcopy(block)
 

@@ -142,7 +142,8 @@ def prompts(bench: BenchArgs, model, tokenizer) -> tuple[torch.Tensor, torch.Ten
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(100, model.config.vocab_size, (bench.batch, bench.prompt_len), generator=gen)
         return ids.to(device), torch.ones_like(ids).to(device)
-    from earlyexit.data import encode_prompt, pad, read_records
+    from earlyexit.data import encode_prompt, read_records
+    from earlyexit.tokens import pad
 
     records = read_records(bench.data)[: bench.batch]
     encoded = [encode_prompt(record, tokenizer) for record in records]

@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from earlyexit.errors import EarlyExitError, non_negative, positive
 from earlyexit.network import hub_offline, offline_miss, require_hub
+from earlyexit.tokens import IGNORE_INDEX, pad, supervised_tokens
 
 log = logging.getLogger(__name__)
 
 HUB_ID = "tatsu-lab/alpaca"
 SAMPLE = "alpaca-sample"
 """The 5,000-record Alpaca sample shipped inside the package (``earlyexit/assets``, CC BY-NC 4.0)."""
-IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
 
 ALPACA_PROMPT = (
@@ -167,21 +167,6 @@ def encode_example(record: dict, tokenizer, template: Template = "auto", max_len
     input_ids = (prompt + answer)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
     return {"input_ids": input_ids, "labels": labels}
-
-
-def supervised_tokens(example: dict) -> int:
-    """Tokens the loss is taken on: labels at positions 1.. that are not ``IGNORE_INDEX``."""
-    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
-
-
-def pad(sequences: list[list[int]], value: int, side: Literal["left", "right"]) -> torch.Tensor:
-    """``[B, T_max]`` tensor of the sequences padded with ``value`` on ``side``."""
-    width = max(len(seq) for seq in sequences)
-    rows = [
-        ([value] * (width - len(seq)) + list(seq)) if side == "left" else (list(seq) + [value] * (width - len(seq)))
-        for seq in sequences
-    ]
-    return torch.tensor(rows, dtype=torch.long)
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:

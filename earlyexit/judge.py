@@ -39,15 +39,21 @@ from urllib.parse import urlparse
 
 from jsonargparse import ArgumentParser
 
+from earlyexit.answers import (
+    TrainerArgs,
+    add_answer_options,
+    check_evaluation_setup,
+    generate_answers,
+    generation_fingerprint,
+)
+from earlyexit.cli import make_parser, save_config
 from earlyexit.data import SAMPLE, AlpacaDataModule, Template, read_records, validate
 from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, report_errors, require
-from earlyexit.cli import make_parser, save_config
-from earlyexit.answers import TrainerArgs, add_answer_options, check_evaluation_setup, generate_answers, generation_fingerprint
-from earlyexit.loading import ModelArgs, resolve_device, resolve_model_path
-from earlyexit.network import is_loopback
-from earlyexit.model import parse_exit_layers
 from earlyexit.generation import GenerationArgs
+from earlyexit.loading import ModelArgs, resolve_device, resolve_model_path
+from earlyexit.model import parse_exit_layers
 from earlyexit.module import EarlyExitModule
+from earlyexit.network import is_loopback
 from earlyexit.results import ResultsDir, append_jsonl, drop_torn_tail, markdown_table
 
 Verdict = Literal["correct", "incorrect", "unparsable"]
@@ -291,7 +297,8 @@ class LocalJudge:
         self.label = f"LLM judge: {name} (local, greedy, full depth)"
 
     def replies(self, cases: list[Case], done) -> None:
-        from earlyexit.data import encode_chat, pad
+        from earlyexit.data import encode_chat
+        from earlyexit.tokens import pad
 
         tok = self.tokenizer
         device = next(self.ee.lm.parameters()).device

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from earlyexit.data import IGNORE_INDEX
-from earlyexit.loss import kl_to_teacher
-from earlyexit.results import markdown_table
 from earlyexit.errors import EarlyExitError, non_negative, positive, require
+from earlyexit.loss import kl_to_teacher
 from earlyexit.model import EarlyExitHead
+from earlyexit.results import markdown_table
+from earlyexit.tokens import IGNORE_INDEX
 
 
 class TunedLens(nn.Module):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from earlyexit.data import IGNORE_INDEX
+from earlyexit.tokens import IGNORE_INDEX
 
 WeightScheme = Literal["uniform", "linear", "sum_l"]
 Curriculum = Literal["none", "rotational", "gradual"]

@@ -13,8 +13,8 @@ import lightning as L
 import torch
 
 from earlyexit.adapters import ExitAdapters, attach, block_template
-from earlyexit.data import IGNORE_INDEX
 from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, require
+from earlyexit.generation import GenerationArgs, example_seed
 from earlyexit.loading import ModelArgs, load_model
 from earlyexit.loss import (
     Curriculum,
@@ -30,8 +30,8 @@ from earlyexit.loss import (
     pulled_teacher,
     top1_agreement,
 )
-from earlyexit.generation import GenerationArgs, example_seed
 from earlyexit.model import EarlyExitHead, ExitLayers, parse_exit_layers, unwrapped
+from earlyexit.tokens import IGNORE_INDEX
 
 
 @dataclass

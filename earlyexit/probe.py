@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from earlyexit.data import IGNORE_INDEX, pad
 from earlyexit.errors import EarlyExitError
+from earlyexit.tokens import IGNORE_INDEX, pad
 
 WEIGHTS, CONFIG = "exit_probe.safetensors", "exit_probe.json"
 

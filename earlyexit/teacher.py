@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from earlyexit.data import IGNORE_INDEX, pad, supervised_tokens
 from earlyexit.errors import EarlyExitError
+from earlyexit.tokens import IGNORE_INDEX, pad, supervised_tokens
 
 
 def example_key(example: dict) -> str:

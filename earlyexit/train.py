@@ -21,16 +21,16 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from earlyexit.data import IGNORE_INDEX, AlpacaDataModule, padded_batch
-from earlyexit.distributed import check_setup, configure_strategy, full_state_dict
 from earlyexit.adapters import attached
+from earlyexit.data import AlpacaDataModule, padded_batch
+from earlyexit.distributed import check_setup, configure_strategy, full_state_dict
 from earlyexit.errors import EarlyExitError, report_errors
 from earlyexit.loss import early_exit_loss
 from earlyexit.module import PULL_REFUSAL, EarlyExitModule
+from earlyexit.tokens import IGNORE_INDEX
 
 
 class AdapterExport(Callback):

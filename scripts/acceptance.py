@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from earlyexit.cli import run_function
-from earlyexit.data import IGNORE_INDEX, SAMPLE, encode_prompt, pad, read_records
+from earlyexit.data import SAMPLE, encode_prompt, read_records
 from earlyexit.engine import Engine
 from earlyexit.errors import EarlyExitError, positive
 from earlyexit.generation import GenerationArgs
@@ -27,6 +27,7 @@ from earlyexit.loading import ModelArgs, load_model
 from earlyexit.loss import best_n_draft, speculative_speedup, top1_agreement
 from earlyexit.model import EarlyExitHead, ExitLayers, parse_exit_layers
 from earlyexit.results import markdown_table
+from earlyexit.tokens import IGNORE_INDEX, pad
 
 
 def main(model: ModelArgs = ModelArgs(), generation: GenerationArgs = GenerationArgs(max_new_tokens=64), data: str = SAMPLE,

@@ -41,10 +41,11 @@ from typing import Literal
 import torch
 
 from earlyexit.cli import run_function
-from earlyexit.data import IGNORE_INDEX, SAMPLE, AlpacaDataModule, supervised_tokens
+from earlyexit.data import SAMPLE, AlpacaDataModule
 from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive
 from earlyexit.loading import ModelArgs
 from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs
+from earlyexit.tokens import IGNORE_INDEX, supervised_tokens
 
 PEAK_BF16 = 989e12
 Path = Literal["padded", "packed", "cached", "fused", "fast"]

@@ -18,10 +18,11 @@ from __future__ import annotations
 import sys
 
 from earlyexit.cli import run_function
-from earlyexit.data import IGNORE_INDEX, SAMPLE, AlpacaDataModule, Template
+from earlyexit.data import SAMPLE, AlpacaDataModule, Template
 from earlyexit.errors import EarlyExitError, in_unit, positive
 from earlyexit.loading import ModelArgs, load_model
 from earlyexit.model import EarlyExitHead, ExitLayers, parse_exit_layers
+from earlyexit.tokens import IGNORE_INDEX
 
 
 def main(model: ModelArgs = ModelArgs(), source: str = SAMPLE, template: Template = "auto", eval_size: int = 200,

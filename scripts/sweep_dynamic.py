@@ -29,7 +29,7 @@ import time
 import torch
 
 from earlyexit.cli import run_function
-from earlyexit.data import SAMPLE, encode_prompt, pad, read_records
+from earlyexit.data import SAMPLE, encode_prompt, read_records
 from earlyexit.engine import Engine
 from earlyexit.engine.control import resolve
 from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, require
@@ -37,6 +37,7 @@ from earlyexit.generation import GenerationArgs
 from earlyexit.loading import ModelArgs, load_model
 from earlyexit.metrics import build_metric
 from earlyexit.model import EarlyExitHead, ExitLayers, parse_exit_layers
+from earlyexit.tokens import pad
 
 
 def sweep(

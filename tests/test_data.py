@@ -113,7 +113,7 @@ def test_one_record_a_prompt_splits_as_shuffling_the_records(data_file, tokenize
     the split equals shuffling the records themselves."""
     import random
 
-    from earlyexit.data import supervised_tokens
+    from earlyexit.tokens import supervised_tokens
 
     dm = AlpacaDataModule(str(data_file), template="alpaca", eval_size=5, val_size=4, batch_size=3, seed=3)
     dm.attach_tokenizer(tokenizer)

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from earlyexit.data import IGNORE_INDEX, packed_batch, pack_rows, pad
+from earlyexit.data import packed_batch, pack_rows
+from earlyexit.tokens import IGNORE_INDEX, pad
 from earlyexit.loading import ModelArgs
 from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs
 from tests.tiny import PAD, TINY_CONFIGS, save_tiny

@@ -64,7 +64,7 @@ def test_debug_config_runs_as_shipped_and_its_adapter_moves(tmp_path, monkeypatc
 
 
 def test_examples_without_an_answer_token_are_skipped_and_counted(tmp_path):
-    from earlyexit.data import supervised_tokens
+    from earlyexit.tokens import supervised_tokens
     from tiny import char_tokenizer
 
     long_prompt = [{"instruction": "x" * 400, "input": "", "output": "y"}] * 5
