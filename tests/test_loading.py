@@ -94,7 +94,7 @@ def test_smollm2_greedy_at_every_exit_matches_references(smollm2):
 
 def test_publish_keeps_the_directory_another_process_finished_first(tmp_path):
     """Two processes converting the same model at once: the second rename finds the first one's directory."""
-    from earlyexit.loading import publish
+    from earlyexit.catalog import publish
 
     def staged(name, text):
         path = tmp_path / name

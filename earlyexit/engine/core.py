@@ -63,6 +63,7 @@ class Core:
         self._programs: dict[tuple, Callable] = {}
         self._probes: dict[str, torch.nn.Module] = {}  # dynamic exits' learned measure: the probes loaded, by directory
         self.windows = sliding_windows(ee.config)
+        self._layer_types = getattr(ee.config, "layer_types", None) or [None] * ee.n_layers
         self.n_layers = ee.n_layers
         self._signature = inspect.signature(ee.blocks[0].forward)
         params = self._params = self._signature.parameters
@@ -134,6 +135,9 @@ class Core:
         hidden = captured.pop(self._hidden_name)
         captured[self._cache_name] = cache
         captured["use_cache"] = True
+        if self.ee.spec.rotary_by_layer_type:  # block 1 got its own type's table: each type's, for :meth:`_blocks`
+            rotary = self.ee.decoder.rotary_emb
+            captured["position_embeddings"] = {kind: rotary(hidden, positions, kind) for kind in set(self._layer_types)}
         return hidden, captured, masks
 
     def _blocks(self, hidden, kwargs, masks, layers: range, rows: list[int] | None = None) -> torch.Tensor:
@@ -143,6 +147,8 @@ class Core:
             block = self.ee.blocks[layer - 1]
             n = total if rows is None else rows[layer - 1]
             call = {**kwargs, "attention_mask": masks[self.windows[layer - 1]]}
+            if isinstance(call.get("position_embeddings"), dict):  # one rotary table per layer type (Gemma 3)
+                call["position_embeddings"] = call["position_embeddings"][self._layer_types[layer - 1]]
             if n < total:
                 call = {name: value if name in UNBATCHED_ARGS else take_rows(value, n, total) for name, value in call.items()}
             if self.fast is not None:
