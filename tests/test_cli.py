@@ -2,14 +2,13 @@
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from commands import refusal, refusal_process, run_command
 from tiny import char_tokenizer, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,39 +39,27 @@ CASES = {
 }
 
 
+def evaluate_args(paths, case: str) -> list[str]:
+    extra, _ = CASES[case]
+    return ["--model.name", paths["tiny"], "--data.source", paths["good"], "--metrics.names", "[bleu]",
+            "--out_dir", f"{paths['out']}/{case}", *[e.format(**paths) for e in extra]]
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input(paths, case):
-    extra, message = CASES[case]
-    extra = [e.format(**paths) for e in extra]
-    cmd = [sys.executable, "-m", "earlyexit.evaluate", "--model.name", paths["tiny"], "--data.source", paths["good"],
-           "--metrics.names", "[bleu]", "--out_dir", f"{paths['out']}/{case}", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, proc.stderr
+def test_bad_input(paths, case, monkeypatch, capsys):
+    assert CASES[case][1] in refusal("evaluate", evaluate_args(paths, case), monkeypatch, capsys)
+
+
+def test_bad_input_in_a_real_process(paths):
+    assert CASES["missing data file"][1] in refusal_process("earlyexit.evaluate", evaluate_args(paths, "missing data file"))
 
 
 # --- one convention for every command ----------------------------------------------------------------
 
 import ast  # noqa: E402
-import runpy  # noqa: E402
 
 ENTRY_POINTS = ("evaluate", "train", "lens", "judge", "serve", "bench")
 SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("*.py"))
-
-
-def run_command(name: str, argv: list[str], monkeypatch) -> int:
-    """Run an entry point (``earlyexit.NAME``) or a script (``scripts/NAME``) in this process; its exit status."""
-    monkeypatch.setattr(sys, "argv", [name, *argv])
-    try:
-        if name.endswith(".py"):
-            runpy.run_path(str(ROOT / "scripts" / name), run_name="__main__")
-        else:
-            __import__(f"earlyexit.{name}", fromlist=["main"]).main(argv)
-    except SystemExit as stop:
-        return stop.code or 0
-    return 0
 
 
 @pytest.mark.parametrize("name", [*ENTRY_POINTS, *SCRIPTS])

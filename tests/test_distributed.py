@@ -17,6 +17,7 @@ from earlyexit.distributed import check_setup, clean_name
 from earlyexit.errors import EarlyExitError
 from earlyexit.loss import early_exit_loss, exit_weights
 from earlyexit.metrics import CorpusBLEU, RougeL
+from commands import refusal, refusal_process
 from tiny import records_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,12 +178,17 @@ def test_setups_this_machine_can_run():
     ("earlyexit.train", ["--config", "configs/debug.yaml", "--trainer.strategy", "fsdp"], "runs on CUDA GPUs only"),
     ("earlyexit.evaluate", ["--model.name", "tiny-random-llama", "--trainer.strategy", "fsdp"], "runs on CUDA GPUs only"),
 ])
-def test_cli_refuses_clearly(module, args, message):
+def test_cli_refuses_clearly(module, args, message, monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert message in proc.stderr.strip().splitlines()[-1]
+    assert message in refusal(module.split(".")[1], args, monkeypatch, capsys)
+
+
+def test_a_real_process_refuses_clearly():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    last = refusal_process("earlyexit.train", ["--config", "configs/debug.yaml", "--trainer.devices", "64"])
+    assert "trainer.devices 64: this machine has" in last
 
 
 def test_clean_name():

@@ -2,8 +2,6 @@
 against a failing endpoint (retries, clear errors, verdicts kept), the cache, and the CLI end to end."""
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +15,7 @@ from earlyexit.data import encode_chat
 from earlyexit.errors import EarlyExitError
 from earlyexit.evaluate import main as evaluate_main
 from earlyexit.serve import ChatModel, make_server
+from commands import refusal, refusal_process
 from tiny import EOS, PAD, char_tokenizer, records_file, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,9 +361,12 @@ def test_reuses_the_evaluation_generations(tiny_dir, tmp_path_factory, tmp_path)
     (["--judge.kind", "openai", "--judge.model", "m", "--judge.base_url", "http://127.0.0.1:9/v1",
       "--judge.max_retries", "1"], "failed 2 times; last: could not connect"),
 ])
-def test_cli_bad_input(tiny_dir, tmp_path_factory, tmp_path, extra, message):
+def test_cli_bad_input(tiny_dir, tmp_path_factory, tmp_path, extra, message, monkeypatch, capsys):
     data = records_file(tmp_path_factory, RECORDS)
-    cmd = [sys.executable, "-m", "earlyexit.judge", *cli_args(tiny_dir, data, tmp_path / "j", *extra)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert message in refusal("judge", cli_args(tiny_dir, data, tmp_path / "j", *extra), monkeypatch, capsys)
+
+
+def test_cli_bad_input_in_a_real_process(tiny_dir, tmp_path_factory, tmp_path):
+    data = records_file(tmp_path_factory, RECORDS)
+    last = refusal_process("earlyexit.judge", cli_args(tiny_dir, data, tmp_path / "j", "--judge.kind", "openai"))
+    assert "--judge.model is required with --judge.kind openai" in last

@@ -183,7 +183,7 @@ def test_the_probe_must_cover_the_check_layers(tmp_path):
 
 
 def test_fit_probe_script_writes_a_probe_the_sweep_reads(tiny_dir, tmp_path, monkeypatch, capsys):
-    from test_cli import run_command
+    from commands import run_command
 
     data = tmp_path / "alpaca_data.json"
     data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"It is {i} or {i + 1}."} for i in range(12)]))
@@ -230,7 +230,7 @@ def test_cuda_graphs_decode_the_learned_measure_like_the_eager_engine(tmp_path):
 
 def test_bench_checks_times_every_forced_setting(monkeypatch, capsys):
     from earlyexit import tiny
-    from test_cli import run_command
+    from commands import run_command
 
     monkeypatch.setitem(tiny.RANDOM_SHAPES, "tiny-llama", dict(model_type="llama", **tiny.TINY_CONFIGS["llama"], vocab_size=128))
     argv = ["--shape", "tiny-llama", "--device", "cpu", "--dtype", "float32", "--batch", "2", "--prompt_len", "5",

@@ -1,7 +1,5 @@
 """Early-exit LoRA training: smoke run, adapter export and reload, exact resume, refusals."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +15,7 @@ from earlyexit.loading import ModelArgs, load_model
 from earlyexit.model import EarlyExitHead
 from earlyexit.module import EarlyExitModule, ExitLossArgs, LayerDropoutArgs, LoraArgs, OptimArgs
 from earlyexit.train import main
+from commands import refusal_process, run_command
 from tiny import records_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,11 +171,15 @@ def test_nan_loss_stops_with_the_step(tiny_dir, monkeypatch):
     (["--model.full_finetune", "true"], "model.full_finetune trains the blocks' own weights: set model.lora null"),
     (["--model.lora", "null", "--model.loss.distill", "0"], "nothing to train"),
 ])
-def test_bad_input(tiny_dir, data_file, tmp_path, extra, message):
-    cmd = [sys.executable, "-m", "earlyexit.train", *cli_args(tiny_dir, data_file, tmp_path, *extra)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert message in proc.stderr, proc.stderr[-2000:]
+def test_bad_input(tiny_dir, data_file, tmp_path, extra, message, monkeypatch, capsys):
+    assert run_command("train", cli_args(tiny_dir, data_file, tmp_path, *extra), monkeypatch) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err[-2000:]
+
+
+def test_bad_input_in_a_real_process(tiny_dir, data_file, tmp_path):
+    last = refusal_process("earlyexit.train", cli_args(tiny_dir, data_file, tmp_path, "--ckpt_path", "/no/such.ckpt"))
+    assert "checkpoint '/no/such.ckpt' not found" in last
 
 
 def test_full_finetuning_trains_the_blocks_only_against_a_frozen_copy_and_exports_the_model(tiny_dir, data_file, tmp_path):
