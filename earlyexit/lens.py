@@ -295,25 +295,46 @@ def _generate(ee: EarlyExitHead, tokenizer, prompt_ids: list[int], max_new_token
 
 
 def _answer_figures(out: Path, stem: str, title: str, stats: dict[str, TokenLens], layers: list[int], annotate: bool) -> None:
-    from earlyexit.plotting import lens_heatmap, metrics_by_layer
-
-    for name, result in stats.items():
-        rows = [result.prob[l - 1] for l in layers]
-        notes = [result.top1_text[l - 1] for l in layers] if annotate else None
-        fig = lens_heatmap(result.tokens, rows, layers, notes, title=f"{name}: {title[:80]}")
-        for ext in ("png", "pdf"):
-            fig.savefig(out / f"{stem}_{name.replace(' ', '_')}.{ext}", dpi=130)
+    """Write one answer's numbers (``stem.json``), then its figures drawn from them."""
     summaries = {name: result.summary() for name, result in stats.items()}
-    first, *rest = summaries
-    all_layers = list(range(1, len(next(iter(stats.values())).prob) + 1))
-    fig = metrics_by_layer(all_layers, {k: v for k, v in summaries[first].items() if k != "mean_entropy"},
-                           title=title[:80], label=first,
-                           overlay={r: summaries[r] for r in rest} or None)
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"{stem}_summary.{ext}", dpi=130)
-    payload = {"prompt": title, "layers_shown": layers,
+    payload = {"prompt": title, "layers_shown": layers, "annotate": annotate,
                "lenses": {name: {**asdict(result), "summary": summaries[name]} for name, result in stats.items()}}
     (out / f"{stem}.json").write_text(json.dumps(payload, ensure_ascii=False) + "\n")
+    for name, fig in answer_figures(payload).items():
+        for ext in ("png", "pdf"):
+            fig.savefig(out / f"{stem}_{name.replace(' ', '_')}.{ext}", dpi=130)
+
+
+def answer_figures(payload: dict) -> dict:
+    """One answer's figures from its numbers (a ``lens_K.json``): a heatmap per lens and the ``summary`` of all lenses
+    against the layer."""
+    from earlyexit.plotting import lens_heatmap, metrics_by_layer
+
+    title, layers, lenses = payload["prompt"], payload["layers_shown"], payload["lenses"]
+    figures = {}
+    for name, result in lenses.items():
+        rows = [result["prob"][layer - 1] for layer in layers]
+        notes = [result["top1_text"][layer - 1] for layer in layers] if payload.get("annotate", True) else None
+        figures[name] = lens_heatmap(result["tokens"], rows, layers, notes, title=f"{name}: {title[:80]}")
+    first, *rest = lenses
+    all_layers = list(range(1, len(lenses[first]["prob"]) + 1))
+    summary = {k: v for k, v in lenses[first]["summary"].items() if k != "mean_entropy"}
+    figures["summary"] = metrics_by_layer(all_layers, summary, title=title[:80], label=first,
+                                          overlay={r: lenses[r]["summary"] for r in rest} or None)
+    return figures
+
+
+def dataset_figure(payload: dict, title: str = ""):
+    """The dataset statistics (a ``dataset_lens.json``) against the layer, one line per lens."""
+    from earlyexit.plotting import metrics_by_layer
+
+    stats = payload["lenses"]
+    first, *rest = stats
+    keys = ("cross_entropy", "kl_to_final", "top1_agreement", "entropy")
+    pick = lambda s: {k: s[k] for k in keys}  # noqa: E731
+    title = title or f"{payload['records']} reference answers, {stats[first]['tokens']} tokens"
+    return metrics_by_layer(list(range(1, len(stats[first]["cross_entropy"]) + 1)), pick(stats[first]), label=first,
+                            title=title, overlay={r: pick(stats[r]) for r in rest} or None)
 
 
 def format_dataset_table(stats: dict[str, dict]) -> str:
@@ -400,8 +421,6 @@ def run(cfg, parser=None) -> None:
         _answer_figures(out, f"lens_{k}", title, stats, layers, cfg.annotate)
         print(f"prompt {k}: {len(answer)} tokens → {out}/lens_{k}_*.png", file=sys.stderr)
     if cfg.limit:
-        from earlyexit.plotting import metrics_by_layer
-
         data.hparams.limit = cfg.limit
         records = [r for _, r in data.eval_records()]
         from earlyexit.data import encode_example
@@ -411,15 +430,11 @@ def run(cfg, parser=None) -> None:
                    for i in range(0, len(examples), data.hparams.batch_size)]
         stats = {name: dataset_lens(ee, batches, lens) for name, lens in lenses.items()}
         table = format_dataset_table(stats)
-        (out / "dataset_lens.json").write_text(json.dumps({"records": len(records), "lenses": stats}, indent=1) + "\n")
+        payload = {"records": len(records), "lenses": stats}
+        (out / "dataset_lens.json").write_text(json.dumps(payload, indent=1) + "\n")
         (out / "dataset_lens.md").write_text(table + "\n")
-        first, *rest = stats
-        keys = ("cross_entropy", "kl_to_final", "top1_agreement", "entropy")
-        pick = lambda s: {k: s[k] for k in keys}  # noqa: E731
-        fig = metrics_by_layer(list(range(1, ee.n_layers + 1)), pick(stats[first]), label=first,
-                               title=f"{cfg.model.name}: {len(records)} reference answers, {stats[first]['tokens']} tokens",
-                               overlay={r: pick(stats[r]) for r in rest} or None)
-        fig.savefig(out / "dataset_lens.png", dpi=120)
+        title = f"{cfg.model.name}: {len(records)} reference answers, {stats[next(iter(stats))]['tokens']} tokens"
+        dataset_figure(payload, title).savefig(out / "dataset_lens.png", dpi=120)
         print(table)
 
 

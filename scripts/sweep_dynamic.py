@@ -3,11 +3,11 @@ self-speculation and HF; and the calibration of the threshold.
 
     python scripts/sweep_dynamic.py [--model.adapter checkpoints/smollm2_ee/adapter] [--records 40]
                                     [--thresholds '[0,0.3,0.5,0.7,0.9,1.01]'] [--generation.measure softmax]
-                                    [--generation.check_every 7] [--plot docs/img/dynamic_sweep.png]
+                                    [--generation.check_every 7] [--plot depth.png]
     python scripts/sweep_dynamic.py --offset 200 --records 100 --target 0.95 ...   # calibrate off the evaluation split
     python scripts/sweep_dynamic.py --measures '{softmax: [0.5, 0.9], learned: [0.5, 0.7]}' --generation.probe DIR ...
     python scripts/sweep_dynamic.py --model.device cuda --batch 1 --speculative '[[15, 4], [22, 4]]' --hf true \
-                                    --speed_plot docs/img/quality_speed.png           # every mode: quality vs speed
+                                    --speed_plot speed.png --out_dir results/sweep    # every mode: quality vs speed
 
 Greedy answers to Alpaca records ``offset``.. (0: the evaluation split, never trained on) from our engine: one
 dynamic run per threshold (each token exits at the first check layer, from ``--generation.min_layer`` (default N/4)
@@ -80,7 +80,7 @@ def sweep(
         draft_threshold: adaptive drafting of the settings that name no tau (0: always d drafts).
         hf: time the model's own ``generate`` at full depth beside them.
         speed_plot: write the figure of quality against tokens/s of every setting here.
-        out_dir: keep the resolved config here.
+        out_dir: keep the resolved config here, and the rows (``sweep.json``: what ``scripts/figures.py`` draws).
     """
     for option, value in (("records", records), ("batch", batch)):
         positive(option, value)
@@ -198,6 +198,13 @@ def sweep(
     if any("full" in row for row in rows):
         print("\nfell back: the share of tokens decoded at full depth after an adaptive mode timed itself slower than "
               "full depth (generation.fallback)")
+    if out_dir:
+        import json
+        from pathlib import Path
+
+        about = dict(model=name, card=where, batch=batch, records=f"{offset}-{offset + len(chosen) - 1}",
+                     max_new_tokens=greedy.max_new_tokens, check_layers=greedy.check_layers_of(ee.n_layers))
+        (Path(out_dir) / "sweep.json").write_text(json.dumps(dict(about, rows=rows), indent=1) + "\n")
     if target is not None:
         full = next(row["rougeL"] for row in rows if row["kind"] == "fixed" and row["setting"] == ee.n_layers)
         for measure in measures:

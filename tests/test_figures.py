@@ -1,0 +1,60 @@
+"""scripts/figures.py: every figure under docs/img is drawn by it from the results docs/figures.yaml names."""
+
+from pathlib import Path
+
+import yaml
+
+from commands import ROOT, refusal, run_command
+
+MANIFEST = ROOT / "docs" / "figures.yaml"
+
+
+def outputs(entries: list[dict]) -> set[str]:
+    """The files a manifest's entries write (a lens entry: one per answer and lens, and the dataset figure)."""
+    made = set()
+    for entry in entries:
+        if entry["kind"] != "lens":
+            made.add(entry["out"])
+            continue
+        import json
+
+        directory = ROOT / entry["results"][0]
+        for file in directory.glob("lens_*.json"):
+            k = file.stem.split("_")[1]
+            for name in [*json.loads(file.read_text())["lenses"], "summary"]:
+                made.add(entry["out"].format(k=k, name=name.replace(" ", "_")))
+        if (directory / "dataset_lens.json").is_file():
+            made.add(str(Path(entry["out"]).parent / "dataset_lens.png"))
+    return made
+
+
+def test_every_figure_in_the_docs_is_drawn_from_named_results():
+    entries = yaml.safe_load(MANIFEST.read_text())
+    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "img").rglob("*.png")}
+    assert on_disk == outputs(entries)
+    for entry in entries:
+        for directory in entry["results"]:
+            assert (ROOT / directory / "SOURCE.md").is_file(), f"{directory} says where its numbers come from"
+
+
+def test_figures_redraws_every_kind(tmp_path, monkeypatch, capsys):
+    entries = yaml.safe_load(MANIFEST.read_text())
+    assert {entry["kind"] for entry in entries} == {"layers", "compare", "depth", "speed", "judge", "lens"}
+    for entry in entries:
+        entry["out"] = str(tmp_path / Path(entry["out"]).relative_to("docs/img"))
+        entry["results"] = [str(ROOT / directory) for directory in entry["results"]]
+    manifest = tmp_path / "figures.yaml"
+    manifest.write_text(yaml.safe_dump(entries))
+    monkeypatch.chdir(tmp_path)
+    assert run_command("figures.py", ["--manifest", str(manifest)], monkeypatch) == 0
+    written = set(capsys.readouterr().out.split())
+    assert written and all(Path(out).is_file() and Path(out).stat().st_size > 10_000 for out in written)
+    assert len(written) == len(outputs(yaml.safe_load(MANIFEST.read_text())))
+
+
+def test_a_missing_results_directory_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    manifest = tmp_path / "figures.yaml"
+    manifest.write_text(yaml.safe_dump([{"out": str(tmp_path / "x.png"), "kind": "layers", "results": [str(tmp_path / "nowhere")]}]))
+    assert "results directory" in refusal("figures.py", ["--manifest", str(manifest)], monkeypatch, capsys)
+    manifest.write_text(yaml.safe_dump([{"out": "x.png", "kind": "pie", "results": ["."]}]))
+    assert "each figure needs out, kind" in refusal("figures.py", ["--manifest", str(manifest)], monkeypatch, capsys)
