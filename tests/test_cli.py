@@ -31,7 +31,7 @@ def paths(tmp_path_factory):
 
 CASES = {
     "missing model path": (["--model.name", "/no/such/model"], "model path '/no/such/model' does not exist"),
-    "unsupported architecture": (["--model.name", "{opt}"], "unsupported architecture 'opt'; supported model types: gemma, gemma2, gpt2"),
+    "unsupported architecture": (["--model.name", "{opt}"], "unsupported architecture 'opt'; supported model types: gemma, gemma2, gemma3_text, gpt2"),
     "exit layer 0": (["--exit_layers", "0"], r"exit layer 0 is out of range: this model has layers 1..4"),
     "exit layer above N": (["--exit_layers", "3,9"], r"exit layer 9 is out of range"),
     "missing data file": (["--data.source", "/no/such/alpaca_data.json"], "data file '/no/such/alpaca_data.json' not found"),
