@@ -8,12 +8,13 @@ that state.
 
 Two ways to run the same rule:
 
-* **skipping** (the fast path of llama-style families): the step is cut at the check layers. After each, the host
-  reads one flag: once every row of the batch has exited (or has already ended its answer), the blocks above are
-  not run; only their K/V projections of the exit state are written to the cache
+* **skipping** (the fast path of llama-style families): the step is a plan (:mod:`earlyexit.engine.control`) cut at
+  the check layers. After each, a flag says whether every row of the batch has exited (or has already ended its
+  answer); if so the blocks above are not run, only their K/V projections of the exit state are written to the cache
   (:class:`~earlyexit.engine.fast.KVFill`: one batched product for all of them, about a sixth of a block's weights
-  each for SmolLM2, a third for Llama-2-7B), then one head reads the exit states. On a GPU each piece is a CUDA
-  graph; a check layer costs one host synchronisation. With the ``learned`` measure (:mod:`earlyexit.probe`) a check
+  each for SmolLM2, a third for Llama-2-7B); with a head measure the step's token is the one the check chose. On a GPU the
+  whole step is one CUDA graph whose branches are conditional nodes (``generation.decide device``), or a graph per
+  piece with the host reading each flag (``host``: a synchronisation per check). With the ``learned`` measure (:mod:`earlyexit.probe`) a check
   reads a probe instead of the head, and the shared exit block runs only for rows that exit there (it then writes
   just its keys and values for the others).
 * **propagating** (other families, the model's own blocks): every block still runs for every token, the exited rows
@@ -35,7 +36,6 @@ import torch.nn.functional as F
 
 from earlyexit.engine.control import Branch
 from earlyexit.engine.core import Columns, Core, Stops, until_done
-from earlyexit.errors import EarlyExitError
 from earlyexit.generation import GenerationArgs, Measure, options
 from earlyexit.model import Generation
 from earlyexit.probe import ExitProbe
