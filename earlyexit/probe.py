@@ -160,3 +160,13 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ranks = torch.empty(len(scores))
     ranks[order] = mean_rank[inverse]
     return float((ranks[labels].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def forced_probe(layers: list[int], hidden_size: int, sure_from: int | None, directory: str | Path) -> str:
+    """Save a probe that says yes at every check layer from ``sure_from`` on and no below it (None: never), whatever
+    the state: a dynamic exit that exits every token at ``sure_from`` (benchmarks and profiles force exits with it).
+    Returns the directory, as ``generation.probe`` takes it."""
+    probe = ExitProbe(layers, hidden_size)
+    probe.bias.data = torch.tensor([50.0 if sure_from is not None and layer >= sure_from else -50.0 for layer in probe.layers])
+    probe.save(directory)
+    return str(directory)

@@ -91,3 +91,14 @@ def random_model(shape: str, device, dtype: torch.dtype) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = 2, 0
     return model.eval()
+
+
+def random_with_exit_block(shape: str, device, dtype: torch.dtype, exit_layers: list[int]) -> torch.nn.Module:
+    """:func:`random_model` with a shared exit block (exit adapters of kind ``block``) at ``exit_layers``: what the
+    decoding benchmarks time dynamic exits and self-speculation on."""
+    from earlyexit.adapters import ExitAdapters, attach, block_template
+
+    model = random_model(shape, device, dtype)
+    adapters = ExitAdapters(exit_layers, model.config.hidden_size, kind="block", template=block_template(model))
+    attach(model, adapters.to(device))
+    return model

@@ -32,7 +32,7 @@ from earlyexit.cli import run_function
 from earlyexit.engine.control import Nodes, resolve
 from earlyexit.generation import Decide
 from earlyexit.errors import EarlyExitError, positive
-from earlyexit.tiny import RANDOM_SHAPES, random_model
+from earlyexit.tiny import RANDOM_SHAPES, random_with_exit_block
 
 
 def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat16", batch: int = 1, prompt_len: int = 64,
@@ -53,10 +53,9 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
         compile: compile the decode step (``generation.compile``).
         nodes: how the device-decided step builds its conditional nodes (auto, torch or driver).
     """
-    from earlyexit.adapters import ExitAdapters, attach, block_template
     from earlyexit.engine import Engine
     from earlyexit.model import EarlyExitHead
-    from earlyexit.probe import ExitProbe
+    from earlyexit.probe import forced_probe
 
     if shape not in RANDOM_SHAPES:
         raise EarlyExitError(f"shape {shape!r}: choose from {', '.join(sorted(RANDOM_SHAPES))}")
@@ -74,9 +73,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
     checks = sorted(set(check_layers))
     if not checks or checks[0] < 1 or checks[-1] >= n:
         raise EarlyExitError(f"check_layers {check_layers}: layers in 1..{n - 1} (the last layer always exits)")
-    model = random_model(shape, device, getattr(torch, dtype))
-    adapters = ExitAdapters(checks, model.config.hidden_size, kind="block", template=block_template(model))
-    attach(model, adapters.to(device))
+    model = random_with_exit_block(shape, device, getattr(torch, dtype), checks)
     ee = EarlyExitHead(model)
     engine = Engine(ee, compile=compile, nodes=nodes)
     if engine.fast is None:
@@ -86,12 +83,8 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
     mask = torch.ones_like(ids)
     folder = tempfile.mkdtemp(prefix="probes-")
 
-    def probe(sure_from: int | None) -> str:  # a probe that says yes (+50) from layer sure_from on, else no (-50)
-        p = ExitProbe(checks, model.config.hidden_size)
-        p.bias.data = torch.tensor([50.0 if sure_from is not None and layer >= sure_from else -50.0 for layer in checks])
-        where = f"{folder}/{sure_from}"
-        p.save(where)
-        return where
+    def probe(sure_from: int | None) -> str:  # a probe that says yes from layer sure_from on, else no
+        return forced_probe(checks, model.config.hidden_size, sure_from, f"{folder}/{sure_from}")
 
     def timed(fn) -> float:
         fn()

@@ -1,109 +1,445 @@
-"""Where a decode step's time goes: the kernels one generated token launches, and their time, per kernel.
+"""Where a decode step's time goes, piece by piece, in every mode: the blocks, each check's parts, the shared exit
+block, the K/V fill of skipped blocks, the head, and the gaps between kernels; with CUDA graphs on and off.
 
-    python scripts/profile_decode.py [--model.device cuda] [--random_config llama2-7b] [--batch 1]
-                                     [--generation.compile true] [--generation.compile_mode gemv] [--top 25]
+    python scripts/profile_decode.py --shape smollm2-135m --batch 1 --check_layers [15,18,22]
+    python scripts/profile_decode.py --shape llama2-7b --batch 1 --check_layers [16,20,24]
+    python scripts/profile_decode.py --shape smollm2-135m --batch 8 --modes [full,dynamic] --measures [learned]
 
-Runs the engine's full-depth greedy decode (the bench's ``full`` mode, same prompts) once without CUDA graphs under
-``torch.profiler``, so each kernel is recorded, and prints the kernels per generated token, their summed time per
-token and a table of the ``--top`` kernels by time, each with its launches per token. The prompt's prefill is
-included in the totals (spread over ``--tokens``). Then it times the same decode with CUDA graphs (what the bench
-measures) and prints milliseconds per token: the difference from the kernel time is the gaps between kernels.
+Random weights of a shape with a shared exit block at the check layers (as ``scripts/bench_checks.py``), random
+prompts, EOS banned, the fallback off; exits forced, so the figures are what the machinery costs, not what trained
+exits would choose: ``never`` (a threshold above 1, or a probe that always says no: full depth plus every check) and
+``at L`` (threshold 0, or a probe that says yes: every token leaves at the first check L). For each setting:
+
+1. **as it runs** (CUDA graphs, compiled unless ``--compile false``, decisions where ``--decide`` says): µs per decode
+   step (the median of ``--repeats`` decodes of ``--tokens`` tokens, prompt excluded); its kernels per step and their
+   time under ``torch.profiler``; the gap is the step's time not spent in a kernel (launch gaps, condition nodes).
+2. **per piece, graphs on** (compiled with ``--walk_compile true``): the step's plan walked by the host, each piece
+   its own graph (the host-decided engine):
+   µs of each piece (CUDA events), its kernels and their summed time; the host's own time between pieces (reading
+   each check's decision) is the step's time outside every piece.
+3. **per part, graphs off** (eager, not compiled, one kernel per operator): every kernel attributed to the innermost
+   part of the engine that launched it (block, hold, check, probe, head, confidence, shared block, shared K/V,
+   K/V fill, token, inputs, advance): kernels and µs per step.
+
+A speculative cycle counts as a step (its tokens per step are printed). ``--out`` writes every row as JSON.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
+import statistics
+import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Literal
 
 import torch
 
-from earlyexit.bench import BenchArgs, load, prompts
 from earlyexit.cli import run_function
-from earlyexit.data import SAMPLE
-from earlyexit.engine import Engine
-from earlyexit.errors import positive
-from earlyexit.generation import GenerationArgs
-from earlyexit.loading import ModelArgs
-from earlyexit.model import EarlyExitHead
+from earlyexit.engine.control import pieces, walk
+from earlyexit.engine.core import Core
+from earlyexit.errors import EarlyExitError, positive
+from earlyexit.probe import forced_probe
 from earlyexit.results import markdown_table
+from earlyexit.tiny import RANDOM_SHAPES, random_with_exit_block
+
+Mode = Literal["full", "exit", "dynamic", "speculative"]
+
+PARTS = [  # (module, class or None for a function, attribute, label): what an eager kernel is attributed to
+    ("earlyexit.engine.fast", "FusedBlock", "__call__", "block"),
+    ("earlyexit.engine.fast", "FusedBlock", "fill", "shared K/V"),
+    ("earlyexit.engine.fast", "KVFill", "__call__", "K/V fill"),
+    ("earlyexit.engine.dynamic", "_Exits", "inputs", "hold"),
+    ("earlyexit.engine.dynamic", "_Exits", "decide", "check"),
+    ("earlyexit.engine.dynamic", "_Exits", "token", "token"),
+    ("earlyexit.engine.dynamic", None, "confidence", "confidence"),
+    ("earlyexit.probe", "ExitProbe", "forward", "probe"),
+    ("earlyexit.engine.core", "Core", "_logits", "head"),
+    ("earlyexit.engine.core", "Core", "_shared_block", "shared block"),
+    ("earlyexit.engine.core", "Core", "_inputs", "inputs"),
+    ("earlyexit.engine.core", "Columns", "advance", "advance"),
+]
+"""The engine's parts by where they live; a part the engine does not have (any more) is skipped."""
 
 
-def kernel_times(run, device: torch.device) -> tuple[Counter, Counter]:
-    """Summed time (µs) and launches of every kernel (GPU) or operator (CPU) that ``run()`` issues."""
+def label(fn: Callable) -> str:
+    """A piece's name: its ``label`` attribute, else the function that made it (``fill 0`` for ``fill(j=0)``'s ``run``)."""
+    if getattr(fn, "label", None):
+        return fn.label
+    inner = getattr(fn, "__wrapped__", fn)
+    names = inner.__qualname__.split(".<locals>.")
+    name = names[-2] if names[-1] in ("run", "<lambda>") and len(names) > 1 else names[-1]
+    cells = dict(zip(inner.__code__.co_freevars, inner.__closure__ or ()))
+    index = cells.get("j") or cells.get("k")
+    return f"{name} {index.cell_contents}" if index is not None else name
+
+
+class Recorder:
+    """Names what runs: pieces (``piece:NAME`` ranges, each timed with CUDA events when ``timing``) and the decode
+    steps counted."""
+
+    def __init__(self, gpu: bool = True):
+        self.gpu = gpu
+        self.timing = False
+        self.steps = 0
+        self.spans: list[tuple[str, object, object]] = []
+
+    @contextmanager
+    def piece(self, name: str):
+        with torch.profiler.record_function(f"piece:{name}"):
+            if not self.timing:
+                yield
+                return
+            if not self.gpu:
+                begin = time.perf_counter()
+                yield
+                self.spans.append((name, begin, time.perf_counter()))
+                return
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            yield
+            end.record()
+            self.spans.append((name, begin, end))
+
+    def reset(self, timing: bool = False) -> None:
+        self.timing, self.steps, self.spans = timing, 0, []
+
+    def piece_times(self) -> dict[str, float]:
+        """Summed µs of each piece since the reset."""
+        sync()
+        times: dict[str, float] = defaultdict(float)
+        for name, begin, end in self.spans:
+            times[name] += begin.elapsed_time(end) * 1e3 if self.gpu else (end - begin) * 1e6
+        return times
+
+
+@contextmanager
+def walked(recorder: Recorder):
+    """Engines built inside run each step's plan walked by the host, each piece its own graph (or eager without graphs),
+    named; a one-piece step (full depth, fixed exits) is one named piece."""
+    original_stepper, original_graph = Core._stepper, Core._graph
+
+    def stepper(self, plan, state, decide):
+        parts = pieces(plan)
+        replays = dict(zip(map(id, parts), self._graphs(parts, state)))
+
+        def run(piece):
+            with recorder.piece(label(piece)):
+                replays[id(piece)]()
+
+        def step():
+            recorder.steps += 1
+            walk(plan, run)
+
+        return step
+
+    def graph(self, step, state):
+        replay, name = original_graph(self, step, state), label(step)
+        if name != "step":  # a prompt pass
+            return replay
+
+        def run():
+            recorder.steps += 1
+            with recorder.piece(name):
+                return replay()
+
+        return run
+
+    Core._stepper, Core._graph = stepper, graph
+    try:
+        yield
+    finally:
+        Core._stepper, Core._graph = original_stepper, original_graph
+
+
+@contextmanager
+def prompt_named():
+    """A program's prompt pass opens a ``piece:prompt`` range (its kernels are not a decode step's)."""
+    original = Core._prompt_pass
+
+    def prompt_pass(self, run, shape, state, graph=True):
+        replay = original(self, run, shape, state, graph)
+
+        def named(ids):
+            with torch.profiler.record_function("piece:prompt"):
+                return replay(ids)
+
+        return named
+
+    Core._prompt_pass = prompt_pass
+    try:
+        yield
+    finally:
+        Core._prompt_pass = original
+
+
+@contextmanager
+def parts_named():
+    """The engine's parts (:data:`PARTS`) open a ``part:LABEL`` range while they run (eager engines only: a compiled
+    region would trace the range)."""
+    undo = []
+    for module_name, owner_name, attribute, name in PARTS:
+        module = importlib.import_module(module_name)
+        owner = getattr(module, owner_name, None) if owner_name else module
+        original = getattr(owner, attribute, None) if owner is not None else None
+        if original is None:
+            continue
+
+        def named(*args, _original=original, _name=name, **kwargs):
+            with torch.profiler.record_function(f"part:{_name}"):
+                return _original(*args, **kwargs)
+
+        setattr(owner, attribute, named)
+        undo.append((owner, attribute, original))
+    try:
+        yield
+    finally:
+        for owner, attribute, original in reversed(undo):
+            setattr(owner, attribute, original)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def kernels(run: Callable[[], object], prefixes: tuple[str, ...] = ("piece",)) -> tuple[Counter, Counter, Counter]:
+    """Profile ``run()``: the kernels' summed µs and launches by the piece that launched them (``step`` outside every
+    named piece), with ``part`` in ``prefixes`` followed by the two innermost parts (``piece 0/check/head``), and µs by
+    kernel name; the prompt's kernels are left out. Without a GPU the top-level operators stand for kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    gpu = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+    gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         run()
-        if gpu:
-            torch.cuda.synchronize()
-    wanted = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
-    times, counts = Counter(), Counter()
+        sync()
+    times, counts, names = Counter(), Counter(), Counter()
     for event in prof.events():
-        if event.device_type == wanted and (gpu or event.cpu_parent is None):
-            times[event.name] += event.device_time_total if gpu else event.cpu_time_total
-            counts[event.name] += 1
-    return times, counts
+        if not gpu and event.name.startswith("aten::") and not (event.cpu_parent and event.cpu_parent.name.startswith("aten::")):
+            event.kernels.append(type("Op", (), dict(name=event.name, duration=event.cpu_time_total))())
+        if not event.kernels:
+            continue
+        owners, parts, node = [], [], event
+        while node is not None:
+            kind, _, name = node.name.partition(":")
+            if kind == "piece" and name:
+                owners.append(name)
+            elif kind == "part" and name and "part" in prefixes:
+                parts.append(name)
+            node = node.cpu_parent
+        if "prompt" in owners:
+            continue
+        owner = owners[0] if owners else "step"
+        where = "/".join([owner, *reversed(parts[:2])])
+        for kernel in event.kernels:
+            times[where] += kernel.duration
+            counts[where] += 1
+            names[kernel.name] += kernel.duration
+    return times, counts, names
 
 
-def profile_decode(
-    model: ModelArgs = ModelArgs(),
-    generation: GenerationArgs = GenerationArgs(),
-    random_config: str | None = None,
-    data: str = SAMPLE,
-    batch: int = 1,
-    tokens: int = 32,
-    top: int = 25,
-) -> dict:
-    """Kernels per generated token of the engine's full-depth decode, and their time.
+def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat16", batch: int = 1, prompt_len: int = 64, tokens: int = 64,
+         check_layers: list[int] = [15, 18, 22],  # noqa: B006 (read only)
+         modes: list[Mode] = ["full", "exit", "dynamic", "speculative"],  # noqa: B006
+         measures: list[str] = ["softmax", "learned"],  # noqa: B006
+         n_draft: list[int] = [1, 4],  # noqa: B006
+         compile: bool = True, decide: list[str] = ["host", "device"],  # noqa: B006
+         walk_compile: bool = False, graphs_off: bool = True, repeats: int = 3, top: int = 8,
+         out: str | None = None) -> list[dict]:
+    """Profile every mode's decode step piece by piece and print the tables.
 
     Args:
-        model: the model (``--model.device cuda`` for kernels; on the CPU the top-level operators are counted).
-        generation: ``compile``, ``compile_mode`` and ``fast`` are read (greedy, EOS banned).
-        random_config: random weights of this shape instead of ``--model.name`` (as the bench).
-        data: Alpaca records the prompts come from (as the bench).
-        batch: prompts per step.
-        tokens: new tokens per profiled decode.
-        top: kernels listed.
+        shape: random weights of this shape (:data:`earlyexit.tiny.RANDOM_SHAPES`).
+        device: cuda (cpu only checks the script: no graphs, no kernels, host times).
+        dtype: the weights' dtype (bfloat16, float16 or float32).
+        batch: rows decoded together.
+        prompt_len: random prompt tokens a row.
+        tokens: tokens generated a row by every profiled or timed decode.
+        check_layers: the dynamic exit's check layers (the shared exit block serves them); the first is the fixed
+            exit, the forced exit and the speculative draft exit.
+        modes: full, exit, dynamic, speculative.
+        measures: the dynamic exit's measures profiled: softmax, margin, state, learned.
+        n_draft: speculative draft lengths.
+        compile: compile the decode step (``generation.compile``) where it runs as it does for users.
+        decide: where adaptive settings' decisions are taken as they run: host, device (each timed).
+        walk_compile: compile the host-walked pieces too (per-piece figures of compiled pieces).
+        graphs_off: also profile every setting eagerly, part by part (slow for large shapes).
+        repeats: timed decodes a setting (the median is kept).
+        top: kernels listed by time for each setting as it runs.
+        out: write every row here (JSON).
     """
-    positive("batch", batch)
-    positive("tokens", tokens)
-    positive("top", top)
-    bench = BenchArgs(random_config=random_config, data=data, batch=batch)
-    lm, tokenizer = load(model, bench)
-    ee = EarlyExitHead(lm)
-    ids, mask = prompts(bench, lm, tokenizer)
-    device, n = ids.device, ee.n_layers
-    options = dict(compile=generation.compile, compile_mode=generation.compile_mode, fast=generation.fast)
+    from earlyexit.engine import Engine
+    from earlyexit.engine.control import resolve
+    from earlyexit.model import EarlyExitHead
 
-    def decode(engine, new):
-        return lambda: engine.generate(ids, mask, [n], max_new_tokens=new, ignore_eos=True)
+    if shape not in RANDOM_SHAPES:
+        raise EarlyExitError(f"shape {shape!r}: choose from {', '.join(sorted(RANDOM_SHAPES))}")
+    for name, value in (("batch", batch), ("prompt_len", prompt_len), ("tokens", tokens), ("repeats", repeats), ("top", top)):
+        positive(name, value)
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise EarlyExitError(f"dtype {dtype!r}: choose bfloat16, float16 or float32")
+    if device not in ("cuda", "cpu"):
+        raise EarlyExitError(f"device {device!r}: cuda or cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EarlyExitError("device cuda: no GPU here (--device cpu only checks the script)")
+    if not decide or any(way not in ("host", "device") for way in decide):
+        raise EarlyExitError(f"decide {decide}: a list of host and device")
+    for way in decide:
+        resolve(way)  # refused in one line where conditional nodes cannot be built
+    if any(m not in ("softmax", "margin", "state", "learned") for m in measures):
+        raise EarlyExitError(f"measures {measures}: softmax, margin, state or learned")
+    n = RANDOM_SHAPES[shape]["num_hidden_layers"]
+    checks = sorted(set(check_layers))
+    if not checks or checks[0] < 1 or checks[-1] >= n:
+        raise EarlyExitError(f"check_layers {check_layers}: layers in 1..{n - 1} (the last layer always exits)")
+    first = checks[0]
+    model = random_with_exit_block(shape, device, getattr(torch, dtype), checks)
+    ee = EarlyExitHead(model)
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
+    mask = torch.ones_like(ids)
+    folder = tempfile.mkdtemp(prefix="probes-")
+    probes = {sure: forced_probe(checks, model.config.hidden_size, sure, f"{folder}/{sure}") for sure in (None, first)}
+    common = dict(max_new_tokens=tokens, ignore_eos=True, fallback=False)
 
-    with torch.inference_mode():
-        eager = Engine(ee, cuda_graphs=False, **options)
-        for _ in range(2):
-            decode(eager, tokens)()  # compiles, warms up
-        times, counts = kernel_times(decode(eager, tokens), device)
-        per_token = sum(times.values()) / tokens
-        print(f"{sum(counts.values()) / tokens:.0f} kernels per token, {per_token / 1000:.3f} ms of kernel time per token "
-              f"(prefill included)")
-        rows = [[f"{t / tokens:.1f}", f"{counts[name] / tokens:.1f}", name[:100]] for name, t in times.most_common(top)]
-        print(markdown_table(["µs per token", "launches per token", "kernel"], rows, align="rrl"))
-        result = dict(kernels_per_token=sum(counts.values()) / tokens, kernel_ms_per_token=per_token / 1000)
-        if device.type == "cuda":
-            graphed = Engine(ee, **options)
-            for _ in range(2):
-                decode(graphed, 128)()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(3):
-                decode(graphed, 128)()
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - start) / 3 / 128 * 1000
-            print(f"with CUDA graphs: {ms:.3f} ms per token ({1000 / ms * batch:.1f} tokens/s, 128 new tokens, prefill included)")
-            result["graph_ms_per_token"] = ms
-    return result
+    settings: list[tuple[str, bool, Callable]] = []  # name, adaptive, decode(engine, **options)
+    if "full" in modes:
+        settings.append(("full depth", False, lambda e, **o: e.generate(ids, mask, [n], **common)[n]))
+    if "exit" in modes:
+        settings.append((f"fixed exit {first}", False, lambda e, **o: e.generate(ids, mask, [first], **common)[first]))
+    if "dynamic" in modes:
+        for measure in measures:
+            for sure in (None, first):
+                where = "never" if sure is None else f"at {first}"
+                if measure == "learned":
+                    options = dict(measure="learned", probe=probes[sure], threshold=0.5)
+                else:
+                    options = dict(measure=measure, threshold=1.01 if sure is None else 0.0)
+                settings.append((f"dynamic {measure}, {where}", True, lambda e, _o=options, **o: e.generate_dynamic(
+                    ids, mask, check_layers=checks, **_o, **o, **common)))
+    if "speculative" in modes:
+        for d in n_draft:
+            settings.append((f"speculative E={first} d={d}", True, lambda e, _d=d, **o: e.generate_speculative(
+                ids, mask, first, _d, **o, **common)))
+
+    recorder = Recorder(gpu=device == "cuda")
+    rows = [dict(setting=name, shape=shape, batch=batch, compile=compile) for name, _, _ in settings]
+    with torch.inference_mode(), prompt_named():
+        engine = Engine(ee, compile=compile)  # 1. as it runs: one engine, as one process of a user's runs
+        for row, (name, adaptive, decode) in zip(rows, settings):
+            for way in decide if adaptive else decide[:1]:
+                options = dict(decide=way) if adaptive else {}
+                result = decode(engine, **options)  # builds, captures, compiles
+                times = []
+                for _ in range(repeats):
+                    sync()
+                    start = time.perf_counter()
+                    result = decode(engine, **options)
+                    sync()
+                    times.append(time.perf_counter() - start)
+                steps = getattr(result, "cycles", None) or (tokens - 1)
+                row[f"step_us_{way}"] = statistics.median(times) * 1e6 / steps
+                row["tokens_per_step"] = (tokens - 1) / steps
+                if getattr(result, "layers", None) is not None:
+                    row["layers"] = result.layers.float().mean().item()
+                t, c, names = kernels(lambda: decode(engine, **options))
+                row[f"kernels_per_step_{way}"] = sum(c.values()) / steps
+                row[f"kernel_us_per_step_{way}"] = sum(t.values()) / steps
+                row[f"top_kernels_{way}"] = [(k[:90], v / steps) for k, v in names.most_common(top)]
+            row.setdefault("layers", float(first if name.startswith("fixed") else n))
+            print(f"as it runs: {name}", flush=True)
+        with walked(recorder):  # 2. graphs on, the plan walked by the host, each piece its own graph
+            engine = Engine(ee, compile=walk_compile)
+            for row, (name, _, decode) in zip(rows, settings):
+                decode(engine)
+                recorder.reset(timing=True)
+                sync()
+                start = time.perf_counter()
+                decode(engine)
+                sync()
+                seconds = time.perf_counter() - start
+                walls, steps = recorder.piece_times(), max(recorder.steps, 1)
+                row["walked_step_us"] = seconds * 1e6 / steps
+                recorder.reset()
+                t, c, _ = kernels(lambda: decode(engine))
+                profiled = max(recorder.steps, 1)
+                row["pieces"] = [dict(piece=p, us=walls[p] / steps, kernels=c[p] / profiled, kernel_us=t[p] / profiled)
+                                 for p in walls]
+                print(f"walked: {name}", flush=True)
+        if graphs_off:  # 3. graphs off, eager, each kernel by the part that launched it
+            with walked(recorder), parts_named():
+                engine = Engine(ee, cuda_graphs=False)
+                for row, (name, _, decode) in zip(rows, settings):
+                    decode(engine)
+                    recorder.reset()
+                    t, c, _ = kernels(lambda: decode(engine), ("piece", "part"))
+                    steps = max(recorder.steps, 1)
+                    row["parts_eager"] = [dict(part=p, kernels=c[p] / steps, us=t[p] / steps)
+                                          for p in sorted(t, key=t.get, reverse=True)]
+                    print(f"eager: {name}", flush=True)
+    report(rows, shape, dtype, batch, tokens, checks, compile, decide, n)
+    if out:
+        with open(out, "w") as f:
+            json.dump(dict(card=card(), torch=torch.__version__, rows=rows), f, indent=1)
+    return rows
+
+
+def report(rows: list[dict], shape: str, dtype: str, batch: int, tokens: int, checks: list[int], compile: bool,
+           decide: list[str], n: int) -> None:
+    """Print the summary, each setting's pieces (graphs on) and parts (graphs off), and what one check costs."""
+    way = decide[0]
+    full = next((row for row in rows if row["setting"] == "full depth"), None)
+    print(f"\n{shape} (random weights, {dtype}{', compiled' if compile else ''}) on {card()}, "
+          f"torch {torch.__version__}: batch {batch}, {tokens} new tokens, check layers {checks}, shared exit block\n")
+    header = ["setting", "layers a token", "tokens a step"]
+    for w in decide:
+        header += [f"µs a step ({w})", f"× full depth ({w})", f"kernels a step ({w})", f"kernel µs ({w})", f"gap µs ({w})"]
+    table = []
+    for row in rows:
+        cells = [row["setting"], f"{row['layers']:.1f}", f"{row['tokens_per_step']:.2f}"]
+        for w in decide:
+            us = row.get(f"step_us_{w}")
+            if us is None:
+                cells += ["", "", "", "", ""]
+                continue
+            base = full.get(f"step_us_{w}", full[f"step_us_{way}"]) if full else None
+            speed = f"{base / us * row['tokens_per_step']:.2f}" if base else ""
+            kernel_us = row[f"kernel_us_per_step_{w}"]
+            cells += [f"{us:.1f}", speed, f"{row[f'kernels_per_step_{w}']:.1f}", f"{kernel_us:.1f}", f"{us - kernel_us:.1f}"]
+        table.append(cells)
+    print("**As it runs** (CUDA graphs; µs a step: median wall-clock; kernels under torch.profiler):\n")
+    print(markdown_table(header, table, align="l" + "r" * (len(header) - 1)))
+    for row in rows:
+        print(f"\n**{row['setting']}**, graphs on, walked by the host, each piece its own graph: "
+              f"{row['walked_step_us']:.1f} µs a step\n")
+        inside = sum(p["us"] for p in row["pieces"])
+        lines = [[p["piece"], f"{p['us']:.1f}", f"{p['kernels']:.1f}", f"{p['kernel_us']:.1f}", f"{p['us'] - p['kernel_us']:.1f}"]
+                 for p in row["pieces"]]
+        lines.append(["(host, between pieces)", f"{row['walked_step_us'] - inside:.1f}", "", "", ""])
+        print(markdown_table(["piece", "µs a step", "kernels", "kernel µs", "gap µs"], lines, align="lrrrr"))
+        if "parts_eager" in row:
+            print(f"\n{row['setting']}, graphs off (eager, not compiled), by part:\n")
+            print(markdown_table(["piece/part", "kernels a step", "kernel µs a step"],
+                                 [[p["part"], f"{p['kernels']:.1f}", f"{p['us']:.1f}"] for p in row["parts_eager"]], align="lrr"))
+        for w in decide:
+            if row.get(f"top_kernels_{w}"):
+                print(f"\ntop kernels as it runs ({w}): " + "; ".join(f"{k} {v:.1f} µs" for k, v in row[f"top_kernels_{w}"]))
+    if full:
+        layer_us = full[f"step_us_{way}"] / n
+        print()
+        for row in rows:
+            if row["setting"].startswith("dynamic") and row["setting"].endswith("never"):
+                for w in decide:
+                    cost = (row[f"step_us_{w}"] - full[f"step_us_{w}"]) / len(checks)
+                    print(f"{row['setting']}: one check decided on the {w} costs {cost:.1f} µs = "
+                          f"{cost / (full[f'step_us_{w}'] / n):.2f} layers of full depth ({layer_us:.1f} µs a layer)")
+
+
+def card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":
-    run_function(profile_decode, "python scripts/profile_decode.py")
+    run_function(main, "python scripts/profile_decode.py")

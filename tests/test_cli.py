@@ -195,17 +195,29 @@ def test_self_answers_adds_sampled_answers_after_each_greedy_one(tiny_dir, tmp_p
     assert run_command("self_answers.py", argv, monkeypatch) == 0  # resumed: the same file
     assert json.loads(sampled_out.read_text()) == sampled
 
-def test_profile_decode_counts_the_operators_of_a_token(tiny_dir, tmp_path, monkeypatch, capsys):
+def test_profile_decode_names_every_piece_and_part_of_every_mode(monkeypatch, capsys, tmp_path):
+    """On the CPU (operators stand for kernels): every setting is profiled as it runs, piece by piece and part by
+    part, and each table names the engine's pieces and parts."""
     import json
 
-    data = tmp_path / "alpaca_data.json"
-    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": "It."} for i in range(2)]))
-    argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--data", str(data), "--batch", "2", "--tokens", "4",
-            "--top", "5"]
+    from earlyexit import tiny
+
+    monkeypatch.setitem(tiny.RANDOM_SHAPES, "tiny-llama", dict(model_type="llama", **tiny.TINY_CONFIGS["llama"], vocab_size=128))
+    argv = ["--shape", "tiny-llama", "--device", "cpu", "--dtype", "float32", "--batch", "2", "--prompt_len", "5",
+            "--tokens", "6", "--check_layers", "[1,2]", "--decide", "[host]", "--compile", "false", "--repeats", "1",
+            "--n_draft", "[2]", "--out", str(tmp_path / "profile.json")]
     assert run_command("profile_decode.py", argv, monkeypatch) == 0
     out = capsys.readouterr().out
-    assert "kernels per token" in out and "| µs per token | launches per token | kernel |" in out
-    assert len([line for line in out.splitlines() if line.startswith("| ") and "aten::" in line]) == 5
+    rows = {row["setting"]: row for row in json.loads((tmp_path / "profile.json").read_text())["rows"]}
+    assert list(rows) == ["full depth", "fixed exit 1", "dynamic softmax, never", "dynamic softmax, at 1",
+                          "dynamic learned, never", "dynamic learned, at 1", "speculative E=1 d=2"]
+    assert [rows[name]["layers"] for name in ("full depth", "fixed exit 1", "dynamic learned, never", "dynamic learned, at 1")] == [4, 1, 4, 1]
+    for row in rows.values():
+        assert row["step_us_host"] > 0 and row["kernels_per_step_host"] > 0 and row["pieces"] and row["parts_eager"]
+    parts = {part["part"] for part in rows["dynamic learned, never"]["parts_eager"]}
+    assert any(part.endswith("/block") for part in parts) and any("probe" in part for part in parts)
+    assert any("K/V fill" in part["part"] for part in rows["dynamic softmax, at 1"]["parts_eager"])
+    assert "one check decided on the host costs" in out and "| piece | µs a step |" in out
 
 
 def test_time_to_loss_stops_the_candidate_at_the_baselines_loss(tmp_path, monkeypatch, capsys):
