@@ -48,14 +48,17 @@ from earlyexit.tiny import RANDOM_SHAPES, random_with_exit_block
 Mode = Literal["full", "exit", "dynamic", "speculative"]
 
 PARTS = [  # (module, class or None for a function, attribute, label): what an eager kernel is attributed to
+    ("earlyexit.engine.fast", "FusedBlock", "pair", "block"),
     ("earlyexit.engine.fast", "FusedBlock", "__call__", "block"),
-    ("earlyexit.engine.fast", "FusedBlock", "fill", "shared K/V"),
+    ("earlyexit.engine.fast", "FusedBlock", "fill", "shared K/V"),  # the engine before 2026-12-07
+    ("earlyexit.engine.core", "Core", "_shared_kv", "shared K/V"),
     ("earlyexit.engine.fast", "KVFill", "__call__", "K/V fill"),
     ("earlyexit.engine.dynamic", "_Exits", "inputs", "hold"),
     ("earlyexit.engine.dynamic", "_Exits", "decide", "check"),
     ("earlyexit.engine.dynamic", "_Exits", "token", "token"),
     ("earlyexit.engine.dynamic", None, "confidence", "confidence"),
-    ("earlyexit.probe", "ExitProbe", "forward", "probe"),
+    ("earlyexit.engine.dynamic", None, "features", "probe"),
+    ("earlyexit.probe", "ExitProbe", "forward", "probe"),  # the engine before 2026-12-07
     ("earlyexit.engine.core", "Core", "_logits", "head"),
     ("earlyexit.engine.core", "Core", "_shared_block", "shared block"),
     ("earlyexit.engine.core", "Core", "_inputs", "inputs"),
@@ -83,12 +86,18 @@ class Recorder:
     def __init__(self, gpu: bool = True):
         self.gpu = gpu
         self.timing = False
+        self.edges = False  # synchronise at every piece's edges (while profiling graph replays)
         self.steps = 0
         self.spans: list[tuple[str, object, object]] = []
 
     @contextmanager
     def piece(self, name: str):
         with torch.profiler.record_function(f"piece:{name}"):
+            if self.edges:
+                sync()
+                yield
+                sync()
+                return
             if not self.timing:
                 yield
                 return
@@ -103,8 +112,8 @@ class Recorder:
             end.record()
             self.spans.append((name, begin, end))
 
-    def reset(self, timing: bool = False) -> None:
-        self.timing, self.steps, self.spans = timing, 0, []
+    def reset(self, timing: bool = False, edges: bool = False) -> None:
+        self.timing, self.edges, self.steps, self.spans = timing, edges, 0, []
 
     def piece_times(self) -> dict[str, float]:
         """Summed µs of each piece since the reset."""
@@ -164,7 +173,10 @@ def prompt_named():
 
         def named(ids):
             with torch.profiler.record_function("piece:prompt"):
-                return replay(ids)
+                sync()
+                out = replay(ids)
+                sync()
+                return out
 
         return named
 
@@ -216,7 +228,10 @@ def kernels(run: Callable[[], object], prefixes: tuple[str, ...] = ("piece",)) -
         run()
         sync()
     times, counts, names = Counter(), Counter(), Counter()
-    for event in prof.events():
+    events = prof.events()
+    if gpu and "part" not in prefixes:  # graph replays: each kernel by the piece whose range holds it in time
+        return by_time(events)
+    for event in events:
         if not gpu and event.name.startswith("aten::") and not (event.cpu_parent and event.cpu_parent.name.startswith("aten::")):
             event.kernels.append(type("Op", (), dict(name=event.name, duration=event.cpu_time_total))())
         if not event.kernels:
@@ -232,11 +247,33 @@ def kernels(run: Callable[[], object], prefixes: tuple[str, ...] = ("piece",)) -
         if "prompt" in owners:
             continue
         owner = owners[0] if owners else "step"
+        parts = [part for i, part in enumerate(parts) if not i or part != parts[i - 1]]  # a block's __call__ runs its pair
         where = "/".join([owner, *reversed(parts[:2])])
         for kernel in event.kernels:
             times[where] += kernel.duration
             counts[where] += 1
             names[kernel.name] += kernel.duration
+    return times, counts, names
+
+
+def by_time(events) -> tuple[Counter, Counter, Counter]:
+    """:func:`kernels` for work replayed from CUDA graphs, whose kernels the profiler links to no operator: each GPU
+    event goes to the innermost ``piece:`` range that holds its start (the recorder synchronises at every piece's
+    edges while it profiles, so a piece's kernels run inside its range), else to ``step``; the prompt's are left out."""
+    spans = sorted(((e.time_range.start, e.time_range.end, e.name.split(":", 1)[1]) for e in events
+                    if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("piece:")), key=lambda s: s[1] - s[0])
+    times, counts, names = Counter(), Counter(), Counter()
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        start = event.time_range.start
+        owner = next((name for begin, end, name in spans if begin <= start <= end), "step")
+        if owner == "prompt":
+            continue
+        duration = event.time_range.end - start
+        times[owner] += duration
+        counts[owner] += 1
+        names[event.name] += duration
     return times, counts, names
 
 
@@ -349,7 +386,9 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
                 row[f"kernel_us_per_step_{way}"] = sum(t.values()) / steps
                 row[f"top_kernels_{way}"] = [(k[:90], v / steps) for k, v in names.most_common(top)]
             row.setdefault("layers", float(first if name.startswith("fixed") else n))
-            print(f"as it runs: {name}", flush=True)
+            print(f"as it runs: {name}: " + ", ".join(f"{row[f'step_us_{w}']:.1f} µs a step ({w})" for w in decide
+                                                      if f"step_us_{w}" in row), flush=True)
+            save(rows, out)
         with walked(recorder):  # 2. graphs on, the plan walked by the host, each piece its own graph
             engine = Engine(ee, compile=walk_compile)
             for row, (name, _, decode) in zip(rows, settings):
@@ -362,12 +401,13 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
                 seconds = time.perf_counter() - start
                 walls, steps = recorder.piece_times(), max(recorder.steps, 1)
                 row["walked_step_us"] = seconds * 1e6 / steps
-                recorder.reset()
+                recorder.reset(edges=True)
                 t, c, _ = kernels(lambda: decode(engine))
                 profiled = max(recorder.steps, 1)
                 row["pieces"] = [dict(piece=p, us=walls[p] / steps, kernels=c[p] / profiled, kernel_us=t[p] / profiled)
                                  for p in walls]
-                print(f"walked: {name}", flush=True)
+                print(f"walked: {name}: " + ", ".join(f"{piece['piece']} {piece['us']:.1f} µs" for piece in row["pieces"]), flush=True)
+                save(rows, out)
         if graphs_off:  # 3. graphs off, eager, each kernel by the part that launched it
             with walked(recorder), parts_named():
                 engine = Engine(ee, cuda_graphs=False)
@@ -379,11 +419,16 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
                     row["parts_eager"] = [dict(part=p, kernels=c[p] / steps, us=t[p] / steps)
                                           for p in sorted(t, key=t.get, reverse=True)]
                     print(f"eager: {name}", flush=True)
+                    save(rows, out)
     report(rows, shape, dtype, batch, tokens, checks, compile, decide, n)
+    return rows
+
+
+def save(rows: list[dict], out: str | None) -> None:
+    """Every row so far to ``out`` (JSON), after each setting: a run stopped early keeps what it measured."""
     if out:
         with open(out, "w") as f:
             json.dump(dict(card=card(), torch=torch.__version__, rows=rows), f, indent=1)
-    return rows
 
 
 def report(rows: list[dict], shape: str, dtype: str, batch: int, tokens: int, checks: list[int], compile: bool,
@@ -404,7 +449,7 @@ def report(rows: list[dict], shape: str, dtype: str, batch: int, tokens: int, ch
             if us is None:
                 cells += ["", "", "", "", ""]
                 continue
-            base = full.get(f"step_us_{w}", full[f"step_us_{way}"]) if full else None
+            base = full[f"step_us_{way}"] if full else None
             speed = f"{base / us * row['tokens_per_step']:.2f}" if base else ""
             kernel_us = row[f"kernel_us_per_step_{w}"]
             cells += [f"{us:.1f}", speed, f"{row[f'kernels_per_step_{w}']:.1f}", f"{kernel_us:.1f}", f"{us - kernel_us:.1f}"]
@@ -412,6 +457,8 @@ def report(rows: list[dict], shape: str, dtype: str, batch: int, tokens: int, ch
     print("**As it runs** (CUDA graphs; µs a step: median wall-clock; kernels under torch.profiler):\n")
     print(markdown_table(header, table, align="l" + "r" * (len(header) - 1)))
     for row in rows:
+        if "pieces" not in row:
+            continue
         print(f"\n**{row['setting']}**, graphs on, walked by the host, each piece its own graph: "
               f"{row['walked_step_us']:.1f} µs a step\n")
         inside = sum(p["us"] for p in row["pieces"])
@@ -426,15 +473,24 @@ def report(rows: list[dict], shape: str, dtype: str, batch: int, tokens: int, ch
         for w in decide:
             if row.get(f"top_kernels_{w}"):
                 print(f"\ntop kernels as it runs ({w}): " + "; ".join(f"{k} {v:.1f} µs" for k, v in row[f"top_kernels_{w}"]))
+    fixed = next((row for row in rows if row["setting"].startswith("fixed exit")), None)
+    if fixed:
+        print()
+        for row in rows:
+            if row["setting"].startswith("dynamic") and row["setting"].endswith(f"at {checks[0]}"):
+                for w in decide:
+                    if f"step_us_{w}" in row:
+                        print(f"{row['setting']} ({w}): {fixed[f'step_us_{way}'] / row[f'step_us_{w}']:.3f}× the speed of the "
+                              f"{fixed['setting']}")
     if full:
         layer_us = full[f"step_us_{way}"] / n
         print()
         for row in rows:
             if row["setting"].startswith("dynamic") and row["setting"].endswith("never"):
-                for w in decide:
-                    cost = (row[f"step_us_{w}"] - full[f"step_us_{w}"]) / len(checks)
+                for w in (w for w in decide if f"step_us_{w}" in row):
+                    cost = (row[f"step_us_{w}"] - full[f"step_us_{way}"]) / len(checks)
                     print(f"{row['setting']}: one check decided on the {w} costs {cost:.1f} µs = "
-                          f"{cost / (full[f'step_us_{w}'] / n):.2f} layers of full depth ({layer_us:.1f} µs a layer)")
+                          f"{cost / layer_us:.2f} layers of full depth ({layer_us:.1f} µs a layer)")
 
 
 def card() -> str:

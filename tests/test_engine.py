@@ -48,22 +48,14 @@ def test_all_exits_stop_at_eos_like_generate():
     assert got[2].finished[0] and got[2].n_tokens[0] <= 3
 
 
-def test_a_layer_cache_holds_only_the_rows_that_reach_it():
+def test_a_layer_cache_holds_only_the_rows_that_reach_it(monkeypatch):
     ee = EarlyExitHead(tiny_model("llama"))
     ids, mask = prompts()
-    written = {}
-    update = StaticKV.update
-
-    def spy(cache, key, value, layer_idx, *args, **kwargs):
-        written.setdefault(layer_idx, set()).add(key.shape[0])
-        return update(cache, key, value, layer_idx, *args, **kwargs)
-
-    StaticKV.update = spy
-    try:
-        Engine(ee).generate(ids, mask, [1, 3], max_new_tokens=4)
-    finally:
-        StaticKV.update = update
-    assert written == {0: {6}, 1: {3}, 2: {3}}  # block 4 never ran
+    caches = []
+    layer = StaticKV.layer
+    monkeypatch.setattr(StaticKV, "layer", lambda cache, *args: (caches.append(cache), layer(cache, *args))[1])
+    Engine(ee).generate(ids, mask, [1, 3], max_new_tokens=4)
+    assert {layer: keys.shape[0] for layer, keys in caches[0].keys.items()} == {0: 6, 1: 3, 2: 3}  # block 4 never ran
 
 
 def test_programs_are_reused_across_calls_of_one_shape():
@@ -283,7 +275,9 @@ def test_dynamic_exit_skips_the_blocks_above_the_exit_and_fills_their_kv():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biases on q, k, v
-def test_kv_fill_of_several_blocks_equals_each_blocks_fill(family):
+def test_kv_fill_of_several_blocks_equals_the_keys_and_values_each_block_writes(family):
+    """The batched fill of blocks 2..N for one input state writes what each block itself writes when it runs on that
+    state, and leaves block 1's cache alone."""
     ee = EarlyExitHead(tiny_model(family, seed=2))
     engine = Engine(ee, fast=True)
     blocks, n = engine.fast, ee.n_layers
@@ -291,12 +285,13 @@ def test_kv_fill_of_several_blocks_equals_each_blocks_fill(family):
     slots = torch.tensor([[4], [6], [5]])
     rotary = ee.decoder.rotary_emb(hidden, position_ids=slots)
     stacked, single = StaticKV(8), StaticKV(8)
-    stacked.stack(n, 3, blocks[0].kv_heads, blocks[0].head_dim, torch.float32, "cpu")
+    stacked.stack(list(range(n)), 3, blocks[0].kv_heads, blocks[0].head_dim, torch.float32, "cpu")
     stacked.slots = single.slots = slots
     engine.kv_fill(hidden, rotary, stacked, 2, n)
+    mask = torch.zeros(3, 1, 1, 8)
     for layer in range(2, n + 1):
-        blocks[layer - 1].fill(hidden, rotary, single)
-    assert 0 not in stacked.keys or not stacked.keys[0].any()  # block 1 untouched
+        blocks[layer - 1](hidden, mask, rotary, single)  # the block itself, on that state
+    assert not stacked.keys[0].any()  # block 1 untouched
     for layer in range(1, n):
         assert torch.allclose(stacked.keys[layer], single.keys[layer], atol=1e-6)
         assert torch.allclose(stacked.values[layer], single.values[layer], atol=1e-6)
@@ -322,9 +317,13 @@ class _Counting:
         self.block, self.index, self.calls = block, index, calls
         self.head_dim = block.head_dim
 
+    def pair(self, *args):
+        self.calls["run"][self.index] += 1
+        return self.block.pair(*args)
+
     def __call__(self, *args):
         self.calls["run"][self.index] += 1
-        return type(self.block).__call__(self.block, *args)
+        return self.block(*args)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -513,3 +512,43 @@ def test_cuda_graphs_equal_the_eager_engine_in_every_mode(family):
     short = prompts(seed=3)  # another batch of the same shape: the replayed prompt pass reads its new ids
     a, b = (e.generate(*short, [4], options, ignore_eos=True)[4].tokens for e in (eager, graphed))
     assert torch.equal(a, b)
+
+
+def test_one_process_runs_every_mode_and_setting_without_recompiling(monkeypatch, tmp_path):
+    """Compile once: each decode piece is a pure function of tensors (a block, a check, a fill) whose layer and threshold
+    are data, so the first pass over every mode compiles each piece once per shape, and a second pass with other
+    thresholds and measures compiles nothing (dynamo's own count; its eager backend keeps the test fast)."""
+    import earlyexit.engine.core as core
+    from earlyexit.probe import forced_probe
+    from torch._dynamo.utils import counters
+    from test_adapters import shared
+    from test_probe import random_probe, saved
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(core, "_COMPILED", {}, raising=False)
+    monkeypatch.setattr(core, "compiler", lambda mode, hidden_size: {"backend": "eager"})
+    ee = shared("llama", seed=4, std=0.05)
+    probe = saved(random_probe([1, 2, 3], ee.config.hidden_size, seed=2, std=0.1, bias=[-0.3, 0.0, 0.5]), tmp_path)
+    forced = {layer: forced_probe([1, 2, 3], ee.config.hidden_size, layer, tmp_path / f"at{layer}") for layer in (1, 2, 3, None)}
+    ids, mask = prompts()
+    engine = Engine(ee, compile=True)
+    common = dict(max_new_tokens=8, ignore_eos=True, check_layers=[1, 2, 3])
+
+    def sweep(thresholds):
+        engine.generate(ids, mask, [4], max_new_tokens=8, ignore_eos=True)
+        engine.generate(ids, mask, [2, 4], max_new_tokens=8, ignore_eos=True)
+        engine.generate_speculative(ids, mask, 2, 2, max_new_tokens=8, ignore_eos=True)
+        for threshold in thresholds:
+            for measure in ("softmax", "margin", "state"):
+                engine.generate_dynamic(ids, mask, threshold=threshold, measure=measure, **common)
+            engine.generate_dynamic(ids, mask, threshold=threshold, measure="learned", probe=probe, **common)
+
+    graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
+    before = graphs()
+    for where in forced.values():  # every fill (all rows out at 1, 2, 3) and the full depth
+        engine.generate_dynamic(ids, mask, threshold=0.5, measure="learned", probe=where, **common)
+    sweep([0.0, 0.5, 1.01])
+    first = graphs() - before
+    sweep([0.01, 0.2, 0.7, 0.9, 0.99])
+    assert graphs() - before == first  # nothing new: not a layer, not a threshold, not a measure seen before
+    assert first <= 40, first

@@ -24,40 +24,53 @@ class StaticKV:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.slots: torch.Tensor | None = None
-        self.key_stack: torch.Tensor | None = None  # see stack()
-        self.value_stack: torch.Tensor | None = None
+        self.stacks: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # see stack()
 
-    def stack(self, layers: int, rows: int, heads: int, dim: int, dtype: torch.dtype, device) -> None:
-        """Allocate layers 0..``layers`` − 1 as slices of one ``[layers, rows, heads, capacity, dim]`` pair, so that
-        :meth:`update_layers` writes them all at once."""
-        self.key_stack = torch.zeros(layers, rows, heads, self.capacity, dim, dtype=dtype, device=device)
-        self.value_stack = torch.zeros_like(self.key_stack)
-        for layer in range(layers):
-            self.keys[layer], self.values[layer] = self.key_stack[layer], self.value_stack[layer]
+    def stack(self, layers: list[int], rows: int, heads: int, dim: int, dtype: torch.dtype, device) -> None:
+        """Allocate cache layers ``layers`` as slices of one ``[len(layers), rows, heads, capacity, dim]`` pair, so that
+        :meth:`stacked` hands consecutive ones to one batched write."""
+        keys = torch.zeros(len(layers), rows, heads, self.capacity, dim, dtype=dtype, device=device)
+        values = torch.zeros_like(keys)
+        for i, layer in enumerate(layers):
+            self.keys[layer], self.values[layer] = keys[i], values[i]
+        self.stacks.append((list(layers), keys, values))
 
-    def update_layers(self, key: torch.Tensor, value: torch.Tensor, first: int) -> None:
-        """Write layers ``first``, ``first`` + 1, …'s new keys and values (``[L, R, heads, q, dim]``) at ``slots`` into
-        the buffers :meth:`stack` allocated, in one write."""
-        count, rows, heads, q, _ = key.shape
-        device = key.device
-        at = (torch.arange(first, first + count, device=device)[:, None, None, None],
-              torch.arange(rows, device=device)[None, :, None, None], torch.arange(heads, device=device)[None, None, :, None],
-              self.slots[None, :rows, None, :])
-        self.key_stack.index_put_(at, key)
-        self.value_stack.index_put_(at, value)
+    def stacked(self, first: int, stop: int, layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[L, R, heads, capacity, dim]`` views of the stacked cache layers ``first``..``stop`` − 1 (or exactly
+        ``layers``, which must be consecutive in one stack)."""
+        wanted = list(range(first, stop)) if layers is None else list(layers)
+        for stacked, keys, values in self.stacks:
+            if wanted[0] in stacked:
+                start = stacked.index(wanted[0])
+                if stacked[start : start + len(wanted)] == wanted:
+                    return keys[start : start + len(wanted)], values[start : start + len(wanted)]
+        raise KeyError(f"cache layers {wanted} are not stacked together")
+
+    def layer(self, layer_idx: int, rows: int, heads: int, dim: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache layer ``layer_idx``'s ``[R, heads, capacity, dim]`` keys and values, allocated on first use with ``rows``
+        rows (so a layer only the deepest exits reach holds only their rows)."""
+        if layer_idx not in self.keys:
+            self.keys[layer_idx] = torch.zeros(rows, heads, self.capacity, dim, dtype=dtype, device=device)
+            self.values[layer_idx] = torch.zeros_like(self.keys[layer_idx])
+        return self.keys[layer_idx], self.values[layer_idx]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """The model's own attention's write (the generic path): ``key``/``value`` ``[R, heads, q, dim]`` at ``slots``."""
         rows, heads, q, dim = key.shape
-        if layer_idx not in self.keys:
-            self.keys[layer_idx] = key.new_zeros(rows, heads, self.capacity, dim)
-            self.values[layer_idx] = value.new_zeros(rows, heads, self.capacity, value.shape[-1])
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # an indexed write, not a scatter: compiled, it stays in place and writes only the new slots
-        at = (torch.arange(rows, device=key.device)[:, None, None], torch.arange(heads, device=key.device)[None, :, None],
-              self.slots[:rows, None, :])
-        keys.index_put_(at, key)
-        values.index_put_(at, value)
+        keys, values = self.layer(layer_idx, rows, heads, dim, key.dtype, key.device)
+        write(keys, values, key, value, self.slots)
         return keys, values
+
+
+def write(keys: torch.Tensor, values: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write ``key``/``value`` ``[..., R, k, q, d]`` into ``keys``/``values`` ``[..., R, k, S, d]`` at ``slots`` ``[R, q]``:
+    an indexed write, not a scatter (compiled, it stays in place and writes only the new slots)."""
+    *lead, rows, heads, q, _ = key.shape
+    at = tuple(torch.arange(size, device=key.device).view(-1, *[1] * (len(lead) - i + 2)) for i, size in enumerate(lead))
+    at += (torch.arange(rows, device=key.device)[:, None, None], torch.arange(heads, device=key.device)[None, :, None],
+           slots[:rows, None, :])
+    keys.index_put_(at, key)
+    values.index_put_(at, value)
 
 
 def additive_mask(slots: torch.Tensor, valid: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:

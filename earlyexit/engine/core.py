@@ -20,6 +20,7 @@ exit (tests/test_engine.py).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -29,7 +30,7 @@ import torch
 from earlyexit.arch import ARCHITECTURES, CACHE_ARGS, UNBATCHED_ARGS, sliding_windows
 from earlyexit.engine.cache import StaticKV, additive_mask
 from earlyexit.engine.control import Nodes, Plan, capture, pieces, resolve, walk
-from earlyexit.engine.fast import FusedBlock, fast_blocks, fast_inputs
+from earlyexit.engine.fast import FusedBlock, block_forward, fast_blocks, fast_inputs, kv_forward
 from earlyexit.errors import EarlyExitError
 from earlyexit.generation import GenerationArgs, options, select
 from earlyexit.model import EarlyExitHead, Generation, finish
@@ -88,18 +89,24 @@ class Core:
                                      "path only: set generation.engine false (the model's own generate)")
             self.shared = FusedBlock(adapters.block, ee.config)
         self.nodes = nodes
-        self._decode_blocks, self._decode_inputs = self._blocks, self._inputs
-        self._decode_head, self._decode_greedy = self._head, self._greedy
+        self._decode_inputs, self._decode_head, self._decode_greedy, self._decode_logits = (
+            self._inputs, self._head, self._greedy, self._logits)
+        self._run_block, self._run_kv = block_forward, kv_forward  # the fast path's pure pieces, compiled or not
         self._compiled: Callable[[Callable], Callable] = lambda fn: fn  # a decode piece's own work, compiled or not
-        if compile:  # the decode step's blocks and head; on the fast path its inputs too (embedding, rotary, masks)
+        if compile:  # one compiled version of each piece serves every layer, exit, threshold and setting of the process
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             how = compiler(compile_mode, ee.config.hidden_size)
-            self._compiled = lambda fn: torch.compile(fn, dynamic=False, **how)
-            self._decode_blocks = self._compiled(self._blocks)
+            self._compiled = lambda fn: compiled(fn, how)
             self._decode_head = self._compiled(self._head)
             self._decode_greedy = self._compiled(self._greedy)
-            if self.fast is not None:
+            self._decode_logits = self._compiled(self._logits)
+            if self.fast is not None:  # a block at a time: the block's numbers are data, never a layer index
+                self._run_block, self._run_kv = self._compiled(block_forward), self._compiled(kv_forward)
                 self._decode_inputs = self._compiled(self._inputs)
+        if self.fast is not None:
+            self._decode_blocks = functools.partial(self._blocks, run=self._run_block)
+        else:
+            self._decode_blocks = self._compiled(self._blocks)
 
     # ----------------------------------------------------------------------------------------- model pieces
     def _inputs(self, ids: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, npad: torch.Tensor, cache: StaticKV):
@@ -140,35 +147,64 @@ class Core:
             captured["position_embeddings"] = {kind: rotary(hidden, positions, kind) for kind in set(self._layer_types)}
         return hidden, captured, masks
 
-    def _blocks(self, hidden, kwargs, masks, layers: range, rows: list[int] | None = None) -> torch.Tensor:
-        """Run blocks ``layers`` (1-based). Block l runs on the first ``rows[l-1]`` rows; the others pass through."""
-        total = hidden.shape[0]
+    def _blocks(self, hidden, kwargs, masks, layers: range, rows: list[int] | None = None,
+                hold: tuple[torch.Tensor, torch.Tensor] | None = None, previous: bool = False, run=block_forward):
+        """Run blocks ``layers`` (1-based). Block l runs on the first ``rows[l-1]`` rows; the others pass through.
+        ``hold``: ``(rows, state)``: those rows' input to every block is ``state`` (a dynamic exit's exited rows).
+        ``previous``: also return the last block's input. ``run``: the fast path's :func:`block_forward`, or its
+        compiled version (the decode step's)."""
+        if self.fast is not None:
+            return self._fast_blocks(hidden, kwargs, masks, layers, rows, hold, previous, run)
+        total, inputs = hidden.shape[0], hidden
         for layer in layers:
             block = self.ee.blocks[layer - 1]
+            if hold is not None:
+                hidden = torch.where(hold[0][:, None, None], hold[1], hidden)
+            inputs = hidden
             n = total if rows is None else rows[layer - 1]
             call = {**kwargs, "attention_mask": masks[self.windows[layer - 1]]}
             if isinstance(call.get("position_embeddings"), dict):  # one rotary table per layer type (Gemma 3)
                 call["position_embeddings"] = call["position_embeddings"][self._layer_types[layer - 1]]
             if n < total:
                 call = {name: value if name in UNBATCHED_ARGS else take_rows(value, n, total) for name, value in call.items()}
-            if self.fast is not None:
-                out = self.fast[layer - 1](hidden[:n], call["attention_mask"], call["position_embeddings"], call[self._cache_name])
-            else:
-                out = block(hidden[:n], **call)
-                out = out[0] if isinstance(out, tuple) else out
+            out = block(hidden[:n], **call)
+            out = out[0] if isinstance(out, tuple) else out
             hidden = out if n == total else torch.cat([out, hidden[n:]])
-        return hidden
+        return (hidden, inputs) if previous else hidden
 
-    def _shared_block(self, hidden, kwargs, masks, groups: list[tuple[int, int]]) -> torch.Tensor:
+    def _fast_blocks(self, hidden, kwargs, masks, layers: range, rows, hold, previous: bool, run):
+        """:meth:`_blocks` on the fast path: each block one call of ``run`` (:func:`block_forward`, compiled once for
+        every block), its last residual add left to the next block while every row runs it."""
+        cache, (cos, sin) = kwargs[self._cache_name], kwargs["position_embeddings"]
+        total = hidden.shape[0]
+        residual, delta, inputs = hidden, None, hidden
+        for layer in layers:
+            block, mask = self.fast[layer - 1], masks[self.windows[layer - 1]]
+            n = total if rows is None else rows[layer - 1]
+            if previous and layer == layers[-1]:
+                inputs = residual if delta is None else residual + delta
+                if hold is not None:
+                    inputs = torch.where(hold[0][:, None, None], hold[1], inputs)
+            if n == total:
+                residual, delta = block.pair(residual, delta, mask, (cos, sin), cache, hold, run)
+                continue
+            if delta is not None:  # a slice of the rows runs: settle the pending add first
+                residual, delta = residual + delta, None
+            out = block(residual[:n], mask[:n], (cos[:n], sin[:n]), cache, run)
+            residual = torch.cat([out, residual[n:]])
+        out = residual if delta is None else residual + delta
+        return (out, inputs) if previous else out
+
+    def _shared_block(self, hidden, kwargs, masks, groups: list[tuple[int, int]], run=block_forward) -> torch.Tensor:
         """The shared exit block on the rows of each exit that reads through it (``groups``: ``(layer, rows)`` in row
-        order), each exit with its own cache layer after the model's; in the block's dtype (float32). Identity
-        without one."""
+        order), each exit with its own cache layer after the model's; in the block's dtype (float32). Identity without
+        one. ``run``: :func:`block_forward` or its compiled version."""
         if self.shared is None:
             return hidden
         adapters, cache = self.ee.adapters, kwargs[self._cache_name]
         cos, sin = kwargs["position_embeddings"]
         slots, parts, start = cache.slots, [], 0
-        dtype = self.shared.wqkv.dtype
+        dtype = self.shared.dtype
         for layer, count in groups:
             rows = slice(start, start + count)
             part = hidden[rows]
@@ -176,11 +212,11 @@ class Core:
                 block = self._shared_at(layer)  # its own keys and values, after the model's layers
                 cache.slots = slots[rows]
                 mask = masks[self.windows[-1]][rows].to(dtype)
-                part = block(part.to(dtype), mask, (cos[rows].to(dtype), sin[rows].to(dtype)), cache).to(hidden.dtype)
+                part = block(part.to(dtype), mask, (cos[rows].to(dtype), sin[rows].to(dtype)), cache, run).to(hidden.dtype)
             parts.append(part)
             start += count
         cache.slots = slots
-        return torch.cat(parts)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _shared_at(self, layer: int) -> FusedBlock:
         """The shared exit block writing exit ``layer``'s own cache layer (after the model's layers)."""
@@ -188,11 +224,16 @@ class Core:
         block.layer_idx = self.n_layers + layer
         return block
 
-    def _shared_fill(self, hidden: torch.Tensor, position_embeddings, cache, layer: int) -> None:
-        """Only the keys and values the shared block computes at exit ``layer`` for input ``hidden`` (a dynamic exit's
-        state propagated to a check layer above it)."""
-        dtype = self.shared.wqkv.dtype
-        self._shared_at(layer).fill(hidden.to(dtype), tuple(t.to(dtype) for t in position_embeddings), cache)
+    def _shared_kv(self, states: torch.Tensor, position_embeddings, cache, layers: list[int]) -> None:
+        """Only the keys and values the shared exit block computes at exits ``layers`` (consecutive in one cache stack)
+        for their inputs ``states`` ``[len(layers), R, q, D]``, in one batched product (:func:`kv_forward`): a dynamic
+        exit's checks keep the block's cache whole without running the block."""
+        block, dtype = self.shared, self.shared.dtype
+        weight, bias = block.kv_rows()
+        keys, values = cache.stacked(0, 0, [self.n_layers + layer for layer in layers])
+        cos, sin = (t.to(dtype) for t in position_embeddings)
+        self._run_kv(states.to(dtype), block.ln1[None], weight[None], None if bias is None else bias[None], cos, sin, keys,
+                     values, cache.slots, block.eps1, block.kv_heads, block.head_dim)
 
     def _adapt(self, hidden: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
         """Exit adapters on rows grouped by exit: ``groups`` is ``(layer, rows)`` in row order (identity without adapters)."""
@@ -321,7 +362,11 @@ class Core:
         return ids, mask
 
     def _buffers(self, rows: int, prompt: int, capacity: int):
-        """The cache and the per-row validity of each slot (prompt padding is invalid) and pad counts."""
+        """The cache and the per-row validity of each slot (prompt padding is invalid) and pad counts. With CUDA graphs
+        the cache holds a multiple of :data:`CACHE_SLOTS` slots, so that answers of other lengths reuse the compiled
+        step (the mask hides the slots past a row's position)."""
+        if self.cuda_graphs:
+            capacity = -(-capacity // CACHE_SLOTS) * CACHE_SLOTS
         valid = torch.ones(rows, capacity, dtype=torch.bool, device=self.device)
         npad = torch.zeros(rows, dtype=torch.long, device=self.device)
 
@@ -395,7 +440,8 @@ class Core:
 
         def step():
             hidden, kwargs, masks = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
-            hidden = self._shared_block(self._decode_blocks(hidden, kwargs, masks, layers, rows), kwargs, masks, groups)
+            hidden = self._decode_blocks(hidden, kwargs, masks, layers, rows)
+            hidden = self._shared_block(hidden, kwargs, masks, groups, self._run_block)
             if args.do_sample:
                 token = choose(self._decode_head(hidden[:, -1], groups, banned))
             else:
@@ -479,6 +525,10 @@ class Columns:
         return [self.out, *self.extras, self.step, self.slot]
 
 
+CACHE_SLOTS = 64
+"""A decode program's cache holds a multiple of this many slots: the compiled step is specialised to the cache's size,
+so prompts whose lengths differ by less reuse it (attention over at most 63 hidden slots more)."""
+
 PROMPT_GRAPH_TOKENS = 2048
 """A prompt pass of at most this many tokens (rows × prompt length) is replayed as a CUDA graph: run eagerly, its
 small kernels are launched one by one from Python, a cost the bench counts in every run (SmolLM2 at batch 1:
@@ -497,6 +547,18 @@ def compiler(mode: str, hidden_size: int) -> dict:
     if mode == "gemv":  # inductor decomposes one-row matrix products into fusable reductions under this option
         return {"options": {"coordinate_descent_tuning": True}}
     return {"mode": None if mode == "default" else mode}
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def compiled(fn: Callable, how: dict) -> Callable:
+    """``fn`` through ``torch.compile`` with ``how``, made once a process for each function and way (dynamo keeps
+    the compiled code on ``fn``'s code object, guarded by its inputs' shapes and dtypes, never by which layer)."""
+    key = (getattr(fn, "__func__", fn), getattr(fn, "__self__", None), repr(sorted(how.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=False, **how)
+    return _COMPILED[key]
 
 
 def _replay(graph: torch.cuda.CUDAGraph, out):

@@ -38,7 +38,7 @@ from earlyexit.engine.control import Branch
 from earlyexit.engine.core import Columns, Core, Stops, until_done
 from earlyexit.generation import GenerationArgs, Measure, options
 from earlyexit.model import Generation
-from earlyexit.probe import ExitProbe
+from earlyexit.probe import ExitProbe, features
 
 
 def confidence(logits: torch.Tensor | None, hidden: torch.Tensor, previous: torch.Tensor, measure: Measure) -> torch.Tensor:
@@ -66,20 +66,69 @@ class DynamicGeneration(Generation):
     full_from: int | None = None
 
 
+def decide(hidden: torch.Tensor, exited: torch.Tensor, state: torch.Tensor, layer: torch.Tensor, at: torch.Tensor,
+           limit: torch.Tensor, measure: Measure, final: bool = False, *, logits: torch.Tensor | None = None,
+           previous: torch.Tensor | None = None, read: torch.Tensor | None = None, adapted: torch.Tensor | None = None,
+           chosen: torch.Tensor | None = None, weight: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+           ended: torch.Tensor | None = None, flags: torch.Tensor | None = None, stash: torch.Tensor | None = None) -> None:
+    """One check layer's decisions, in place: rows not yet ``exited`` whose confidence reaches ``limit`` (all of them
+    when ``final``) exit here. A pure function of tensors, so that one compiled version serves every check layer and
+    threshold (the layer and the threshold are data).
+
+    Args:
+        hidden: ``[R, 1, D]`` this layer's output at the deciding position; ``previous``: its input (``state``).
+        exited, state, layer: the step's exits so far (``[R]`` bool, ``[R, 1, D]``, ``[R]`` long), updated: an exiting
+            row's state becomes ``hidden`` and its layer ``at``.
+        at: this layer (0-d long); limit: the threshold (0-d float).
+        measure, final: :func:`confidence`'s measure; the last layer (every row left exits).
+        logits: ``[R, V]`` float, what this exit's head gives (``softmax``, ``margin``); the exiting rows' argmax goes
+            to ``chosen``.
+        read, adapted: what this exit's head reads (through its adapter or the shared exit block; None: ``hidden``) and
+            where an exiting row keeps it (None: not kept here).
+        weight, offset: the learned measure's probe at this layer (``[D]``, 0-d).
+        ended, flags, stash: a skipping step's: rows whose answer has ended; ``flags`` ``[2]`` gets [every row out or
+            ended, a running row exited here]; ``stash`` ``[R, 1, D]`` gets each row's input to the shared exit
+            block here (its exit state once it has exited).
+    """
+    if final:
+        now = ~exited
+    else:
+        if measure == "learned":
+            sure = torch.sigmoid(features(hidden[:, -1]) @ weight + offset)
+        else:
+            sure = confidence(logits, hidden[:, -1], None if previous is None else previous[:, -1], measure)
+        now = ~exited & (sure >= limit)
+        if logits is not None and chosen is not None:  # a step that ends here needs no other head
+            chosen.copy_(torch.where(now, logits.argmax(-1), chosen))
+    pick = now[:, None, None]
+    state.copy_(torch.where(pick, hidden, state))
+    if adapted is not None:
+        adapted.copy_(torch.where(pick, hidden if read is None else read, adapted))
+    layer.copy_(torch.where(now, at, layer))
+    out = exited | now
+    exited.copy_(out)
+    if stash is not None:
+        stash.copy_(torch.where(out[:, None, None], state, hidden))
+    if flags is not None:
+        flags.copy_(torch.stack([(out | ended).all(), (now & ~ended).any()]))
+
+
 class _Exits:
     """One decode step's exits, in buffers updated in place (so that separately captured graphs share them):
     each row's exit ``state`` (the raw block output the blocks above take), its ``adapted`` state (what the head
-    reads), whether it has ``exited`` and at which layer."""
+    reads), whether it has ``exited`` and at which layer; the threshold as data."""
 
     def __init__(self, core: Core, rows: int, threshold: float, measure: Measure, banned: torch.Tensor,
                  probe: ExitProbe | None = None):
         width = core.ee.config.hidden_size
-        self.core, self.threshold, self.measure, self.banned, self.probe = core, threshold, measure, banned, probe
+        self.core, self.measure, self.banned, self.probe = core, measure, banned, probe
         self.state = torch.zeros(rows, 1, width, dtype=core.dtype, device=core.device)
         self.adapted = torch.zeros_like(self.state)
         self.exited = torch.zeros(rows, dtype=torch.bool, device=core.device)
         self.layer = torch.zeros(rows, dtype=torch.long, device=core.device)
         self.chosen = torch.zeros(rows, dtype=torch.long, device=core.device)  # a head measure's token at the exit
+        self.limit = torch.tensor(threshold, dtype=torch.float32, device=core.device)
+        self.layers = torch.arange(core.n_layers + 1, device=core.device)  # each layer as data: self.layers[l]
 
     def reset(self) -> None:
         self.exited.zero_()
@@ -89,33 +138,33 @@ class _Exits:
         """A block's inputs: the exit state for rows that have exited (one token a row)."""
         return torch.where(self.exited[:, None, None], self.state, hidden)
 
-    def decide(self, layer: int, last: torch.Tensor, previous: torch.Tensor, final: bool,
-               adapted: torch.Tensor | None = None) -> None:
-        """Rows not yet exited whose confidence at ``layer`` reaches the threshold (all of them at the last layer)
-        exit here. last, previous: ``[R, 1, D]`` this layer's output and input at the deciding position; ``adapted``:
-        what exit ``layer``'s head reads there, when the shared exit block computed it (else its adapter, here)."""
-        if adapted is None and self.core.ee.adapters is not None:
-            adapted = self.core._adapt(last, [(layer, last.shape[0])])
-        if final:
-            now = ~self.exited
-        elif self.measure == "learned":
-            now = ~self.exited & (self.probe(last[:, -1], layer) >= self.threshold)
-        else:
-            logits = None if self.measure == "state" else self.core._logits(last if adapted is None else adapted, self.banned)
-            now = ~self.exited & (confidence(logits, last, previous, self.measure)[:, 0] >= self.threshold)
-            if logits is not None:  # the exiting rows' tokens: a step that ends here needs no other head
-                self.chosen.copy_(torch.where(now, logits[:, -1].argmax(-1), self.chosen))
-        pick = now[:, None, None]
-        self.state.copy_(torch.where(pick, last, self.state))
-        if adapted is not None:
-            self.adapted.copy_(torch.where(pick, adapted, self.adapted))
-        self.layer.copy_(torch.where(now, layer, self.layer))
-        self.exited.copy_(self.exited | now)
+    def decide(self, layer: int, last: torch.Tensor, previous: torch.Tensor | None, final: bool,
+               read: torch.Tensor | None = None, adapt: bool = True, run=decide, logits=None, **program) -> None:
+        """:func:`decide` at ``layer`` (through ``run``: it or its compiled version) on these buffers. last, previous:
+        ``[R, 1, D]`` this layer's output and input at the deciding position; ``read``: what exit ``layer``'s head reads
+        there when the shared exit block computed it (else its adapter is applied here); ``adapt`` False: the
+        exiting rows' read is not kept (the learned measure's deferred shared block keeps it); ``logits``: the head's
+        function (default: the engine's eager one); ``program``: ``ended``, ``flags``, ``stash``."""
+        adapters = self.core.ee.adapters
+        if adapt and read is None and adapters is not None:
+            read = self.core._adapt(last, [(layer, last.shape[0])])
+        scores = weight = offset = None
+        if not final and self.measure in ("softmax", "margin"):
+            scores = (logits or self.core._logits)((last if read is None else read)[:, -1], self.banned)
+        if not final and self.measure == "learned":
+            i = self.probe.index[layer]
+            weight, offset = self.probe.weight[i], self.probe.bias[i]
+        run(last, self.exited, self.state, self.layer, self.layers[layer], self.limit, self.measure, final, logits=scores,
+            previous=previous, read=read, adapted=self.adapted if adapt and adapters is not None else None,
+            chosen=self.chosen, weight=weight, offset=offset, **program)
+
+    def reads(self) -> torch.Tensor:
+        """``[R, 1, D]`` what each row's exit head reads: its adapted state, or its exit state without adapters."""
+        return self.adapted if self.core.ee.adapters is not None else self.state
 
     def token(self) -> torch.Tensor:
         """``[R]`` the greedy token of each row's exit state."""
-        states = self.adapted if self.core.ee.adapters is not None else self.state
-        return self.core._logits(states[:, -1], self.banned).argmax(-1)
+        return self.core._logits(self.reads()[:, -1], self.banned).argmax(-1)
 
 
 class DynamicExits(Core):
@@ -190,7 +239,7 @@ class DynamicExits(Core):
             if layer in checks or layer == self.n_layers:
                 adapted = self._shared_check(hidden, kwargs, masks, layer)  # every prompt position: its cache
                 exits.decide(layer, hidden[:, -1:], inputs[:, -1:], final=layer == self.n_layers,
-                             adapted=None if adapted is None else adapted[:, -1:])
+                             read=None if adapted is None else adapted[:, -1:])
         loop.out[:, 0] = exits.token()
         loop.extras[0][:, 0] = exits.layer
 
@@ -219,7 +268,7 @@ class DynamicExits(Core):
                 if layer in checks or layer == self.n_layers:
                     # exited rows feed the shared block their exit state, as the blocks above them
                     adapted = self._shared_check(exits.inputs(hidden), kwargs, masks, layer)
-                    exits.decide(layer, hidden, inputs, final=layer == self.n_layers, adapted=adapted)
+                    exits.decide(layer, hidden, inputs, final=layer == self.n_layers, read=adapted)
             token = exits.token()
             loop.advance(token, exits.layer)
             return token
@@ -240,28 +289,35 @@ class DynamicExits(Core):
     def _skipping_program(self, args: GenerationArgs, checks: tuple[int, ...], batch: int, prompt: int, stops: Stops,
                           probe: ExitProbe | None):
         threshold, measure, max_new_tokens = args.threshold, args.measure, args.max_new_tokens
-        n, p = self.n_layers, len(checks)
+        n, p, fill = self.n_layers, len(checks), self.kv_fill
         cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens)
-        cache.stack(n, batch, self.kv_fill.kv_heads, self.kv_fill.head_dim, self.dtype, self.device)  # for kv_fill
+        cache.stack(list(range(n)), batch, fill.kv_heads, fill.head_dim, self.dtype, self.device)  # for the K/V fill
+        through = [layer for layer in checks if self.shared is not None and self.ee.adapters.has_block(layer)]
+        if through:  # the shared exit block's cache layers at its checks, filled together too
+            cache.stack([n + layer for layer in through], batch, self.shared.kv_heads, self.shared.head_dim,
+                        self.shared.dtype, self.device)
         banned, ends = stops.tensors(self.device)
         loop = Columns(batch, max_new_tokens, stops.pad, self.device, extras=1)
         used = loop.extras[0]
         exits = _Exits(self, batch, threshold, measure, banned, probe)
         # the step's inputs, written by its first piece and read by the others
-        hidden = torch.zeros(batch, 1, self.ee.config.hidden_size, dtype=self.dtype, device=self.device)
-        rotary = tuple(torch.zeros(batch, 1, self.kv_fill.head_dim, dtype=self.dtype, device=self.device) for _ in range(2))
+        width = self.ee.config.hidden_size
+        hidden = torch.zeros(batch, 1, width, dtype=self.dtype, device=self.device)
+        rotary = tuple(torch.zeros(batch, 1, fill.head_dim, dtype=self.dtype, device=self.device) for _ in range(2))
         masks = {w: torch.zeros(batch, 1, 1, valid.shape[1], dtype=self.dtype, device=self.device) for w in dict.fromkeys(self.windows)}
         kwargs = {"position_embeddings": rotary, self._cache_name: cache}
         ended = torch.zeros(batch, dtype=torch.bool, device=self.device)  # rows whose answer has ended (EOS written)
-        # after check j: [every row has exited or ended, a row exited here whose shared exit block is still to run]
+        # after check j: [every row has exited or ended, a running row exited here (its shared exit block is to run)]
         flags = torch.zeros(max(p, 1), 2, dtype=torch.bool, device=self.device)
+        stash = torch.zeros(len(through), batch, 1, width, dtype=self.dtype, device=self.device)  # the block's inputs
         bounds = [0, *checks, n]  # piece j runs blocks bounds[j] + 1 .. bounds[j + 1]
-        columns = torch.arange(max_new_tokens, device=self.device)
         head_measure = measure in ("softmax", "margin")  # the check computed each exiting row's token
+        check = self._compiled(decide)
+        state_measure = measure == "state"
 
         def deferred(layer: int) -> bool:
             """The learned measure decides before the shared exit block runs: only rows that exit run it (see adapt)."""
-            return measure == "learned" and self.shared is not None and self.ee.adapters.has_block(layer)
+            return measure == "learned" and layer in through
 
         def begin():
             h, kw, mk = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
@@ -271,71 +327,66 @@ class DynamicExits(Core):
             for window, buffer in masks.items():
                 buffer.copy_(mk[window])
             exits.reset()
+
+        def finish(token: torch.Tensor | None = None):
+            """The shared exit block's keys and values at its checks (one product), the step's token, the next column."""
+            if through:
+                self._shared_kv(stash, rotary, cache, through)
+            if token is None:
+                token = self._decode_greedy(exits.reads()[:, -1], [(n, batch)], banned)
+            loop.advance(token, exits.layer)
             if ends is not None:
-                ended.copy_((torch.isin(loop.out, ends) & (columns <= loop.step)).any(1))
-
-        def blocks(j: int):
-            """Blocks bounds[j] + 1 .. bounds[j + 1] on the step's state, exited rows held at their exit state."""
-            h = inputs = hidden
-            for layer in range(bounds[j] + 1, bounds[j + 1] + 1):
-                inputs = exits.inputs(h)
-                h = self._decode_blocks(inputs, kwargs, masks, range(layer, layer + 1))
-            return h, inputs
-
-        def check(j: int):
-            top = bounds[j + 1]
-
-            def run(h, inputs):  # the decisions at check layer top and the flags the branches after it read
-                if deferred(top):  # the probe reads the raw state; the shared block only writes its keys and values
-                    exits.decide(top, h, inputs, final=False)
-                    self._shared_fill(exits.inputs(h), rotary, cache, top)
-                else:
-                    adapted = self._shared_check(exits.inputs(h), kwargs, masks, top)
-                    exits.decide(top, h, inputs, final=False, adapted=adapted)
-                hidden.copy_(h)
-                new = ((exits.layer == top) & ~ended).any() if deferred(top) else ended.new_zeros(())
-                flags[j].copy_(torch.stack([(exits.exited | ended).all(), new]))
-
-            return self._compiled(run)
-
-        checked = [check(j) for j in range(p)]
+                ended.logical_or_(torch.isin(token, ends))
 
         def piece(j: int):
-            def run():
+            top = bounds[j + 1]
+
+            def run():  # blocks bounds[j] + 1 .. top, exited rows held at their exit state, then the check at top
                 if j == 0:
                     begin()
-                h, inputs = blocks(j)
-                if j < p:
-                    checked[j](h, inputs)
+                out = self._decode_blocks(hidden, kwargs, masks, range(bounds[j] + 1, top + 1),
+                                          hold=(exits.exited, exits.state) if j else None, previous=state_measure)
+                h, inputs = out if state_measure else (out, None)  # inputs may be the buffer hidden: written last
+                if j == p:
+                    exits.decide(n, h, inputs, final=True)
+                    finish()
                     return
-                adapted = self._shared_check(exits.inputs(h), kwargs, masks, n)
-                exits.decide(n, h, inputs, final=True, adapted=adapted)
-                loop.advance(exits.token(), exits.layer)
+                read = None
+                if top in through and not deferred(top):  # the head reads the exit through the shared block
+                    read = self._shared_block(exits.inputs(h), kwargs, masks, [(top, batch)], self._run_block)
+                exits.decide(top, h, inputs, final=False, read=read, adapt=not deferred(top), run=check,
+                             logits=self._decode_logits, ended=ended, flags=flags[j],
+                             stash=stash[through.index(top)] if top in through else None)
+                hidden.copy_(h)
 
+            run.label = f"blocks {bounds[j] + 1}-{top}" + (", token" if j == p else f", check {top}")
             return run
 
         def adapt(j: int):
-            # the rows that exited at bounds[j + 1] read it through the shared exit block, which rewrites the keys and
-            # values the piece wrote there (the same ones)
-            def run():
-                top = bounds[j + 1]
-                adapted = self._shared_block(exits.inputs(hidden), kwargs, masks, [(top, batch)])
+            top = bounds[j + 1]
+
+            def run():  # the rows that exited at top read it through the shared exit block (which rewrites its K/V there)
+                adapted = self._shared_block(exits.inputs(hidden), kwargs, masks, [(top, batch)], self._run_block)
                 exits.adapted.copy_(torch.where((exits.layer == top)[:, None, None], adapted, exits.adapted))
 
-            return self._compiled(run)
+            run.label = f"shared block at {top}"
+            return run
 
-        def fill(j: int):
-            def run():  # every row has exited at or below bounds[j + 1]: only the K/V of the blocks above, then the token
-                self.kv_fill(exits.state, rotary, cache, bounds[j + 1] + 1, n)
-                for layer in checks[j + 1 :]:
-                    if self.shared is not None and self.ee.adapters.has_block(layer):
-                        self._shared_fill(exits.state, rotary, cache, layer)
-                loop.advance(exits.chosen if head_measure else exits.token(), exits.layer)
+        def fill_above(j: int):
+            top = bounds[j + 1]
+            later = sum(layer > top for layer in through)  # the shared block's checks above: their input is the exit state
 
-            return self._compiled(run)
+            def run():  # every row has exited at or below top: only the K/V of the blocks above, then the token
+                self.kv_fill(exits.state, rotary, cache, top + 1, n, self._run_kv)
+                if later:
+                    stash[-later:].copy_(exits.state[None].expand(later, -1, -1, -1))
+                finish(exits.chosen if head_measure else None)
+
+            run.label = f"fill {top + 1}-{n}, token"
+            return run
 
         adapts = {j: adapt(j) for j, layer in enumerate(checks) if deferred(layer)}
-        fills = [fill(j) for j in range(p)]
+        fills = [fill_above(j) for j in range(p)]
 
         def plan(j: int):
             """Piece j, then: every row out → fill j (after the deferred shared block), else the pieces above."""
@@ -349,11 +400,20 @@ class DynamicExits(Core):
             begin()
             h = self._decode_blocks(hidden, kwargs, masks, range(1, n + 1))
             exits.layer.fill_(n)
-            loop.advance(self._decode_greedy(h[:, -1], [(n, batch)], banned), exits.layer)
+            token = self._decode_greedy(h[:, -1], [(n, batch)], banned)
+            loop.advance(token, exits.layer)
+            if ends is not None:
+                ended.logical_or_(torch.isin(token, ends))
 
+        full.label = f"full depth ({n} blocks), token"
         state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted, exits.chosen, hidden, *rotary, ended,
-                                flags, *masks.values()]
-        start = self._prompt_pass(lambda ids: self._start(exits, checks, loop, ids, valid, npad, cache), (batch, prompt), state)
+                                flags, stash, *masks.values()]
+
+        def first(ids):
+            self._start(exits, checks, loop, ids, valid, npad, cache)
+            ended.copy_(torch.isin(loop.out[:, 0], ends) if ends is not None else torch.zeros_like(ended))
+
+        start = self._prompt_pass(first, (batch, prompt), state)
         steps = {}  # the step and its fallback, built (captured, on a GPU) at the first call
 
         def run(ids, mask):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from earlyexit.engine.cache import write
 from earlyexit.errors import EarlyExitError
 
 
@@ -41,6 +42,10 @@ def _linear(module: nn.Module) -> nn.Linear:
     return getattr(module, "base_layer", module)
 
 
+def _plain(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
+
+
 def _fuse(linears: list[nn.Linear], out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) for several projections of the same input; each ``nn.Linear`` then views its rows.
     ``out``: where the fused weight goes (a slice of the stacked weights of every block), else a new tensor."""
@@ -59,8 +64,66 @@ def _fuse(linears: list[nn.Linear], out: torch.Tensor | None = None) -> tuple[to
     return weight, bias
 
 
+def block_forward(residual: torch.Tensor, delta: torch.Tensor | None, mask: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, ln1, wqkv, bqkv, wo, bo,
+                  ln2, wgu, bgu, wdown, bdown, heads: int, kv_heads: int, head_dim: int, scaling: float, eps1: float,
+                  eps2: float, inter: int, hold: torch.Tensor | None = None, state: torch.Tensor | None = None):
+    """One llama-style block as a pure function of tensors (and the block shape's numbers, the same for every block), so
+    that one compiled version serves every block, every exit and every setting of a process.
+
+    The block's input is ``residual + delta`` (``delta`` None: 0); it returns its output as ``(residual, delta)``, the
+    last residual add left to the next block, where it fuses with that block's norm. ``hold`` ``[R]`` bool: rows
+    whose input is ``state`` ``[R, q, D]`` instead (a dynamic exit's rows that have exited, riding along with their exit
+    state). The new keys and values are written into ``keys``/``values`` ``[R, k, S, d]`` at ``slots`` ``[R, q]``.
+
+    Shapes: residual, delta ``[R, q, D]``; mask ``[R, 1, q, S]`` additive; cos, sin ``[R, q, d]``.
+    """
+    hidden = residual if delta is None else residual + delta
+    if hold is not None:
+        hidden = torch.where(hold[:, None, None], state, hidden)
+    rows, q, _ = hidden.shape
+    h, k, d = heads, kv_heads, head_dim
+    x = rms_norm(hidden, ln1, eps1)
+    qkv = F.linear(x, wqkv, bqkv)  # [R, q, (h + 2k) d]
+    query, key, value = qkv.split([h * d, k * d, k * d], dim=-1)
+    query = query.view(rows, q, h, d).transpose(1, 2)  # [R, h, q, d]
+    key = key.view(rows, q, k, d).transpose(1, 2)
+    value = value.view(rows, q, k, d).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+    write(keys, values, key, value, slots)
+    attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=h != k)
+    hidden = hidden + F.linear(attn.transpose(1, 2).reshape(rows, q, h * d), wo, bo)
+    x = rms_norm(hidden, ln2, eps2)
+    gate, up = F.linear(x, wgu, bgu).split([inter, inter], dim=-1)
+    return hidden, F.linear(F.silu(gate) * up, wdown, bdown)
+
+
+def kv_forward(hidden: torch.Tensor, norms: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
+               sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, eps: float, kv_heads: int,
+               head_dim: int) -> None:
+    """The keys and values L blocks compute for their inputs, written to their cache layers, and nothing else: a dynamic
+    exit's state propagated to the blocks it skips (CALM), one batched product for all of them.
+
+    Shapes: hidden ``[L or 1, R, q, D]`` (each block's input, or one for all); norms ``[L or 1, D]`` (their input norms'
+    weights); weight ``[L or 1, 2 k d, D]`` (their k|v rows); bias ``[L or 1, 2 k d]``; cos, sin ``[R, q, d]``; keys,
+    values ``[L, R, k, S, d]`` (their cache layers); slots ``[R, q]``.
+    """
+    count, (_, rows, q, width), k, d = keys.shape[0], hidden.shape, kv_heads, head_dim
+    x = hidden.float()
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)  # as rms_norm
+    x = norms[:, None] * normed.reshape(-1, rows * q, width)  # [L, R q, D]
+    kv = torch.matmul(x, weight.transpose(1, 2))  # [L, R q, 2 k d]
+    if bias is not None:
+        kv = kv + bias[:, None]
+    kv = kv.expand(count, -1, -1).reshape(count, rows, q, 2 * k, d).transpose(2, 3)  # [L, R, 2k, q, d]
+    cos, sin = cos[None, :, None], sin[None, :, None]  # [1, R, 1, q, d]
+    write(keys, values, rotate(kv[:, :, :k], cos, sin), kv[:, :, k:], slots)
+
+
 class FusedBlock:
-    """One llama-style block on fused weights. ``__call__`` equals the block's own forward."""
+    """One llama-style block on fused weights. ``__call__`` equals the block's own forward; :meth:`pair` is the same
+    through :func:`block_forward` (``run``: it, or its compiled version)."""
 
     def __init__(self, block: nn.Module, config, qkv: torch.Tensor | None = None):
         attn, mlp = block.self_attn, block.mlp
@@ -68,54 +131,44 @@ class FusedBlock:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
-        self.ln1, self.eps1 = block.input_layernorm.weight, block.input_layernorm.variance_epsilon
-        self.ln2, self.eps2 = block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon
+        # every weight detached (a view: the model's own storage), so one compiled block serves trunk and exit blocks
+        self.ln1, self.eps1 = _plain(block.input_layernorm.weight), block.input_layernorm.variance_epsilon
+        self.ln2, self.eps2 = _plain(block.post_attention_layernorm.weight), block.post_attention_layernorm.variance_epsilon
         self.wqkv, self.bqkv = _fuse([_linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj)], qkv)
-        self.wo, self.bo = _linear(attn.o_proj).weight, _linear(attn.o_proj).bias
+        self.wo, self.bo = _plain(_linear(attn.o_proj).weight), _plain(_linear(attn.o_proj).bias)
         self.wgu, self.bgu = _fuse([_linear(mlp.gate_proj), _linear(mlp.up_proj)])
-        self.wdown, self.bdown = _linear(mlp.down_proj).weight, _linear(mlp.down_proj).bias
+        self.wdown, self.bdown = _plain(_linear(mlp.down_proj).weight), _plain(_linear(mlp.down_proj).bias)
         self.inter = _linear(mlp.gate_proj).out_features
-        self.gqa = self.heads != self.kv_heads
+        self.dtype = self.wqkv.dtype
 
-    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor, position_embeddings, cache) -> torch.Tensor:
+    def pair(self, residual: torch.Tensor, delta: torch.Tensor | None, mask: torch.Tensor, position_embeddings, cache,
+             hold: tuple[torch.Tensor, torch.Tensor] | None = None, run=block_forward):
+        """:func:`block_forward` on this block's weights, writing its cache layer of ``cache`` (a
+        :class:`~earlyexit.engine.cache.StaticKV` whose ``slots`` are set); ``hold``: ``(rows, state)`` or None."""
+        rows, q, _ = residual.shape
+        keys, values = cache.layer(self.layer_idx, rows, self.kv_heads, self.head_dim, residual.dtype, residual.device)
+        cos, sin = position_embeddings
+        held, state = hold if hold is not None else (None, None)
+        return run(residual, delta, mask, cos, sin, keys, values, cache.slots, self.ln1, self.wqkv, self.bqkv, self.wo,
+                   self.bo, self.ln2, self.wgu, self.bgu, self.wdown, self.bdown, self.heads, self.kv_heads, self.head_dim,
+                   self.scaling, self.eps1, self.eps2, self.inter, held, state)
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor, position_embeddings, cache, run=block_forward) -> torch.Tensor:
         """hidden: [R, q, D]; mask: [R, 1, q, S] additive; position_embeddings: (cos, sin) [R, q, d]; cache: StaticKV."""
-        rows, q, _ = hidden.shape
-        h, k, d = self.heads, self.kv_heads, self.head_dim
-        x = rms_norm(hidden, self.ln1, self.eps1)
-        qkv = F.linear(x, self.wqkv, self.bqkv)  # [R, q, (h + 2k) d]
-        query, key, value = qkv.split([h * d, k * d, k * d], dim=-1)
-        query = query.view(rows, q, h, d).transpose(1, 2)  # [R, h, q, d]
-        key = key.view(rows, q, k, d).transpose(1, 2)
-        value = value.view(rows, q, k, d).transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
-        keys, values = cache.update(key, value, self.layer_idx)  # [R, k, S, d]
-        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=self.gqa)
-        hidden = hidden + F.linear(attn.transpose(1, 2).reshape(rows, q, h * d), self.wo, self.bo)
-        x = rms_norm(hidden, self.ln2, self.eps2)
-        gate, up = F.linear(x, self.wgu, self.bgu).split([self.inter, self.inter], dim=-1)
-        return hidden + F.linear(F.silu(gate) * up, self.wdown, self.bdown)
+        residual, delta = self.pair(hidden, None, mask, position_embeddings, cache, run=run)
+        return residual + delta
 
-
-    def fill(self, hidden: torch.Tensor, position_embeddings, cache) -> None:
-        """Write the keys and values this block computes for input ``hidden`` into ``cache``, and nothing else: the
-        K/V projections of its input norm, rotated (a dynamic exit's state propagated to a block it skips)."""
-        rows, q, _ = hidden.shape
-        h, k, d = self.heads, self.kv_heads, self.head_dim
-        x = rms_norm(hidden, self.ln1, self.eps1)
-        kv = F.linear(x, self.wqkv[h * d :], None if self.bqkv is None else self.bqkv[h * d :])  # [R, q, 2k d]
-        key, value = kv.split([k * d, k * d], dim=-1)
-        key = key.view(rows, q, k, d).transpose(1, 2)
-        value = value.view(rows, q, k, d).transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-        cache.update(rotate(key, cos, sin), value, self.layer_idx)
+    def kv_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The k|v rows of the fused q|k|v weight (and bias): what :func:`kv_forward` reads."""
+        start = self.heads * self.head_dim
+        return self.wqkv[start:], None if self.bqkv is None else self.bqkv[start:]
 
 
 class KVFill:
     """The keys and values of consecutive blocks for one input state, computed together: a dynamic exit's state is the
     input of every block it skips (CALM's state propagation), so their K/V projections are one batched product over
-    the stacked k|v rows of the blocks' fused weights (views, no copy) and one cache write, instead of a norm, a
-    product, a rotation and two writes per block. Equals :meth:`FusedBlock.fill` block by block."""
+    the stacked k|v rows of the blocks' fused weights (views, no copy) and one cache write (:func:`kv_forward`),
+    instead of a norm, a product, a rotation and two writes per block."""
 
     def __init__(self, blocks: list[FusedBlock], qkv: torch.Tensor, bias: torch.Tensor | None):
         first = blocks[0]
@@ -128,20 +181,14 @@ class KVFill:
         self.bias = None if bias is None else bias[:, start:]
         self.norms = torch.stack([block.ln1.detach() for block in blocks])  # [n, D]
 
-    def __call__(self, hidden: torch.Tensor, position_embeddings, cache, first: int, last: int) -> None:
+    def __call__(self, hidden: torch.Tensor, position_embeddings, cache, first: int, last: int, run=kv_forward) -> None:
         """Write blocks ``first``..``last``'s (1-based) keys and values for input ``hidden`` ``[R, q, D]`` into ``cache``
         (its stacked buffers, :meth:`~earlyexit.engine.cache.StaticKV.stack`)."""
-        rows, q, width = hidden.shape
-        count, k, d = last - first + 1, self.kv_heads, self.head_dim
-        x = hidden.float()
-        normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(hidden.dtype)  # as rms_norm
-        x = self.norms[first - 1 : last, None] * normed.reshape(1, rows * q, width)  # [L, R q, D]
-        kv = torch.matmul(x, self.weight[first - 1 : last].transpose(1, 2))  # [L, R q, 2 k d]
-        if self.bias is not None:
-            kv = kv + self.bias[first - 1 : last, None]
-        kv = kv.view(count, rows, q, 2 * k, d).transpose(2, 3)  # [L, R, 2k, q, d]
-        cos, sin = (t[None, :, None] for t in position_embeddings)  # [1, R, 1, q, d]
-        cache.update_layers(rotate(kv[:, :, :k], cos, sin), kv[:, :, k:], first - 1)
+        keys, values = cache.stacked(first - 1, last)
+        cos, sin = position_embeddings
+        run(hidden[None], self.norms[first - 1 : last], self.weight[first - 1 : last],
+            None if self.bias is None else self.bias[first - 1 : last], cos, sin, keys, values, cache.slots, self.eps,
+            self.kv_heads, self.head_dim)
 
 
 def fast_inputs(decoder: nn.Module, ids: torch.Tensor, positions: torch.Tensor):

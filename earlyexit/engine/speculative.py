@@ -120,7 +120,7 @@ class SelfSpeculation(Core):
         proposed = torch.zeros((), dtype=torch.long, device=self.device)
 
         def dist(hidden, layer=None):
-            logits = self._logits(hidden, banned, layer)
+            logits = self._decode_logits(hidden, banned, layer)
             return probabilities(logits, args.temperature, args.top_p) if do_sample else logits
 
         def choose(scores):
@@ -136,7 +136,7 @@ class SelfSpeculation(Core):
             hidden, kwargs, masks = self._decode_inputs(token, pos + j, valid, npad, cache)
             states[:, j : j + 1].copy_(self._decode_blocks(hidden, kwargs, masks, range(1, exit_layer + 1)))
             if shared:  # the drafter reads the exit through the shared block, whose cache follows every position
-                return self._shared_block(states[:, j : j + 1], kwargs, masks, group)[:, 0]
+                return self._shared_block(states[:, j : j + 1], kwargs, masks, group, self._run_block)[:, 0]
             return states[:, j]
 
         def draft(j: int):
