@@ -259,18 +259,19 @@ def test_dynamic_exit_at_listed_check_layers_equals_the_arithmetic_ones(fast):
         GenerationArgs(check_layers=[0, 2])
 
 
-def test_dynamic_exit_skips_the_blocks_above_the_exit_and_fills_their_kv():
-    """Threshold 0 at min_layer 2 of 4: after the prompt, blocks 3 and 4 never run; their K/V are filled per token."""
+def test_dynamic_exit_skips_the_blocks_above_the_exit_and_defers_their_kv():
+    """Threshold 0 at min_layer 2 of 4: after the prompt, blocks 3 and 4 never run; the K/V of their skipped positions
+    wait and are filled together, 16 positions at a time, not once a token."""
     ee = EarlyExitHead(tiny_model("llama"))
     ids, mask = prompts()
     engine = Engine(ee, fast=True)
     calls = {"run": [0] * 4, "fill": []}
     engine.fast = [_Counting(block, i, calls) for i, block in enumerate(engine.fast)]
     engine.kv_fill = _CountingFill(engine.kv_fill, calls)
-    out = engine.generate_dynamic(ids, mask, threshold=0.0, min_layer=2, max_new_tokens=6, ignore_eos=True)
-    assert calls["run"] == [6, 6, 1, 1]  # the prompt, then 5 decode steps through blocks 1-2 only
-    assert calls["fill"] == [(3, 4)] * 5  # blocks 3-4's K/V, together, once a step
-    assert torch.equal(out.tokens, ee.generate(ids, mask, 2, max_new_tokens=6, ignore_eos=True).tokens)
+    out = engine.generate_dynamic(ids, mask, threshold=0.0, min_layer=2, max_new_tokens=20, ignore_eos=True)
+    assert calls["run"] == [20, 20, 1, 1]  # the prompt, then 19 decode steps through blocks 1-2 only
+    assert calls["fill"] == [(3, 4)]  # blocks 3-4's K/V of the first 16 steps, in one product
+    assert torch.equal(out.tokens, ee.generate(ids, mask, 2, max_new_tokens=20, ignore_eos=True).tokens)
     assert (out.layers == 2).all()
 
 
@@ -341,6 +342,36 @@ def test_skipping_equals_propagating_with_eos_and_padding(family):
                                      eos_token_id=eos)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.layers, b.layers) and torch.equal(a.n_tokens, b.n_tokens)
         assert (a.n_tokens < 12).any()
+
+
+@pytest.mark.parametrize("defer", [16, 2])
+def test_deferred_kv_is_filled_before_a_later_token_reads_it(defer, monkeypatch):
+    """40 tokens, exits mixed over the check layers: positions that skipped the blocks above wait (for 2 steps at most:
+    the host's flush keeps a run of skips from overwriting them) and a token that goes on reads their K/V as if filled
+    at once: the skipping path gives the propagating path's tokens and layers."""
+    import earlyexit.engine.core as core
+    import earlyexit.engine.dynamic as dynamic
+
+    monkeypatch.setattr(core, "DEFER", defer)
+    monkeypatch.setattr(dynamic, "DEFER", defer)
+    ee = EarlyExitHead(tiny_model("llama", seed=2))
+    ids, mask = prompts()
+    ids, mask = ids[:1], mask[:1]  # one row: runs of skipped steps (a batch skips only when every row exits)
+    common = dict(threshold=0.0102, min_layer=1, max_new_tokens=40, ignore_eos=True)
+    caches, init = [], StaticKV.__init__
+    monkeypatch.setattr(StaticKV, "__init__", lambda cache, capacity: (caches.append(cache), init(cache, capacity))[1])
+    a = Engine(ee, fast=True).generate_dynamic(ids, mask, **common)
+    b = Engine(ee, fast=False).generate_dynamic(ids, mask, **common)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.layers, b.layers)
+    # every position a later token read holds the keys and values the propagating path computed, in every block
+    last = max(t for t, layer in enumerate(a.layers[0].tolist()) if layer > 1)  # the last step that ran block 2
+    seen = ids.shape[1] + last - 1  # the slots before its input's
+    skipping, propagating = caches
+    for layer in range(ee.n_layers):
+        assert torch.allclose(skipping.keys[layer][..., :seen, :], propagating.keys[layer][..., :seen, :], atol=1e-5), layer
+        assert torch.allclose(skipping.values[layer][..., :seen, :], propagating.values[layer][..., :seen, :], atol=1e-5)
+    runs = "".join("s" if layer < 4 else "." for layer in a.layers[0, 1:].tolist())
+    assert "sss." in runs and ".s" in runs, runs  # three skips in a row, then a token that reads their K/V
 
 
 @pytest.mark.parametrize("measure", ["softmax", "margin", "state"])

@@ -63,12 +63,13 @@ class StaticKV:
 
 
 def write(keys: torch.Tensor, values: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-    """Write ``key``/``value`` ``[..., R, k, q, d]`` into ``keys``/``values`` ``[..., R, k, S, d]`` at ``slots`` ``[R, q]``:
-    an indexed write, not a scatter (compiled, it stays in place and writes only the new slots)."""
+    """Write ``key``/``value`` ``[..., R, k, q, d]`` into ``keys``/``values`` ``[..., R, k, S, d]`` at ``slots`` ``[R, q]``
+    (or ``[..., R, q]``: each leading index its own slots): an indexed write, not a scatter (compiled, it stays in
+    place and writes only the new slots)."""
     *lead, rows, heads, q, _ = key.shape
     at = tuple(torch.arange(size, device=key.device).view(-1, *[1] * (len(lead) - i + 2)) for i, size in enumerate(lead))
     at += (torch.arange(rows, device=key.device)[:, None, None], torch.arange(heads, device=key.device)[None, :, None],
-           slots[:rows, None, :])
+           slots[..., :rows, None, :])
     keys.index_put_(at, key)
     values.index_put_(at, value)
 

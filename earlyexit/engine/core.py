@@ -583,17 +583,24 @@ SYNC_EVERY = 16
 than full depth?): the only synchronisations of a device-decided loop."""
 
 
-def until_done(step: Callable, out: torch.Tensor, eos: torch.Tensor | None, full: tuple[Callable, float] | None = None
-               ) -> int | None:
+DEFER = SYNC_EVERY
+"""A dynamic exit's deferred K/V: positions whose step skipped the blocks above its exit wait for their keys and values
+there until a later token runs those blocks, or at most this many steps (the host flushes them every DEFER steps)."""
+
+
+def until_done(step: Callable, out: torch.Tensor, eos: torch.Tensor | None, full: tuple[Callable, float] | None = None,
+               flush: Callable | None = None) -> int | None:
     """Run ``step`` (which writes column t of ``out``) for t = 1.. until ``out`` is full or, every :data:`SYNC_EVERY`
     steps (a host sync each), every row holds one of ``eos``.
 
     ``full``: (the full-depth step, its GPU seconds a step): an adaptive step times each stretch of steps on the GPU
-    and, once it is slower than full depth, the rest of the answer runs the full-depth step. Returns the step at which
-    it switched (None: never)."""
+    and, once it is slower than full depth, the rest of the answer runs the full-depth step. ``flush``: run before every
+    :data:`DEFER`-th step (a dynamic exit's deferred K/V). Returns the step at which it switched (None: never)."""
     timer = Stretch() if full is not None else None
     switched = None
     for t in range(1, out.shape[1]):
+        if flush is not None and t > 1 and (t - 1) % DEFER == 0:
+            flush()
         step()
         if t % SYNC_EVERY:
             continue

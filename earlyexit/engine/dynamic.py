@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from earlyexit.engine.control import Branch
-from earlyexit.engine.core import Columns, Core, Stops, until_done
+from earlyexit.engine.core import DEFER, Columns, Core, Stops, until_done
 from earlyexit.generation import GenerationArgs, Measure, options
 from earlyexit.model import Generation
 from earlyexit.probe import ExitProbe, features
@@ -290,7 +290,7 @@ class DynamicExits(Core):
                           probe: ExitProbe | None):
         threshold, measure, max_new_tokens = args.threshold, args.measure, args.max_new_tokens
         n, p, fill = self.n_layers, len(checks), self.kv_fill
-        cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens)
+        cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens + 1)  # + a slot never seen
         cache.stack(list(range(n)), batch, fill.kv_heads, fill.head_dim, self.dtype, self.device)  # for the K/V fill
         through = [layer for layer in checks if self.shared is not None and self.ee.adapters.has_block(layer)]
         if through:  # the shared exit block's cache layers at its checks, filled together too
@@ -311,6 +311,15 @@ class DynamicExits(Core):
         flags = torch.zeros(max(p, 1), 2, dtype=torch.bool, device=self.device)
         stash = torch.zeros(len(through), batch, 1, width, dtype=self.dtype, device=self.device)  # the block's inputs
         bounds = [0, *checks, n]  # piece j runs blocks bounds[j] + 1 .. bounds[j + 1]
+        # deferred K/V: a step every row of which exits at a check leaves the blocks above unfilled for its position; the
+        # positions wait here (at most DEFER of them) until a token runs those blocks, or the host's next flush
+        trash = cache.capacity - 1  # where a flush writes what is not due: a slot no query ever sees
+        waiting = torch.zeros(batch, DEFER, width, dtype=self.dtype, device=self.device)  # their exit states
+        waiting_rotary = tuple(torch.zeros(batch, DEFER, fill.head_dim, dtype=self.dtype, device=self.device) for _ in range(2))
+        waiting_slot = torch.full((batch, DEFER), trash, dtype=torch.long, device=self.device)
+        waiting_from = torch.zeros(DEFER, dtype=torch.long, device=self.device)  # the check they left at (0: none)
+        pending = torch.zeros((), dtype=torch.bool, device=self.device)
+        span = exits.layers[bounds[1] + 1 :] if p else exits.layers[:0]  # the blocks a flush may fill
         head_measure = measure in ("softmax", "margin")  # the check computed each exiting row's token
         check = self._compiled(decide)
         state_measure = measure == "state"
@@ -376,14 +385,30 @@ class DynamicExits(Core):
             top = bounds[j + 1]
             later = sum(layer > top for layer in through)  # the shared block's checks above: their input is the exit state
 
-            def run():  # every row has exited at or below top: only the K/V of the blocks above, then the token
-                self.kv_fill(exits.state, rotary, cache, top + 1, n, self._run_kv)
+            def run():  # every row has exited at or below top: the blocks above wait for their K/V; the token
+                at = (loop.step % DEFER).view(1)
+                waiting.index_copy_(1, at, exits.state)
+                for buffer, value in zip(waiting_rotary, rotary):
+                    buffer.index_copy_(1, at, value)
+                waiting_slot.index_copy_(1, at, loop.slot)
+                waiting_from.index_copy_(0, at, exits.layers[top].view(1))
+                pending.fill_(True)
                 if later:
                     stash[-later:].copy_(exits.state[None].expand(later, -1, -1, -1))
                 finish(exits.chosen if head_measure else None)
 
-            run.label = f"fill {top + 1}-{n}, token"
+            run.label = f"skip {top + 1}-{n}, token"
             return run
+
+        def flush():  # the waiting positions' K/V of the blocks above their exits, in one batched product
+            due = (waiting_from > 0)[None, :] & (span[:, None] > waiting_from[None, :])  # [L, DEFER]
+            slots = torch.where(due[:, None, :], waiting_slot[None], trash)  # [L, R, DEFER]: the others to the trash
+            self.kv_fill(waiting, waiting_rotary, cache, bounds[1] + 1, n, self._run_kv, slots=slots)
+            waiting_from.zero_()
+            pending.fill_(False)
+
+        flush.label = f"fill {bounds[1] + 1}-{n} of waiting positions" if p else "flush"
+        flushed = Branch(pending, flush)
 
         adapts = {j: adapt(j) for j, layer in enumerate(checks) if deferred(layer)}
         fills = [fill_above(j) for j in range(p)]
@@ -393,6 +418,8 @@ class DynamicExits(Core):
             if j == p:
                 return [piece(p)]
             above = [Branch(flags[j, 1], adapts[j]), plan(j + 1)] if j in adapts else plan(j + 1)
+            if j == 0:  # a token that goes on past the first check needs every position's K/V above it
+                above = [flushed, above]
             done = [adapts[j], fills[j]] if j in adapts else fills[j]
             return [piece(j), Branch(flags[j, 0], done, above)]
 
@@ -407,11 +434,13 @@ class DynamicExits(Core):
 
         full.label = f"full depth ({n} blocks), token"
         state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted, exits.chosen, hidden, *rotary, ended,
-                                flags, stash, *masks.values()]
+                                flags, stash, *masks.values(), waiting, *waiting_rotary, waiting_slot, waiting_from, pending]
 
         def first(ids):
             self._start(exits, checks, loop, ids, valid, npad, cache)
             ended.copy_(torch.isin(loop.out[:, 0], ends) if ends is not None else torch.zeros_like(ended))
+            waiting_from.zero_()
+            pending.fill_(False)
 
         start = self._prompt_pass(first, (batch, prompt), state)
         steps = {}  # the step and its fallback, built (captured, on a GPU) at the first call
@@ -420,10 +449,11 @@ class DynamicExits(Core):
             start(load(ids, mask))
             if not steps:
                 steps["dynamic"] = self._stepper(plan(0), state, args.decide)
+                steps["flush"] = self._stepper(flushed, state, args.decide)
                 if self.cuda_graphs and args.fallback and max_new_tokens > 4:
-                    step = self._stepper(full, state, "host")
+                    step = self._stepper([flushed, full], state, args.decide)
                     steps["full"] = (step, self._time(step, state, repeats=min(10, max_new_tokens - 3)))
-            switched = until_done(steps["dynamic"], loop.out, ends, steps.get("full"))
+            switched = until_done(steps["dynamic"], loop.out, ends, steps.get("full"), steps["flush"])
             return loop.out.clone(), used.clone(), switched
 
         return run

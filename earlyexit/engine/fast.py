@@ -181,14 +181,16 @@ class KVFill:
         self.bias = None if bias is None else bias[:, start:]
         self.norms = torch.stack([block.ln1.detach() for block in blocks])  # [n, D]
 
-    def __call__(self, hidden: torch.Tensor, position_embeddings, cache, first: int, last: int, run=kv_forward) -> None:
+    def __call__(self, hidden: torch.Tensor, position_embeddings, cache, first: int, last: int, run=kv_forward,
+                 slots: torch.Tensor | None = None) -> None:
         """Write blocks ``first``..``last``'s (1-based) keys and values for input ``hidden`` ``[R, q, D]`` into ``cache``
-        (its stacked buffers, :meth:`~earlyexit.engine.cache.StaticKV.stack`)."""
+        (its stacked buffers, :meth:`~earlyexit.engine.cache.StaticKV.stack`) at ``slots`` (``[R, q]``, or
+        ``[last - first + 1, R, q]``: each block its own; default: the cache's)."""
         keys, values = cache.stacked(first - 1, last)
         cos, sin = position_embeddings
         run(hidden[None], self.norms[first - 1 : last], self.weight[first - 1 : last],
-            None if self.bias is None else self.bias[first - 1 : last], cos, sin, keys, values, cache.slots, self.eps,
-            self.kv_heads, self.head_dim)
+            None if self.bias is None else self.bias[first - 1 : last], cos, sin, keys, values,
+            cache.slots if slots is None else slots, self.eps, self.kv_heads, self.head_dim)
 
 
 def fast_inputs(decoder: nn.Module, ids: torch.Tensor, positions: torch.Tensor):
