@@ -204,19 +204,18 @@ def test_profile_decode_names_every_piece_and_part_of_every_mode(monkeypatch, ca
 
     monkeypatch.setitem(tiny.RANDOM_SHAPES, "tiny-llama", dict(model_type="llama", **tiny.TINY_CONFIGS["llama"], vocab_size=128))
     argv = ["--shape", "tiny-llama", "--device", "cpu", "--dtype", "float32", "--batch", "2", "--prompt_len", "5",
-            "--tokens", "6", "--check_layers", "[1,2]", "--decide", "[host]", "--compile", "false", "--repeats", "1",
-            "--n_draft", "[2]", "--out", str(tmp_path / "profile.json")]
+            "--tokens", "18", "--check_layers", "[1,2]", "--decide", "[host]", "--compile", "false", "--repeats", "1",
+            "--n_draft", "[2]", "--measures", "[learned]", "--out", str(tmp_path / "profile.json")]
     assert run_command("profile_decode.py", argv, monkeypatch) == 0
     out = capsys.readouterr().out
     rows = {row["setting"]: row for row in json.loads((tmp_path / "profile.json").read_text())["rows"]}
-    assert list(rows) == ["full depth", "fixed exit 1", "dynamic softmax, never", "dynamic softmax, at 1",
-                          "dynamic learned, never", "dynamic learned, at 1", "speculative E=1 d=2"]
+    assert list(rows) == ["full depth", "fixed exit 1", "dynamic learned, never", "dynamic learned, at 1", "speculative E=1 d=2"]
     assert [rows[name]["layers"] for name in ("full depth", "fixed exit 1", "dynamic learned, never", "dynamic learned, at 1")] == [4, 1, 4, 1]
     for row in rows.values():
         assert row["step_us_host"] > 0 and row["kernels_per_step_host"] > 0 and row["pieces"] and row["parts_eager"]
     parts = {part["part"] for part in rows["dynamic learned, never"]["parts_eager"]}
     assert any(part.endswith("/block") for part in parts) and any("probe" in part for part in parts)
-    assert any("K/V fill" in part["part"] for part in rows["dynamic softmax, at 1"]["parts_eager"])
+    assert any("K/V fill" in part["part"] for part in rows["dynamic learned, at 1"]["parts_eager"])  # the deferred K/V
     assert "one check decided on the host costs" in out and "| piece | µs a step |" in out
 
 
