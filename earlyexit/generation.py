@@ -19,6 +19,7 @@ from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, re
 Measure = Literal["softmax", "margin", "state", "learned"]
 ExitMode = Literal["fixed", "dynamic"]
 Decide = Literal["auto", "device", "host"]
+Schedule = Literal["auto", "all"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class GenerationArgs:
             graphs: ``device`` (one graph per step whose branches are conditional nodes; the host never waits),
             ``host`` (a graph per piece, the host reading each decision: a synchronisation per check), ``auto``
             (``device`` where conditional nodes can be built: CUDA ≥ 12.4 with torch ≥ 2.12 or ``cuda-bindings``).
+        schedule: on a GPU with CUDA graphs, ``auto`` decodes dynamic exits at the subset of the check layers (none: full
+            depth) that ran fastest on calibration prompts (the ``calibration`` prompts a decode call is given, else its
+            own prompts at the first call of a setting and batch size), and self-speculates only where speculation ran
+            faster than full depth there: a check whose cost its exits do not repay is left out. ``all``: every check
+            layer, always speculate (the machinery as configured, for measuring it).
         fallback: on a GPU with CUDA graphs, dynamic exits and self-speculation time themselves against full depth
             (measured once per program on this card and batch) every few steps, and decode the rest of the answer at
             full depth when they are slower; the result says from which step. Speculative text is unchanged by it;
@@ -82,6 +88,7 @@ class GenerationArgs:
     check_layers: list[int] | None = None
     probe: str | None = None
     decide: Decide = "auto"
+    schedule: Schedule = "auto"
     fallback: bool = True
 
     def __post_init__(self):
@@ -97,6 +104,8 @@ class GenerationArgs:
             require(len(self.check_layers) > 0 and all(layer >= 1 for layer in self.check_layers), "generation.check_layers",
                     self.check_layers, "a non-empty list of layers ≥ 1")
             object.__setattr__(self, "check_layers", sorted(set(self.check_layers)))
+        if self.schedule not in ("auto", "all"):
+            raise EarlyExitError(f"generation.schedule {self.schedule!r}: choose auto or all")
         if self.decide not in ("auto", "device", "host"):
             raise EarlyExitError(f"generation.decide {self.decide!r}: choose auto, device or host")
         if self.measure not in ("softmax", "margin", "state", "learned"):

@@ -5,8 +5,8 @@ block, the K/V fill of skipped blocks, the head, and the gaps between kernels; w
     python scripts/profile_decode.py --shape llama2-7b --batch 1 --check_layers [16,20,24]
     python scripts/profile_decode.py --shape smollm2-135m --batch 8 --modes [full,dynamic] --measures [learned]
 
-Random weights of a shape with a shared exit block at the check layers (as ``scripts/bench_checks.py``), random
-prompts, EOS banned, the fallback off; exits forced, so the figures are what the machinery costs, not what trained
+Random weights of a shape with a shared exit block at the check layers, random prompts, EOS banned, the fallback
+and the schedule off; exits forced, so the figures are what the machinery costs, not what trained
 exits would choose: ``never`` (a threshold above 1, or a probe that always says no: full depth plus every check) and
 ``at L`` (threshold 0, or a probe that says yes: every token leaves at the first check L). For each setting:
 
@@ -339,7 +339,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
     mask = torch.ones_like(ids)
     folder = tempfile.mkdtemp(prefix="probes-")
     probes = {sure: forced_probe(checks, model.config.hidden_size, sure, f"{folder}/{sure}") for sure in (None, first)}
-    common = dict(max_new_tokens=tokens, ignore_eos=True, fallback=False)
+    common = dict(max_new_tokens=tokens, ignore_eos=True, fallback=False, schedule="all")  # the machinery as configured
 
     settings: list[tuple[str, bool, Callable]] = []  # name, adaptive, decode(engine, **options)
     if "full" in modes:

@@ -122,6 +122,8 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("sweep_dynamic.py", ["--generation.check_layers", "[0, 15]"], "generation.check_layers = [0, 15] is out of range"),
     ("bench", ["--generation.check_layers", "[]"], "generation.check_layers = [] is out of range"),
     ("profile_decode.py", ["--tokens", "0"], "tokens = 0 is out of range"),
+    ("profile_decode.py", ["--device", "cpu", "--decide", "[host]", "--check_layers", "[30]"], "check_layers [30]: layers in 1..29"),
+    ("profile_decode.py", ["--device", "cpu", "--shape", "gpt-5"], "shape 'gpt-5': choose from"),
     ("time_to_loss.py", ["--every", "0"], "every = 0 is out of range"),
     ("self_answers.py", ["--samples", "0"], "samples = 0 is out of range"),
     ("self_answers.py", ["--temperature", "0"], "temperature = 0"),

@@ -74,7 +74,7 @@ def test_device_decisions_equal_host_decisions_in_every_mode(nodes, compile, tmp
     probe = saved(random_probe([1, 2, 3], block.config.hidden_size, seed=2, std=0.1, bias=[-0.3, 0.0, 0.5]), tmp_path)
     for ee in (plain, block):
         ids, mask, eos = eos_prompts(ee)
-        common = dict(max_new_tokens=40, eos_token_id=eos, pad_token_id=0, fallback=False)
+        common = dict(max_new_tokens=40, eos_token_id=eos, pad_token_id=0, fallback=False, schedule="all")
         engines = {decide: Engine(ee, compile=compile, nodes=nodes) for decide in ("host", "device")}
         eager = Engine(ee, cuda_graphs=False)
         settings = [dict(measure=m, threshold=t) for m in ("softmax", "margin", "state") for t in (0.0, 0.0105, 0.6, 1.01)]
@@ -110,10 +110,13 @@ def test_adaptive_modes_slower_than_full_depth_fall_back_to_it_and_say_from_when
     ids, mask = ids.cuda(), mask.cuda()
     engine = Engine(ee)
     full = engine.generate(ids, mask, [4], max_new_tokens=64, ignore_eos=True)[4]
-    dynamic = engine.generate_dynamic(ids, mask, threshold=1.01, min_layer=1, max_new_tokens=64, ignore_eos=True)
+    common = dict(max_new_tokens=64, ignore_eos=True, schedule="all")  # the fallback, not the schedule, must catch it
+    dynamic = engine.generate_dynamic(ids, mask, threshold=1.01, min_layer=1, **common)
     assert dynamic.full_from == 17 and torch.equal(dynamic.tokens, full.tokens)
     assert (dynamic.layers == 4).all()
-    spec = engine.generate_speculative(ids, mask, 1, 4, max_new_tokens=64, ignore_eos=True)
+    spec = engine.generate_speculative(ids, mask, 1, 4, **common)
     assert spec.full_from is not None and torch.equal(spec.tokens, full.tokens)
-    kept = engine.generate_dynamic(ids, mask, threshold=1.01, min_layer=1, max_new_tokens=64, ignore_eos=True, fallback=False)
+    kept = engine.generate_dynamic(ids, mask, threshold=1.01, min_layer=1, fallback=False, **common)
     assert kept.full_from is None
+    scheduled = engine.generate_dynamic(ids, mask, threshold=1.01, min_layer=1, max_new_tokens=64, ignore_eos=True)
+    assert scheduled.checks == () and torch.equal(scheduled.tokens, full.tokens)  # no check pays where none exits

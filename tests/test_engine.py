@@ -530,7 +530,7 @@ def test_cuda_graphs_equal_the_eager_engine_in_every_mode(family):
     ee = EarlyExitHead(tiny_model(family, seed=2).cuda())
     ids, mask = prompts()
     eager, graphed = Engine(ee, cuda_graphs=False), Engine(ee, cuda_graphs=True)
-    options = GenerationArgs(max_new_tokens=12)
+    options = GenerationArgs(max_new_tokens=12, schedule="all")  # every check, whatever runs faster
     for _ in range(2):  # the second call replays the first call's graphs
         a, b = (e.generate(ids, mask, [2, 4], options, ignore_eos=True) for e in (eager, graphed))
         assert all(torch.equal(a[layer].tokens, b[layer].tokens) for layer in (2, 4))
@@ -583,3 +583,52 @@ def test_one_process_runs_every_mode_and_setting_without_recompiling(monkeypatch
     sweep([0.01, 0.2, 0.7, 0.9, 0.99])
     assert graphs() - before == first  # nothing new: not a layer, not a threshold, not a measure seen before
     assert first <= 40, first
+
+
+def test_a_schedule_checks_the_subset_of_check_layers_that_ran_fastest_and_speculates_only_where_it_pays(monkeypatch):
+    """generation.schedule auto (forced on here: on the CPU nothing is timed): every subset of the check layers, and none
+    (full depth), decodes the calibration prompts once to build and once timed; the fastest is checked from then on,
+    and its answer is that subset's; speculation is kept only where it beat full depth."""
+    import earlyexit.engine.core as core
+
+    ee = EarlyExitHead(tiny_model("llama", seed=3))
+    ids, mask = prompts()
+    calibration = (ids.flip(0), mask.flip(0))
+    engine = Engine(ee)
+    monkeypatch.setattr(Engine, "schedules", lambda self, args: True)
+    clock, costs, seen = [0.0], {(): 9.0, (2,): 1.0}, []
+    dynamic, speculative = Engine._dynamic, Engine._speculative
+
+    def timed_dynamic(self, ids, mask, args, checks, stops):
+        clock[0] += costs.get(checks, 5.0)
+        seen.append((checks, ids))
+        return dynamic(self, ids, mask, args, checks, stops)
+
+    def timed_speculative(self, *args):
+        clock[0] += 1.0 if args[-1] else 2.0  # speculation beats full depth here
+        return speculative(self, *args)
+
+    monkeypatch.setattr(core.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(Engine, "_dynamic", timed_dynamic)
+    monkeypatch.setattr(Engine, "_speculative", timed_speculative)
+    common = dict(threshold=0.0105, check_layers=[1, 2, 3], max_new_tokens=8, ignore_eos=True)
+    out = engine.generate_dynamic(ids, mask, calibration=calibration, **common)
+    timed = [checks for checks, prompts_ in seen if prompts_ is not ids]
+    assert sorted(set(timed)) == sorted([(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)])
+    assert timed.count((2,)) == 2 and all(torch.equal(p, calibration[0]) for c, p in seen[:-1])
+    assert out.checks == (2,) and set(out.layers[:, 1:].unique().tolist()) <= {2, 4}
+    alone = engine.generate_dynamic(ids, mask, schedule="all", **{**common, "check_layers": [2]})
+    assert torch.equal(out.tokens, alone.tokens) and torch.equal(out.layers, alone.layers)
+    seen.clear()
+    again = engine.generate_dynamic(ids, mask, calibration=calibration, **common)
+    assert [checks for checks, _ in seen] == [(2,)] and torch.equal(again.tokens, out.tokens)  # timed once a setting
+    costs[()] = 0.5  # another threshold, where no check pays: full depth's own answer
+    none = engine.generate_dynamic(ids, mask, calibration=calibration, **{**common, "threshold": 0.3})
+    assert none.checks == () and (none.layers[:, 1:] == 4).all()
+    assert torch.equal(none.tokens, engine.generate(ids, mask, [4], max_new_tokens=8, ignore_eos=True)[4].tokens)
+    spec = engine.generate_speculative(ids, mask, 2, 2, max_new_tokens=8, ignore_eos=True)
+    assert spec.cycles > 0 and spec.full_from is None
+    monkeypatch.setattr(Engine, "_speculative", lambda self, *args: (clock.__setitem__(0, clock[0] + (2.0 if args[-1] else 1.0)),
+                                                                     speculative(self, *args))[1])
+    slower = engine.generate_speculative(ids, mask, 3, 2, max_new_tokens=8, ignore_eos=True)
+    assert slower.full_from == 0 and slower.cycles == 0 and torch.equal(slower.tokens, none.tokens)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,6 +64,8 @@ class Core:
             raise EarlyExitError("CUDA graphs need the model on a GPU")
         self._programs: dict[tuple, Callable] = {}
         self._probes: dict[str, torch.nn.Module] = {}  # dynamic exits' learned measure: the probes loaded, by directory
+        self._schedules: dict[tuple, object] = {}  # what an adaptive setting runs (generation.schedule auto), by setting
+        self.calibrations: dict[tuple, dict] = {}  # and the seconds each choice took on the calibration prompts
         self.windows = sliding_windows(ee.config)
         self._layer_types = getattr(ee.config, "layer_types", None) or [None] * ee.n_layers
         self.n_layers = ee.n_layers
@@ -416,10 +419,58 @@ class Core:
         exits = sorted({self.ee.check_layer(layer) for layer in exit_layers}, reverse=True)
         stops = self.stops(eos_token_id, pad_token_id, ignore_eos)
         ids, mask = self._shape(input_ids, attention_mask)
+        return self._exits_run(ids, mask, exits, args, stops)
+
+    def _exits_run(self, ids, mask, exits: list[int], args: GenerationArgs, stops: Stops) -> dict[int, Generation]:
+        """:meth:`generate` on prompts already on the device (``exits``: deepest first)."""
+        exits = sorted(exits, reverse=True)
         batch, prompt = ids.shape
         key = ("exits", tuple(exits), batch, prompt, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, stops)
         out = self._program(key, lambda: self._exits_program(exits, batch, prompt, args, stops))(ids, mask)
         return {layer: stops.finish(out[i * batch : (i + 1) * batch], args.max_new_tokens) for i, layer in enumerate(exits)}
+
+    # ------------------------------------------------------------------------------------------ schedules
+    def schedules(self, args: GenerationArgs) -> bool:
+        """Whether an adaptive mode picks what pays by timing it (``generation.schedule auto`` on the fast path with
+        CUDA graphs; elsewhere the times say little, and every check runs)."""
+        return args.schedule == "auto" and self.cuda_graphs and self.fast is not None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _calibration(self, given, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts a schedule is timed on: ``given`` ``(input_ids, attention_mask)`` (rows repeated or cut to this
+        batch's), else the call's own."""
+        if given is None:
+            return ids, mask
+        cal_ids, cal_mask = self._shape(*given)
+        batch = ids.shape[0]
+        repeat = -(-batch // cal_ids.shape[0])
+        return cal_ids.repeat(repeat, 1)[:batch], cal_mask.repeat(repeat, 1)[:batch]
+
+    def _fastest(self, key: tuple, candidates: list, decode: Callable[[object], object]):
+        """The candidate whose ``decode(candidate)`` ran fastest (once to build and capture its program, then timed), for
+        every later call of ``key``; the losers' programs are dropped. :attr:`calibrations` keeps the times."""
+        if key in self._schedules:
+            return self._schedules[key]
+        times, made = {}, {}
+        for candidate in candidates:
+            before = set(self._programs)
+            decode(candidate)
+            self._sync()
+            start = time.perf_counter()
+            decode(candidate)
+            self._sync()
+            times[candidate] = time.perf_counter() - start
+            made[candidate] = set(self._programs) - before
+        best = min(times, key=times.get)
+        for candidate, keys in made.items():
+            for program in keys if candidate != best else ():
+                self._programs.pop(program, None)
+        self._schedules[key] = best
+        self.calibrations[key] = times
+        return best
 
     def _exits_program(self, exits: list[int], batch: int, prompt: int, args: GenerationArgs, stops: Stops):
         total, new = len(exits) * batch, args.max_new_tokens

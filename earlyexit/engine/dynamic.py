@@ -29,6 +29,7 @@ fills cost launches (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,9 @@ import torch.nn.functional as F
 
 from earlyexit.engine.control import Branch
 from earlyexit.engine.core import DEFER, Columns, Core, Stops, until_done
+
+SUBSETS_OF = 4
+"""A schedule times every subset of at most this many check layers; of more, each one alone, all of them, and none."""
 from earlyexit.generation import GenerationArgs, Measure, options
 from earlyexit.model import Generation
 from earlyexit.probe import ExitProbe, features
@@ -58,12 +62,13 @@ def confidence(logits: torch.Tensor | None, hidden: torch.Tensor, previous: torc
 
 @dataclass
 class DynamicGeneration(Generation):
-    """A :class:`Generation` plus ``layers``: ``[B, max_new_tokens]`` exit layer of each token (0 after EOS), and
+    """A :class:`Generation` plus ``layers``: ``[B, max_new_tokens]`` exit layer of each token (0 after EOS),
     ``full_from``: the step from which it decoded at full depth because the dynamic steps were slower (None: never;
-    ``generation.fallback``)."""
+    ``generation.fallback``), and ``checks``: the layers it checked (``generation.schedule``; none: full depth)."""
 
     layers: torch.Tensor | None = None
     full_from: int | None = None
+    checks: tuple[int, ...] = ()
 
 
 def decide(hidden: torch.Tensor, exited: torch.Tensor, state: torch.Tensor, layer: torch.Tensor, at: torch.Tensor,
@@ -180,6 +185,7 @@ class DynamicExits(Core):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         ignore_eos: bool = False,
+        calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
         **changes,
     ) -> DynamicGeneration:
         """Greedy decoding where each token exits at the first check layer whose :func:`confidence` reaches
@@ -195,13 +201,34 @@ class DynamicExits(Core):
             generation: the options; ``threshold``, ``min_layer`` (default N/4), ``check_every`` (or ``check_layers``),
                 ``measure`` and ``max_new_tokens`` are read (decoding is greedy). Keyword ``changes`` override single fields.
             eos_token_id, pad_token_id, ignore_eos: as :meth:`Core.generate`.
+            calibration: ``(input_ids, attention_mask)`` prompts to choose the check layers on
+                (``generation.schedule auto``; default: these prompts), at the first call of a setting and batch size.
         """
         args = options(generation, **changes)
         self.ee.check_layer(args.min_layer_of(self.n_layers))
         checks = tuple(args.check_layers_of(self.n_layers))
         stops = self.stops(eos_token_id, pad_token_id, ignore_eos)
         ids, mask = self._shape(input_ids, attention_mask)
+        if args.measure == "learned":
+            self._probe(args.probe, checks)  # refused before anything runs unless fitted at every check layer
+        if self.schedules(args):  # the subset of the check layers that runs fastest here (none: full depth)
+            key = ("dynamic", args.threshold, checks, args.measure, args.probe, ids.shape[0], args.max_new_tokens, stops,
+                   args.decide, args.fallback)
+            cal_ids, cal_mask = self._calibration(calibration, ids, mask)
+            subsets = [()] + [s for size in range(1, len(checks) + 1) for s in itertools.combinations(checks, size)]
+            if len(checks) > SUBSETS_OF:
+                subsets = [(), *[(layer,) for layer in checks], checks]
+            checks = self._fastest(key, subsets, lambda subset: self._dynamic(cal_ids, cal_mask, args, subset, stops))
+        return self._dynamic(ids, mask, args, checks, stops)
+
+    def _dynamic(self, ids, mask, args: GenerationArgs, checks: tuple[int, ...], stops: Stops) -> DynamicGeneration:
+        """:meth:`generate_dynamic` at exactly ``checks`` (none: full depth) on prompts already on the device."""
         batch, prompt = ids.shape
+        n = self.n_layers
+        if not checks:
+            out = self._exits_run(ids, mask, [n], args, stops)[n]
+            layers = torch.where(torch.arange(args.max_new_tokens, device=out.tokens.device)[None] < out.n_tokens[:, None], n, 0)
+            return DynamicGeneration(out.tokens, out.n_tokens, out.finished, layers, None, ())
         probe = self._probe(args.probe, checks) if args.measure == "learned" else None
         key = ("dynamic", args.threshold, checks, args.measure, args.probe, batch, prompt, args.max_new_tokens, stops,
                args.decide, args.fallback)
@@ -214,7 +241,7 @@ class DynamicExits(Core):
         result = stops.finish(out, args.max_new_tokens)
         steps = torch.arange(args.max_new_tokens, device=out.device)[None, :]
         layers = torch.where(steps < result.n_tokens[:, None], used, 0)
-        return DynamicGeneration(result.tokens, result.n_tokens, result.finished, layers, switched)
+        return DynamicGeneration(result.tokens, result.n_tokens, result.finished, layers, switched, checks)
 
     def _probe(self, directory: str, checks: tuple[int, ...]) -> ExitProbe:
         """The exit probe saved in ``directory`` on this engine's device (loaded once), refused unless it was fitted

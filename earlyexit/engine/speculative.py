@@ -25,7 +25,8 @@ from earlyexit.model import Generation
 class SpeculativeGeneration(Generation):
     """A :class:`Generation` plus draft statistics: ``drafted`` and ``accepted`` tokens, ``cycles`` run, and
     ``full_from``: the answer length (longest row) from which it decoded one full-depth token a step because the cycles
-    were slower (None: never; ``generation.fallback``). The text is the same either way."""
+    were slower (None: never; ``generation.fallback``; 0: ``generation.schedule`` found full depth faster here). The
+    text is the same either way."""
 
     drafted: int = 0
     accepted: int = 0
@@ -53,6 +54,7 @@ class SelfSpeculation(Core):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         ignore_eos: bool = False,
+        calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
         **changes,
     ) -> SpeculativeGeneration:
         """Self-speculative decoding (LayerSkip): draft ``n_draft`` tokens from exit ``draft_layer``, verify them
@@ -75,6 +77,8 @@ class SelfSpeculation(Core):
                 full-depth step). Exactness is unchanged; the stops are decided on the device (``generation.decide``).
                 0 always drafts d.
             generation, eos_token_id, pad_token_id, ignore_eos, changes: as :meth:`Core.generate`.
+            calibration: prompts to time speculation against full depth on (``generation.schedule auto``; default:
+                these prompts), at the first call of a setting and batch size.
         """
         args = options(generation, **changes)
         exit_layer = self.ee.check_layer(draft_layer)
@@ -86,6 +90,22 @@ class SelfSpeculation(Core):
             raise EarlyExitError(f"draft_threshold must be in [0, 1], got {draft_threshold}")
         stops = self.stops(eos_token_id, pad_token_id, ignore_eos)
         ids, mask = self._shape(input_ids, attention_mask)
+        speculate = True
+        if self.schedules(args):  # speculate only where it ran faster than full depth
+            key = ("speculative", exit_layer, n_draft, draft_threshold, ids.shape[0], args.max_new_tokens, args.do_sample,
+                   args.temperature, args.top_p, stops, args.decide, args.fallback)
+            cal_ids, cal_mask = self._calibration(calibration, ids, mask)
+            speculate = self._fastest(key, [True, False], lambda candidate: self._speculative(
+                cal_ids, cal_mask, exit_layer, n_draft, args, stops, draft_threshold, candidate))
+        return self._speculative(ids, mask, exit_layer, n_draft, args, stops, draft_threshold, speculate)
+
+    def _speculative(self, ids, mask, exit_layer: int, n_draft: int, args: GenerationArgs, stops: Stops,
+                     draft_threshold: float, speculate: bool = True) -> SpeculativeGeneration:
+        """:meth:`generate_speculative` on prompts already on the device; ``speculate`` False: full depth, one token a
+        step (the same text; ``full_from`` 0)."""
+        if not speculate:
+            out = self._exits_run(ids, mask, [self.n_layers], args, stops)[self.n_layers]
+            return SpeculativeGeneration(out.tokens, out.n_tokens, out.finished, 0, 0, 0, 0)
         batch, prompt = ids.shape
         key = ("speculative", exit_layer, n_draft, draft_threshold, batch, prompt, args.max_new_tokens, args.do_sample,
                args.temperature, args.top_p, stops, args.decide, args.fallback)
