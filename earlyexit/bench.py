@@ -232,7 +232,7 @@ def run(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> 
         if "dynamic" in modes:
             seconds, out = timed(lambda: engine.generate_dynamic(ids, mask, greedy, ignore_eos=True), repeats, device)
             add(f"dynamic {greedy.measure} {greedy.threshold}", seconds, mean_layers=float(out.layers.float().mean()),
-                full_from=out.full_from)
+                full_from=out.full_from, checks=list(out.checks))
         for draft_layer in draft_layers:
             for n_draft in bench.n_draft:
                 if "speculative" in modes:
@@ -288,7 +288,11 @@ def table(rows: list[dict]) -> str:
             notes.append(f"mean layers {row['mean_layers']:.1f}")
         if "acceptance" in row:
             notes.append(f"acceptance {row['acceptance']:.2f}")
-        if row.get("full_from") is not None:
+        if "checks" in row:
+            notes.append(f"checks {row['checks']}" if row["checks"] else "no check paid here: full depth")
+        if row.get("full_from") == 0:
+            notes.append("speculation did not pay here: full depth")
+        elif row.get("full_from") is not None:
             notes.append(f"slower than full depth: full depth from token {row['full_from']}")
         if "share_of_bound" in row:
             notes.append(f"{row['share_of_bound']:.0%} of the bandwidth bound ({row['bound_tokens_per_s']:,.0f})")

@@ -109,7 +109,7 @@ def compare(entry: dict) -> list[str]:
 def depth(entry: dict) -> list[str]:
     from earlyexit.plotting import quality_vs_depth
 
-    rows = _read(entry["results"][0], "sweep.json")["rows"]
+    rows = [row for row in _read(entry["results"][0], "sweep.json")["rows"] if not row.get("again")]
     fixed = [row for row in rows if row["kind"] == "fixed"]
     curves = {}
     for kind in dict.fromkeys(row["kind"] for row in rows if row["kind"].startswith("dynamic")):
@@ -123,7 +123,7 @@ def depth(entry: dict) -> list[str]:
 def speed(entry: dict) -> list[str]:
     from earlyexit.plotting import quality_vs_speed
 
-    rows = _read(entry["results"][0], "sweep.json")["rows"]
+    rows = [row for row in _read(entry["results"][0], "sweep.json")["rows"] if not row.get("again")]
     groups: dict[str, tuple[list, list, list]] = {}
     for row in rows:
         xs, ys, names = groups.setdefault(row["kind"], ([], [], []))

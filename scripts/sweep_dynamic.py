@@ -55,6 +55,8 @@ def sweep(
     speculative: list[list[float]] = [],  # noqa: B006 (read only)
     draft_threshold: float = 0.0,
     hf: bool = False,
+    calibrate: int = 16,
+    calibrate_offset: int = 200,
     speed_plot: str | None = None,
     out_dir: str | None = None,
 ) -> list[dict]:
@@ -79,6 +81,10 @@ def sweep(
             adaptive drafting at tau) timed beside them.
         draft_threshold: adaptive drafting of the settings that name no tau (0: always d drafts).
         hf: time the model's own ``generate`` at full depth beside them.
+        calibrate: records (from ``calibrate_offset``) on which each adaptive setting times what it runs
+            (``generation.schedule auto``: the check layers that pay, whether speculation pays); 0: the first batch.
+        calibrate_offset: their first record: by default after the shipped sample's evaluation split (0-199), so that
+            no evaluated record chooses how it is decoded.
         speed_plot: write the figure of quality against tokens/s of every setting here.
         out_dir: keep the resolved config here, and the rows (``sweep.json``: what ``scripts/figures.py`` draws).
     """
@@ -94,6 +100,11 @@ def sweep(
         in_unit("speculative tau", tau)
         drafting.append((int(setting[0]), int(setting[1]), tau))
     non_negative("offset", offset)
+    non_negative("calibrate", calibrate)
+    non_negative("calibrate_offset", calibrate_offset)
+    if calibrate and calibrate_offset < offset + records and offset < calibrate_offset + calibrate:
+        raise EarlyExitError(f"calibration records {calibrate_offset}..{calibrate_offset + calibrate - 1} overlap the "
+                             f"evaluated records {offset}..{offset + records - 1}: set --calibrate_offset past them")
     if target is not None:
         in_unit("target", target, low_open=True)
     measures = {generation.measure: list(thresholds)} if measures is None else measures
@@ -126,6 +137,12 @@ def sweep(
         encoded = [encode_prompt(record, tokenizer) for record in chosen[start : start + batch]]
         batches.append((pad(encoded, tokenizer.pad_token_id, "left").to(device),
                         pad([[1] * len(e) for e in encoded], 0, "left").to(device)))
+    calibration = None
+    if calibrate:
+        cal = [encode_prompt(record, tokenizer) for record in read_records(data)[calibrate_offset : calibrate_offset + calibrate]]
+        if not cal:
+            raise EarlyExitError(f"no calibration records from {calibrate_offset} in {data!r}")
+        calibration = (pad(cal, tokenizer.pad_token_id, "left").to(device), pad([[1] * len(e) for e in cal], 0, "left").to(device))
     rouge = build_metric("rougeL")
 
     def score(texts: list[str]) -> float:
@@ -165,22 +182,25 @@ def sweep(
         for measure, values in measures.items():
             for threshold in values:
                 answers, lengths, seconds, outs = timed(lambda ids, mask: engine.generate_dynamic(
-                    ids, mask, greedy, threshold=threshold, measure=measure, pad_token_id=pad_id))
+                    ids, mask, greedy, threshold=threshold, measure=measure, pad_token_id=pad_id, calibration=calibration))
                 used = [layer for out in outs for row, k in zip(out.layers, out.n_tokens) for layer in row[:k].tolist()]
                 depth = sum(used) / max(1, len(used))
                 rows.append(dict(kind=f"dynamic {measure}", setting=threshold, depth=depth, rougeL=score(answers),
-                                 speed=len(used) / seconds, full=at_full_depth(outs)))
-                print(f"{measure} threshold {threshold}: mean layers {depth:.2f}, {seconds:.1f} s", flush=True)
+                                 speed=len(used) / seconds, full=at_full_depth(outs), runs=schedule(outs)))
+                print(f"{measure} threshold {threshold}: mean layers {depth:.2f}, {seconds:.1f} s, {rows[-1]['runs']}", flush=True)
         for draft_layer, n_draft, tau in drafting:
             answers, lengths, seconds, outs = timed(lambda ids, mask: engine.generate_speculative(
-                ids, mask, draft_layer, n_draft, greedy, draft_threshold=tau, pad_token_id=pad_id))
+                ids, mask, draft_layer, n_draft, greedy, draft_threshold=tau, pad_token_id=pad_id, calibration=calibration))
             accepted = sum(out.accepted for out in outs) / max(1, sum(out.drafted for out in outs))
             name = f"E={draft_layer} d={n_draft}" + (f" tau={tau:g}" if tau else "")
             rows.append(dict(kind="speculative", setting=name, depth=float(n), rougeL=score(answers),
-                             speed=sum(lengths) / seconds, acceptance=accepted, full=at_full_depth(outs)))
+                             speed=sum(lengths) / seconds, acceptance=accepted, full=at_full_depth(outs), runs=schedule(outs)))
         if hf:
             answers, lengths, seconds, _ = timed(lambda ids, mask: ee.generate(ids, mask, n, greedy, pad_token_id=pad_id))
             rows.append(dict(kind="HF generate", setting=n, depth=float(n), rougeL=score(answers), speed=sum(lengths) / seconds))
+        # full depth once more, after every other setting: the process has not slowed down (no recompiles, no leftovers)
+        answers, lengths, seconds, _ = timed(lambda ids, mask: engine.generate(ids, mask, [n], greedy, pad_token_id=pad_id)[n])
+        rows.append(dict(kind="fixed", setting=n, depth=float(n), rougeL=score(answers), speed=sum(lengths) / seconds, again=True))
 
     name = args.name + (f" + {args.adapter.rstrip('/').split('/')[-2]}" if args.adapter and "/" in args.adapter.rstrip("/") else "")
     where = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
@@ -188,16 +208,21 @@ def sweep(
           f"{greedy.max_new_tokens} new tokens, batch {batch}, check layers {greedy.check_layers_of(ee.n_layers)}, "
           f"fast path {'on' if engine.fast is not None else 'off'}\n")
     full_speed = next(row["speed"] for row in rows if row["kind"] == "fixed" and row["setting"] == n)
-    print("| exit | setting | mean layers per token | ROUGE-L | tokens/s | × full depth | acceptance | fell back |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| exit | setting | mean layers per token | ROUGE-L | tokens/s | × full depth | acceptance | runs | fell back |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         accepted = f"{row['acceptance']:.2f}" if "acceptance" in row else ""
         fell = f"{row['full']:.0%}" if "full" in row else ""
-        print(f"| {row['kind']} | {row['setting']} | {row['depth']:.2f} | {row['rougeL']:.3f} | {row['speed']:,.1f} | "
-              f"{row['speed'] / full_speed:.2f} | {accepted} | {fell} |")
+        setting = f"{row['setting']} (again, last)" if row.get("again") else row["setting"]
+        print(f"| {row['kind']} | {setting} | {row['depth']:.2f} | {row['rougeL']:.3f} | {row['speed']:,.1f} | "
+              f"{row['speed'] / full_speed:.2f} | {accepted} | {row.get('runs', '')} | {fell} |")
+    if any("runs" in row for row in rows):
+        where_from = (f"records {calibrate_offset}..{calibrate_offset + calibrate - 1}" if calibrate else "each batch size's first batch")
+        print(f"\nruns: what generation.schedule {greedy.schedule} chose for the setting, timed on {where_from} (checks: the "
+              "layers checked; full depth: no check or speculation paid)")
     if any("full" in row for row in rows):
-        print("\nfell back: the share of tokens decoded at full depth after an adaptive mode timed itself slower than "
-              "full depth (generation.fallback)")
+        print("fell back: the share of tokens decoded at full depth after an adaptive mode timed itself slower than full "
+              "depth within an answer (generation.fallback)")
     if out_dir:
         import json
         from pathlib import Path
@@ -219,7 +244,7 @@ def sweep(
     if plot:
         from earlyexit.plotting import quality_vs_depth
 
-        fixed_rows = [r for r in rows if r["kind"] == "fixed"]
+        fixed_rows = [r for r in rows if r["kind"] == "fixed" and not r.get("again")]
         curves = {}
         for measure in measures:
             dynamic_rows = sorted((r for r in rows if r["kind"] == f"dynamic {measure}"), key=lambda r: r["depth"])
@@ -234,6 +259,8 @@ def sweep(
 
         groups: dict[str, tuple[list[float], list[float], list[str]]] = {}
         for row in rows:
+            if row.get("again"):
+                continue
             xs, ys, labels = groups.setdefault(row["kind"], ([], [], []))
             xs.append(row["speed"])
             ys.append(row["rougeL"])
@@ -242,6 +269,19 @@ def sweep(
         fig.savefig(speed_plot, dpi=120)
         print(f"plot: {speed_plot}")
     return rows
+
+
+def schedule(outs) -> str:
+    """What the batches of a setting ran (``generation.schedule``): the check layers, speculation, or full depth; the
+    most frequent first."""
+    counts: dict[str, int] = {}
+    for out in outs:
+        if hasattr(out, "checks"):
+            ran = f"checks {list(out.checks)}" if out.checks else "full depth"
+        else:
+            ran = "full depth" if out.full_from == 0 else "speculation"
+        counts[ran] = counts.get(ran, 0) + 1
+    return "; ".join(sorted(counts, key=counts.get, reverse=True))
 
 
 def at_full_depth(outs) -> float:

@@ -118,6 +118,7 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("acceptance.py", ["--records", "0"], "records = 0 is out of range"),
     ("acceptance.py", ["--n_draft", "[0]"], "n_draft ≥ 1"),
     ("sweep_dynamic.py", ["--records", "0"], "records = 0 is out of range"),
+    ("sweep_dynamic.py", ["--records", "250"], "calibration records 200..215 overlap the evaluated records 0..249"),
     ("sweep_dynamic.py", ["--speculative", "[[15, 0]]"], "speculative d = 0 is out of range"),
     ("sweep_dynamic.py", ["--generation.check_layers", "[0, 15]"], "generation.check_layers = [0, 15] is out of range"),
     ("bench", ["--generation.check_layers", "[]"], "generation.check_layers = [] is out of range"),
@@ -257,7 +258,7 @@ def test_sweep_puts_every_mode_on_one_quality_speed_figure(tiny_dir, tmp_path, m
     plot = tmp_path / "speed.png"
     argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--data", str(data), "--records", "4", "--batch", "2",
             "--generation.max_new_tokens", "6", "--generation.min_layer", "1", "--fixed", "[1, 2]", "--thresholds", "[0, 1.01]",
-            "--speculative", "[[1, 2], [3, 3]]", "--hf", "true", "--speed_plot", str(plot), "--target", "0.95"]
+            "--speculative", "[[1, 2], [3, 3]]", "--hf", "true", "--speed_plot", str(plot), "--target", "0.95", "--calibrate", "0"]
     assert run_command("sweep_dynamic.py", argv, monkeypatch) == 0
     out = capsys.readouterr().out
     assert re.search(r"calibrated threshold: (0\.0|1\.01) \(", out)  # a dynamic threshold, never a speculative setting
@@ -268,6 +269,7 @@ def test_sweep_puts_every_mode_on_one_quality_speed_figure(tiny_dir, tmp_path, m
     assert rouge[("speculative", "E=1 d=2")] == rouge[("speculative", "E=3 d=3")] == rouge[("HF generate", "4")] == full
     assert rouge[("dynamic softmax", "0.0")] == rouge[("fixed", "1")] and rouge[("dynamic softmax", "1.01")] == full
     assert float(rows[("fixed", "4")][6]) == 1.0 and rows[("speculative", "E=1 d=2")][7].strip()  # ratio, acceptance
+    assert rouge[("fixed", "4 (again, last)")] == full  # full depth again after every other setting
     assert plot.is_file() and plot.stat().st_size > 10_000
 
 

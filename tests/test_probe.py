@@ -198,7 +198,7 @@ def test_fit_probe_script_writes_a_probe_the_sweep_reads(tiny_dir, tmp_path, mon
     argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--data", str(data), "--records", "2", "--batch", "2",
             "--fixed", "[4]", "--measures", "{softmax: [0.5], learned: [0.0, 0.5]}", "--generation.max_new_tokens", "4",
             "--generation.check_layers", "[1,2]", "--generation.probe", str(tmp_path / "probe"), "--target", "0.5",
-            "--speed_plot", str(tmp_path / "qs.png")]
+            "--speed_plot", str(tmp_path / "qs.png"), "--calibrate", "0"]
     assert run_command("sweep_dynamic.py", argv, monkeypatch) == 0
     out = capsys.readouterr().out
     rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| dynamic")]
