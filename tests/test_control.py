@@ -119,4 +119,4 @@ def test_adaptive_modes_slower_than_full_depth_fall_back_to_it_and_say_from_when
     kept = engine.generate_dynamic(ids, mask, threshold=1.01, min_layer=1, fallback=False, **common)
     assert kept.full_from is None
     scheduled = engine.generate_dynamic(ids, mask, threshold=1.01, min_layer=1, max_new_tokens=64, ignore_eos=True)
-    assert scheduled.checks == () and torch.equal(scheduled.tokens, full.tokens)  # no check pays where none exits
+    assert set(scheduled.checks) <= {1, 2, 3} and torch.equal(scheduled.tokens, full.tokens)  # timed, then decoded
