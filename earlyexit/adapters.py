@@ -83,6 +83,10 @@ class ExitAdapters(nn.Module):
                     nn.init.zeros_(out.bias)
             self.block.requires_grad_(True)
 
+    def has_map(self, layer: int) -> bool:
+        """Whether exit ``layer`` has a map of its own (affine or mlp) applied to each token's state."""
+        return str(layer) in self.maps
+
     def has_block(self, layer: int) -> bool:
         """Whether exit ``layer`` reads through the shared block (applied to whole sequences, not per token)."""
         return self.block is not None and layer in self.layers

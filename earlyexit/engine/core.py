@@ -151,13 +151,15 @@ class Core:
         return hidden, captured, masks
 
     def _blocks(self, hidden, kwargs, masks, layers: range, rows: list[int] | None = None,
-                hold: tuple[torch.Tensor, torch.Tensor] | None = None, previous: bool = False, run=block_forward):
+                hold: tuple[torch.Tensor, torch.Tensor] | None = None, previous: bool = False, run=block_forward,
+                pair: bool = False):
         """Run blocks ``layers`` (1-based). Block l runs on the first ``rows[l-1]`` rows; the others pass through.
         ``hold``: ``(rows, state)``: those rows' input to every block is ``state`` (a dynamic exit's exited rows).
         ``previous``: also return the last block's input. ``run``: the fast path's :func:`block_forward`, or its
-        compiled version (the decode step's)."""
+        compiled version (the decode step's). ``pair`` (the fast path, every row): the output as ``(residual, delta)``,
+        its last add left to the caller (:func:`block_forward`)."""
         if self.fast is not None:
-            return self._fast_blocks(hidden, kwargs, masks, layers, rows, hold, previous, run)
+            return self._fast_blocks(hidden, kwargs, masks, layers, rows, hold, previous, run, pair)
         total, inputs = hidden.shape[0], hidden
         for layer in layers:
             block = self.ee.blocks[layer - 1]
@@ -175,7 +177,7 @@ class Core:
             hidden = out if n == total else torch.cat([out, hidden[n:]])
         return (hidden, inputs) if previous else hidden
 
-    def _fast_blocks(self, hidden, kwargs, masks, layers: range, rows, hold, previous: bool, run):
+    def _fast_blocks(self, hidden, kwargs, masks, layers: range, rows, hold, previous: bool, run, pair: bool = False):
         """:meth:`_blocks` on the fast path: each block one call of ``run`` (:func:`block_forward`, compiled once for
         every block), its last residual add left to the next block while every row runs it."""
         cache, (cos, sin) = kwargs[self._cache_name], kwargs["position_embeddings"]
@@ -195,7 +197,7 @@ class Core:
                 residual, delta = residual + delta, None
             out = block(residual[:n], mask[:n], (cos[:n], sin[:n]), cache, run)
             residual = torch.cat([out, residual[n:]])
-        out = residual if delta is None else residual + delta
+        out = (residual, delta) if pair else residual if delta is None else residual + delta
         return (out, inputs) if previous else out
 
     def _shared_block(self, hidden, kwargs, masks, groups: list[tuple[int, int]], run=block_forward) -> torch.Tensor:
@@ -227,16 +229,18 @@ class Core:
         block.layer_idx = self.n_layers + layer
         return block
 
-    def _shared_kv(self, states: torch.Tensor, position_embeddings, cache, layers: list[int]) -> None:
+    def _shared_kv(self, states: torch.Tensor, position_embeddings, cache, layers: list[int],
+                   slots: torch.Tensor | None = None) -> None:
         """Only the keys and values the shared exit block computes at exits ``layers`` (consecutive in one cache stack)
-        for their inputs ``states`` ``[len(layers), R, q, D]``, in one batched product (:func:`kv_forward`): a dynamic
-        exit's checks keep the block's cache whole without running the block."""
-        block, dtype = self.shared, self.shared.dtype
+        for their inputs ``states`` ``[len(layers) or 1, R, q, D]``, in one product that reads the block's weights once
+        (:func:`kv_forward`), at ``slots`` (default: the cache's): a dynamic exit's checks keep the block's cache whole
+        without running the block."""
+        block = self.shared
         weight, bias = block.kv_rows()
         keys, values = cache.stacked(0, 0, [self.n_layers + layer for layer in layers])
-        cos, sin = (t.to(dtype) for t in position_embeddings)
-        self._run_kv(states.to(dtype), block.ln1[None], weight[None], None if bias is None else bias[None], cos, sin, keys,
-                     values, cache.slots, block.eps1, block.kv_heads, block.head_dim)
+        cos, sin = position_embeddings
+        self._run_kv(states, block.ln1[None], weight[None], None if bias is None else bias[None], cos, sin, keys, values,
+                     cache.slots if slots is None else slots, block.eps1, block.kv_heads, block.head_dim)
 
     def _adapt(self, hidden: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
         """Exit adapters on rows grouped by exit: ``groups`` is ``(layer, rows)`` in row order (identity without adapters)."""
@@ -247,7 +251,7 @@ class Core:
         for layer, count in groups:
             parts.append(adapters(hidden[start : start + count], layer))
             start += count
-        return torch.cat(parts)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _logits(self, hidden: torch.Tensor, banned: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
         """Float exit logits of block outputs; ``banned`` token ids (EOS under ``ignore_eos``) get -inf."""

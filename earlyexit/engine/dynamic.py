@@ -72,16 +72,19 @@ class DynamicGeneration(Generation):
 
 
 def decide(hidden: torch.Tensor, exited: torch.Tensor, state: torch.Tensor, layer: torch.Tensor, at: torch.Tensor,
-           limit: torch.Tensor, measure: Measure, final: bool = False, *, logits: torch.Tensor | None = None,
-           previous: torch.Tensor | None = None, read: torch.Tensor | None = None, adapted: torch.Tensor | None = None,
-           chosen: torch.Tensor | None = None, weight: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-           ended: torch.Tensor | None = None, flags: torch.Tensor | None = None, stash: torch.Tensor | None = None) -> None:
+           limit: torch.Tensor, measure: Measure, final: bool = False, *, delta: torch.Tensor | None = None,
+           out: torch.Tensor | None = None, logits: torch.Tensor | None = None, previous: torch.Tensor | None = None,
+           read: torch.Tensor | None = None, adapted: torch.Tensor | None = None, chosen: torch.Tensor | None = None,
+           weight: torch.Tensor | None = None, offset: torch.Tensor | None = None, ended: torch.Tensor | None = None,
+           flags: torch.Tensor | None = None, stash: torch.Tensor | None = None) -> None:
     """One check layer's decisions, in place: rows not yet ``exited`` whose confidence reaches ``limit`` (all of them
     when ``final``) exit here. A pure function of tensors, so that one compiled version serves every check layer and
-    threshold (the layer and the threshold are data).
+    threshold (the layer and the threshold are data), and the learned measure's check is one or two kernels.
 
     Args:
-        hidden: ``[R, 1, D]`` this layer's output at the deciding position; ``previous``: its input (``state``).
+        hidden: ``[R, 1, D]`` this layer's output at the deciding position (plus ``delta``: the blocks' pending residual
+            add, :func:`~earlyexit.engine.fast.block_forward`); ``out``: where the output is also written (the next
+            blocks' input); ``previous``: this layer's input (``state``).
         exited, state, layer: the step's exits so far (``[R]`` bool, ``[R, 1, D]``, ``[R]`` long), updated: an exiting
             row's state becomes ``hidden`` and its layer ``at``.
         at: this layer (0-d long); limit: the threshold (0-d float).
@@ -95,6 +98,10 @@ def decide(hidden: torch.Tensor, exited: torch.Tensor, state: torch.Tensor, laye
             ended, a running row exited here]; ``stash`` ``[R, 1, D]`` gets each row's input to the shared exit
             block here (its exit state once it has exited).
     """
+    if delta is not None:
+        hidden = hidden + delta
+    if out is not None:
+        out.copy_(hidden)
     if final:
         now = ~exited
     else:
@@ -110,12 +117,12 @@ def decide(hidden: torch.Tensor, exited: torch.Tensor, state: torch.Tensor, laye
     if adapted is not None:
         adapted.copy_(torch.where(pick, hidden if read is None else read, adapted))
     layer.copy_(torch.where(now, at, layer))
-    out = exited | now
-    exited.copy_(out)
+    gone = exited | now
+    exited.copy_(gone)
     if stash is not None:
-        stash.copy_(torch.where(out[:, None, None], state, hidden))
+        stash.copy_(torch.where(gone[:, None, None], state, hidden))
     if flags is not None:
-        flags.copy_(torch.stack([(out | ended).all(), (now & ~ended).any()]))
+        flags.copy_(torch.stack([(gone | ended).all(), (now & ~ended).any()]))
 
 
 class _Exits:
@@ -144,23 +151,28 @@ class _Exits:
         return torch.where(self.exited[:, None, None], self.state, hidden)
 
     def decide(self, layer: int, last: torch.Tensor, previous: torch.Tensor | None, final: bool,
-               read: torch.Tensor | None = None, adapt: bool = True, run=decide, logits=None, **program) -> None:
+               read: torch.Tensor | None = None, adapt: bool = True, run=decide, logits=None, delta=None, **program) -> None:
         """:func:`decide` at ``layer`` (through ``run``: it or its compiled version) on these buffers. last, previous:
-        ``[R, 1, D]`` this layer's output and input at the deciding position; ``read``: what exit ``layer``'s head reads
-        there when the shared exit block computed it (else its adapter is applied here); ``adapt`` False: the
-        exiting rows' read is not kept (the learned measure's deferred shared block keeps it); ``logits``: the head's
-        function (default: the engine's eager one); ``program``: ``ended``, ``flags``, ``stash``."""
+        ``[R, 1, D]`` this layer's output (plus ``delta``) and input at the deciding position; ``read``: what exit
+        ``layer``'s head reads there when the shared exit block computed it (else its adapter is applied here, if it has
+        one); ``adapt`` False: the exiting rows' read is not kept (the learned measure's deferred shared block keeps it);
+        ``logits``: the head's function (default: the engine's eager one); ``program``: ``out``, ``ended``, ``flags``,
+        ``stash``."""
         adapters = self.core.ee.adapters
-        if adapt and read is None and adapters is not None:
-            read = self.core._adapt(last, [(layer, last.shape[0])])
+        if adapt and read is None and adapters is not None and adapters.has_map(layer):
+            if delta is not None:
+                last, delta = last + delta, None
+            read = adapters(last, layer)
         scores = weight = offset = None
         if not final and self.measure in ("softmax", "margin"):
+            if delta is not None:
+                last, delta = last + delta, None
             scores = (logits or self.core._logits)((last if read is None else read)[:, -1], self.banned)
         if not final and self.measure == "learned":
             i = self.probe.index[layer]
             weight, offset = self.probe.weight[i], self.probe.bias[i]
-        run(last, self.exited, self.state, self.layer, self.layers[layer], self.limit, self.measure, final, logits=scores,
-            previous=previous, read=read, adapted=self.adapted if adapt and adapters is not None else None,
+        run(last, self.exited, self.state, self.layer, self.layers[layer], self.limit, self.measure, final, delta=delta,
+            logits=scores, previous=previous, read=read, adapted=self.adapted if adapt and adapters is not None else None,
             chosen=self.chosen, weight=weight, offset=offset, **program)
 
     def reads(self) -> torch.Tensor:
@@ -317,7 +329,7 @@ class DynamicExits(Core):
                           probe: ExitProbe | None):
         threshold, measure, max_new_tokens = args.threshold, args.measure, args.max_new_tokens
         n, p, fill = self.n_layers, len(checks), self.kv_fill
-        cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens + 1)  # + a slot never seen
+        cache, valid, npad, load = self._buffers(batch, prompt, prompt + max_new_tokens)
         cache.stack(list(range(n)), batch, fill.kv_heads, fill.head_dim, self.dtype, self.device)  # for the K/V fill
         through = [layer for layer in checks if self.shared is not None and self.ee.adapters.has_block(layer)]
         if through:  # the shared exit block's cache layers at its checks, filled together too
@@ -336,38 +348,37 @@ class DynamicExits(Core):
         ended = torch.zeros(batch, dtype=torch.bool, device=self.device)  # rows whose answer has ended (EOS written)
         # after check j: [every row has exited or ended, a running row exited here (its shared exit block is to run)]
         flags = torch.zeros(max(p, 1), 2, dtype=torch.bool, device=self.device)
-        stash = torch.zeros(len(through), batch, 1, width, dtype=self.dtype, device=self.device)  # the block's inputs
         bounds = [0, *checks, n]  # piece j runs blocks bounds[j] + 1 .. bounds[j + 1]
+        head_measure = measure in ("softmax", "margin")  # the check computed each exiting row's token
+        state_measure = measure == "state"
+        check = self._compiled(decide)
+        # the learned measure decides before the shared exit block runs: only rows that exit run it (see adapt), and the
+        # block's keys and values at the checks passed come from their inputs (stash), in one product a step
+        stashed = through if measure == "learned" else []
+        stash = torch.zeros(len(stashed), batch, 1, width, dtype=self.dtype, device=self.device)
         # deferred K/V: a step every row of which exits at a check leaves the blocks above unfilled for its position; the
         # positions wait here (at most DEFER of them) until a token runs those blocks, or the host's next flush
-        trash = cache.capacity - 1  # where a flush writes what is not due: a slot no query ever sees
+        trash = cache.capacity - 1  # no token is fed there: where a flush writes what is not due
         waiting = torch.zeros(batch, DEFER, width, dtype=self.dtype, device=self.device)  # their exit states
         waiting_rotary = tuple(torch.zeros(batch, DEFER, fill.head_dim, dtype=self.dtype, device=self.device) for _ in range(2))
         waiting_slot = torch.full((batch, DEFER), trash, dtype=torch.long, device=self.device)
         waiting_from = torch.zeros(DEFER, dtype=torch.long, device=self.device)  # the check they left at (0: none)
         pending = torch.zeros((), dtype=torch.bool, device=self.device)
         span = exits.layers[bounds[1] + 1 :] if p else exits.layers[:0]  # the blocks a flush may fill
-        head_measure = measure in ("softmax", "margin")  # the check computed each exiting row's token
-        check = self._compiled(decide)
-        state_measure = measure == "state"
-
-        def deferred(layer: int) -> bool:
-            """The learned measure decides before the shared exit block runs: only rows that exit run it (see adapt)."""
-            return measure == "learned" and layer in through
+        shared_span = exits.layers[torch.tensor(through, device=self.device)] if through else None
+        settle, defer = self._compiled(copy_all), self._compiled(wait)
 
         def begin():
             h, kw, mk = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
-            hidden.copy_(h)
-            for buffer, value in zip(rotary, kw["position_embeddings"]):
-                buffer.copy_(value)
-            for window, buffer in masks.items():
-                buffer.copy_(mk[window])
-            exits.reset()
+            settle([hidden, *rotary, *masks.values()], [h, *kw["position_embeddings"], *(mk[w] for w in masks)],
+                   [exits.exited, exits.layer])
 
-        def finish(token: torch.Tensor | None = None):
-            """The shared exit block's keys and values at its checks (one product), the step's token, the next column."""
-            if through:
-                self._shared_kv(stash, rotary, cache, through)
+        def finish(token: torch.Tensor | None = None, kv: int | None = None):
+            """The shared exit block's keys and values at the first ``kv`` stashed checks (all: None), the step's token,
+            the next column."""
+            count = len(stashed) if kv is None else kv
+            if count:
+                self._shared_kv(stash[:count], rotary, cache, stashed[:count])
             if token is None:
                 token = self._decode_greedy(exits.reads()[:, -1], [(n, batch)], banned)
             loop.advance(token, exits.layer)
@@ -381,19 +392,22 @@ class DynamicExits(Core):
                 if j == 0:
                     begin()
                 out = self._decode_blocks(hidden, kwargs, masks, range(bounds[j] + 1, top + 1),
-                                          hold=(exits.exited, exits.state) if j else None, previous=state_measure)
-                h, inputs = out if state_measure else (out, None)  # inputs may be the buffer hidden: written last
+                                          hold=(exits.exited, exits.state) if j else None, previous=state_measure, pair=True)
+                (h, delta), inputs = out if state_measure else (out, None)
                 if j == p:
-                    exits.decide(n, h, inputs, final=True)
+                    exits.decide(n, h, inputs, final=True, run=check, delta=delta)
                     finish()
                     return
                 read = None
-                if top in through and not deferred(top):  # the head reads the exit through the shared block
+                if top in through and top not in stashed:  # the head reads the exit through the shared block
+                    h, delta = h + delta, None
                     read = self._shared_block(exits.inputs(h), kwargs, masks, [(top, batch)], self._run_block)
-                exits.decide(top, h, inputs, final=False, read=read, adapt=not deferred(top), run=check,
+                exits.decide(top, h, inputs, final=False, read=read, adapt=top not in stashed, run=check, delta=delta,
                              logits=self._decode_logits, ended=ended, flags=flags[j],
-                             stash=stash[through.index(top)] if top in through else None)
-                hidden.copy_(h)
+                             stash=stash[stashed.index(top)] if top in stashed else None,
+                             out=None if state_measure else hidden)
+                if state_measure:  # its input may be the buffer hidden itself: written last
+                    hidden.copy_(h if delta is None else h + delta)
 
             run.label = f"blocks {bounds[j] + 1}-{top}" + (", token" if j == p else f", check {top}")
             return run
@@ -408,46 +422,44 @@ class DynamicExits(Core):
             run.label = f"shared block at {top}"
             return run
 
-        def fill_above(j: int):
+        def skip(j: int):
             top = bounds[j + 1]
-            later = sum(layer > top for layer in through)  # the shared block's checks above: their input is the exit state
+            below = sum(layer < top for layer in stashed)  # the stashed checks passed: their K/V now; those above wait
 
             def run():  # every row has exited at or below top: the blocks above wait for their K/V; the token
-                at = (loop.step % DEFER).view(1)
-                waiting.index_copy_(1, at, exits.state)
-                for buffer, value in zip(waiting_rotary, rotary):
-                    buffer.index_copy_(1, at, value)
-                waiting_slot.index_copy_(1, at, loop.slot)
-                waiting_from.index_copy_(0, at, exits.layers[top].view(1))
-                pending.fill_(True)
-                if later:
-                    stash[-later:].copy_(exits.state[None].expand(later, -1, -1, -1))
-                finish(exits.chosen if head_measure else None)
+                defer(waiting, *waiting_rotary, waiting_slot, waiting_from, pending, exits.state, *rotary, loop.slot,
+                      loop.step, exits.layers[top], DEFER)
+                finish(exits.chosen if head_measure else None, kv=below)
 
             run.label = f"skip {top + 1}-{n}, token"
             return run
 
         def flush():  # the waiting positions' K/V of the blocks above their exits, in one batched product
             due = (waiting_from > 0)[None, :] & (span[:, None] > waiting_from[None, :])  # [L, DEFER]
-            slots = torch.where(due[:, None, :], waiting_slot[None], trash)  # [L, R, DEFER]: the others to the trash
-            self.kv_fill(waiting, waiting_rotary, cache, bounds[1] + 1, n, self._run_kv, slots=slots)
+            self.kv_fill(waiting, waiting_rotary, cache, bounds[1] + 1, n, self._run_kv,
+                         slots=torch.where(due[:, None, :], waiting_slot[None], trash))  # [L, R, DEFER]: the rest: trash
+            if through:  # and the shared exit block's at its checks above them
+                due = (waiting_from > 0)[None, :] & (shared_span[:, None] > waiting_from[None, :])
+                self._shared_kv(waiting[None], waiting_rotary, cache, through,
+                                slots=torch.where(due[:, None, :], waiting_slot[None], trash))
             waiting_from.zero_()
             pending.fill_(False)
 
         flush.label = f"fill {bounds[1] + 1}-{n} of waiting positions" if p else "flush"
         flushed = Branch(pending, flush)
-
-        adapts = {j: adapt(j) for j, layer in enumerate(checks) if deferred(layer)}
-        fills = [fill_above(j) for j in range(p)]
+        adapts = {j: adapt(j) for j, layer in enumerate(checks) if layer in stashed}
+        skips = [skip(j) for j in range(p)]
 
         def plan(j: int):
-            """Piece j, then: every row out → fill j (after the deferred shared block), else the pieces above."""
+            """Piece j, then: every row out → skip (after the deferred shared block), else the pieces above."""
             if j == p:
                 return [piece(p)]
-            above = [Branch(flags[j, 1], adapts[j]), plan(j + 1)] if j in adapts else plan(j + 1)
+            above = plan(j + 1)
+            if j in adapts and batch > 1:  # one row: a row out here is every row out
+                above = [Branch(flags[j, 1], adapts[j]), above]
             if j == 0:  # a token that goes on past the first check needs every position's K/V above it
                 above = [flushed, above]
-            done = [adapts[j], fills[j]] if j in adapts else fills[j]
+            done = [adapts[j], skips[j]] if j in adapts else skips[j]
             return [piece(j), Branch(flags[j, 0], done, above)]
 
         def full():  # the fallback: every block for every row, the last layer's token
@@ -484,3 +496,25 @@ class DynamicExits(Core):
             return loop.out.clone(), used.clone(), switched
 
         return run
+
+
+def copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor], zeros: list[torch.Tensor]) -> None:
+    """``targets[i] = sources[i]``, ``zeros`` zeroed: a step's inputs settled into its buffers, in few kernels compiled."""
+    for target, source in zip(targets, sources):
+        target.copy_(source)
+    for tensor in zeros:
+        tensor.zero_()
+
+
+def wait(waiting: torch.Tensor, waiting_cos: torch.Tensor, waiting_sin: torch.Tensor, waiting_slot: torch.Tensor,
+         waiting_from: torch.Tensor, pending: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         slot: torch.Tensor, step: torch.Tensor, at: torch.Tensor, defer: int) -> None:
+    """Keep a skipped step's position waiting for its K/V above layer ``at``: its exit ``state`` ``[R, 1, D]``, rotary
+    ``cos``/``sin`` ``[R, 1, d]`` and ``slot`` ``[R, 1]``, in entry ``step % defer`` of the waiting buffers."""
+    i = (step % defer).view(1)
+    waiting.index_copy_(1, i, state)
+    waiting_cos.index_copy_(1, i, cos)
+    waiting_sin.index_copy_(1, i, sin)
+    waiting_slot.index_copy_(1, i, slot)
+    waiting_from.index_copy_(0, i, at.view(1))
+    pending.fill_(True)

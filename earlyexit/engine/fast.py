@@ -103,21 +103,26 @@ def kv_forward(hidden: torch.Tensor, norms: torch.Tensor, weight: torch.Tensor, 
                sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, eps: float, kv_heads: int,
                head_dim: int) -> None:
     """The keys and values L blocks compute for their inputs, written to their cache layers, and nothing else: a dynamic
-    exit's state propagated to the blocks it skips (CALM), one batched product for all of them.
+    exit's state propagated to the blocks it skips (CALM), one batched product for all of them; in the weights' dtype.
 
     Shapes: hidden ``[L or 1, R, q, D]`` (each block's input, or one for all); norms ``[L or 1, D]`` (their input norms'
-    weights); weight ``[L or 1, 2 k d, D]`` (their k|v rows); bias ``[L or 1, 2 k d]``; cos, sin ``[R, q, d]``; keys,
-    values ``[L, R, k, S, d]`` (their cache layers); slots ``[R, q]``.
+    weights); weight ``[L or 1, 2 k d, D]`` (their k|v rows, or one block's for all: the shared exit block, read once);
+    bias ``[L or 1, 2 k d]``; cos, sin ``[R, q, d]``; keys, values ``[L, R, k, S, d]`` (their cache layers); slots
+    ``[R, q]`` or ``[L, R, q]``.
     """
     count, (_, rows, q, width), k, d = keys.shape[0], hidden.shape, kv_heads, head_dim
+    dtype = weight.dtype
     x = hidden.float()
-    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)  # as rms_norm
-    x = norms[:, None] * normed.reshape(-1, rows * q, width)  # [L, R q, D]
-    kv = torch.matmul(x, weight.transpose(1, 2))  # [L, R q, 2 k d]
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)  # as rms_norm, in the block's dtype
+    x = norms[:, None] * normed.reshape(-1, rows * q, width)  # [L or 1, R q, D]
+    if weight.shape[0] == 1:  # one weight for every input: a single product reads it once
+        kv = (x.reshape(-1, width) @ weight[0].t()).view(x.shape[0], rows * q, -1)
+    else:
+        kv = torch.matmul(x, weight.transpose(1, 2))  # [L, R q, 2 k d]
     if bias is not None:
         kv = kv + bias[:, None]
     kv = kv.expand(count, -1, -1).reshape(count, rows, q, 2 * k, d).transpose(2, 3)  # [L, R, 2k, q, d]
-    cos, sin = cos[None, :, None], sin[None, :, None]  # [1, R, 1, q, d]
+    cos, sin = cos[None, :, None].to(dtype), sin[None, :, None].to(dtype)  # [1, R, 1, q, d]
     write(keys, values, rotate(kv[:, :, :k], cos, sin), kv[:, :, k:], slots)
 
 
