@@ -283,7 +283,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
          measures: list[str] = ["softmax", "learned"],  # noqa: B006
          n_draft: list[int] = [1, 4],  # noqa: B006
          compile: bool = True, decide: list[str] = ["host", "device"],  # noqa: B006
-         walk_compile: bool = False, graphs_off: bool = True, repeats: int = 3, top: int = 8,
+         walk: bool = True, walk_compile: bool = False, graphs_off: bool = True, repeats: int = 3, top: int = 8,
          out: str | None = None) -> list[dict]:
     """Profile every mode's decode step piece by piece and print the tables.
 
@@ -301,6 +301,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
         n_draft: speculative draft lengths.
         compile: compile the decode step (``generation.compile``) where it runs as it does for users.
         decide: where adaptive settings' decisions are taken as they run: host, device (each timed).
+        walk: profile each piece on its own (2., graphs on).
         walk_compile: compile the host-walked pieces too (per-piece figures of compiled pieces).
         graphs_off: also profile every setting eagerly, part by part (slow for large shapes).
         repeats: timed decodes a setting (the median is kept).
@@ -389,9 +390,9 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
             print(f"as it runs: {name}: " + ", ".join(f"{row[f'step_us_{w}']:.1f} µs a step ({w})" for w in decide
                                                       if f"step_us_{w}" in row), flush=True)
             save(rows, out)
-        with walked(recorder):  # 2. graphs on, the plan walked by the host, each piece its own graph
+        with walked(recorder) if walk else nullcontext():  # 2. graphs on, the plan walked by the host, each piece its own graph
             engine = Engine(ee, compile=walk_compile)
-            for row, (name, _, decode) in zip(rows, settings):
+            for row, (name, _, decode) in zip(rows, settings) if walk else ():
                 decode(engine)
                 recorder.reset(timing=True)
                 sync()
