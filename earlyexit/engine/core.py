@@ -608,9 +608,12 @@ _COMPILED: dict[tuple, Callable] = {}
 
 
 def compiled(fn: Callable, how: dict) -> Callable:
-    """``fn`` through ``torch.compile`` with ``how``, made once a process for each function and way (dynamo keeps
-    the compiled code on ``fn``'s code object, guarded by its inputs' shapes and dtypes, never by which layer)."""
-    key = (getattr(fn, "__func__", fn), getattr(fn, "__self__", None), repr(sorted(how.items())))
+    """``fn`` through ``torch.compile`` with ``how``; a pure function (not a method) is wrapped once a process for each
+    way, so every engine shares it (dynamo keeps the compiled code on ``fn``'s code object, guarded by its inputs'
+    shapes and dtypes, never by which layer)."""
+    if hasattr(fn, "__self__"):  # an engine's method: its own (kept with the engine, not here)
+        return torch.compile(fn, dynamic=False, **how)
+    key = (fn, repr(sorted(how.items())))
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(fn, dynamic=False, **how)
     return _COMPILED[key]
