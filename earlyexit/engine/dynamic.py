@@ -9,14 +9,16 @@ that state.
 Two ways to run the same rule:
 
 * **skipping** (the fast path of llama-style families): the step is a plan (:mod:`earlyexit.engine.control`) cut at
-  the check layers. After each, a flag says whether every row of the batch has exited (or has already ended its
-  answer); if so the blocks above are not run, only their K/V projections of the exit state are written to the cache
-  (:class:`~earlyexit.engine.fast.KVFill`: one batched product for all of them, about a sixth of a block's weights
-  each for SmolLM2, a third for Llama-2-7B); with a head measure the step's token is the one the check chose. On a GPU the
-  whole step is one CUDA graph whose branches are conditional nodes (``generation.decide device``), or a graph per
-  piece with the host reading each flag (``host``: a synchronisation per check). With the ``learned`` measure (:mod:`earlyexit.probe`) a check
-  reads a probe instead of the head, and the shared exit block runs only for rows that exit there (it then writes
-  just its keys and values for the others).
+  the check layers. Each check is :func:`decide`, one compiled function (the blocks' pending add, the confidence, the
+  decision, the flags the branch reads): whether every row of the batch has exited (or ended its answer). If so the
+  blocks above are not run, and their keys and values for this position wait (at most :data:`DEFER` steps) until a
+  later token goes on past the first check, when :class:`~earlyexit.engine.fast.KVFill` writes every waiting
+  position's K/V of the exit states in one batched product; with a head measure the step's token is the one the check
+  chose. On a GPU the whole step is one CUDA graph whose branches are conditional nodes (``generation.decide
+  device``), or a graph per piece with the host reading each flag (``host``: a synchronisation per check). With the
+  ``learned`` measure (:mod:`earlyexit.probe`) a check reads a probe instead of the head, and the shared exit block
+  runs only for rows that exit there; its keys and values at the checks the others passed come from their inputs in
+  one product a step. ``generation.schedule auto`` first times which of the check layers pay (:meth:`Core._fastest`).
 * **propagating** (other families, the model's own blocks): every block still runs for every token, the exited rows
   taking their exit state as input; one CUDA graph per step. It measures quality against depth, not time.
 
@@ -37,12 +39,12 @@ import torch.nn.functional as F
 
 from earlyexit.engine.control import Branch
 from earlyexit.engine.core import DEFER, Columns, Core, Stops, until_done
-
-SUBSETS_OF = 4
-"""A schedule times every subset of at most this many check layers; of more, each one alone, all of them, and none."""
 from earlyexit.generation import GenerationArgs, Measure, options
 from earlyexit.model import Generation
 from earlyexit.probe import ExitProbe, features
+
+SUBSETS_OF = 4
+"""A schedule times every subset of at most this many check layers; of more, each one alone, all of them, and none."""
 
 
 def confidence(logits: torch.Tensor | None, hidden: torch.Tensor, previous: torch.Tensor, measure: Measure) -> torch.Tensor:
