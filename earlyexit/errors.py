@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from typing import Callable, TypeVar
 
@@ -14,10 +15,12 @@ class EarlyExitError(Exception):
 
 
 def report_errors(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a CLI entry point: known input errors print one line to stderr and exit with status 2."""
+    """Wrap a CLI entry point: known input errors print one line to stderr and exit with status 2; so do the parser's
+    own (a value of the wrong type: one line naming the key, the value and the type wanted)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        one_line_parser_errors()
         try:
             return main(*args, **kwargs)
         except Exception as err:
@@ -73,3 +76,41 @@ def in_unit(option: str, value, low_open: bool = False, high_open: bool = False)
     """A number in [0, 1], with either end open."""
     ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
     require(ok, option, value, f"in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
+
+
+def parser_message(message: str) -> str:
+    """jsonargparse's error as one line: ``Parser key "k":\n  Expected a <class 'int'>. Got value: one`` becomes
+    ``k = 'one': expected an integer``."""
+    text = " ".join(message.split())
+    found = re.fullmatch(r'Parser key "([^"]+)": Expected a (.+?)\. Got value: (.*)', text)
+    if not found:
+        return text if len(text) <= 400 else text[:400].rsplit(" ", 1)[0] + " …"
+    key, expected, value = found.groups()
+    return f"{key} = {value!r}: expected {_describe(expected)}"
+
+
+def _describe(expected: str) -> str:
+    simple = {"<class 'int'>": "an integer", "<class 'float'>": "a number", "<class 'bool'>": "true or false",
+              "<class 'str'>": "a string"}
+    if expected in simple:
+        return simple[expected]
+    choices = re.fullmatch(r"typing\.Literal\[(.*)\]", expected)
+    if choices:
+        return "one of " + ", ".join(choice.strip().strip("'\"") for choice in choices.group(1).split(","))
+    return expected
+
+
+def one_line_parser_errors() -> None:
+    """Make every jsonargparse parser (ours and LightningCLI's) end a parse error with one line (:func:`parser_message`)."""
+    import jsonargparse
+
+    parser = jsonargparse.ArgumentParser
+    if getattr(parser.error, "one_line", False):
+        return
+    original = parser.error
+
+    def error(self, message: str, ex: Exception | None = None):
+        return original(self, parser_message(message), ex)
+
+    error.one_line = True
+    parser.error = error

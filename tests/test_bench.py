@@ -35,7 +35,7 @@ def test_every_mode_against_hf(tiny_dir, data_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--modes", "[full,warp]"], 'Parser key "modes"'),
+    (["--modes", "[full,warp]"], "modes = 'warp': expected one of hf, hf_static"),
     (["--batch", "0"], "batch = 0 is out of range: it must be an integer ≥ 1"),
     (["--random_config", "gpt-5"], "random_config 'gpt-5': choose from llama2-7b"),
     (["--generation.max_new_tokens", "0"], "generation.max_new_tokens = 0 is out of range"),
