@@ -91,6 +91,25 @@ def generation_fingerprint(model_args: ModelArgs, data: AlpacaDataModule, genera
     }
 
 
+def fit_answer_prompts(model_args: ModelArgs, data: AlpacaDataModule, examples: list[tuple[int, dict]],
+                       generation: GenerationArgs) -> None:
+    """Before any model weights load: the model's files (:func:`~earlyexit.loading.preflight`), then the prompts of
+    ``examples`` against its window with ``generation.max_new_tokens`` (:mod:`earlyexit.context`), refused in one line
+    or, with ``generation.context truncate``, cut from the left (``data`` then keeps the last tokens of each prompt that
+    fit)."""
+    from earlyexit.context import fit_prompts, window_of
+    from earlyexit.loading import load_tokenizer, preflight
+
+    path, config = preflight(model_args)  # the model's and its adapter's files, and what the adapter was trained on
+    window = window_of(config)
+    if window is None:
+        return
+    data.attach_tokenizer(load_tokenizer(path))
+    fit_prompts([data.prompt_ids(r) for _, r in examples], window, generation.max_new_tokens, generation.context,
+                "evaluation prompt")
+    data.prompt_limit = window - generation.max_new_tokens
+
+
 def generate_answers(module: EarlyExitModule, results: ResultsDir, data: AlpacaDataModule,
                      examples: list[tuple[int, dict]], trainer_args: TrainerArgs, device) -> bool:
     """Generate every (example, exit layer) answer that ``results`` does not hold yet, through the predict loop.

@@ -135,19 +135,25 @@ def load(model_args: ModelArgs, bench: BenchArgs) -> tuple[torch.nn.Module, obje
     return model.eval(), tokenizer
 
 
-def prompts(bench: BenchArgs, model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``--batch`` left-padded prompts: Alpaca records 0.. (the evaluation split), or random ids of a fixed length."""
+def prompts(bench: BenchArgs, model, tokenizer, generation: GenerationArgs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--batch`` left-padded prompts: Alpaca records 0.. (the evaluation split), or random ids of a fixed length;
+    fitted to the model's window with ``generation.max_new_tokens`` (``generation.context``)."""
+    from earlyexit.context import fit_prompts, window_of
+    from earlyexit.tokens import pad
+
     device = next(model.parameters()).device
     if tokenizer is None:
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(100, model.config.vocab_size, (bench.batch, bench.prompt_len), generator=gen)
-        return ids.to(device), torch.ones_like(ids).to(device)
-    from earlyexit.data import encode_prompt, read_records
-    from earlyexit.tokens import pad
+        encoded = torch.randint(100, model.config.vocab_size, (bench.batch, bench.prompt_len), generator=gen).tolist()
+        pad_id = 0
+    else:
+        from earlyexit.data import encode_prompt, read_records
 
-    records = read_records(bench.data)[: bench.batch]
-    encoded = [encode_prompt(record, tokenizer) for record in records]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        encoded = [encode_prompt(record, tokenizer) for record in read_records(bench.data)[: bench.batch]]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if generation is not None:
+        encoded = fit_prompts(encoded, window_of(model.config), generation.max_new_tokens, generation.context,
+                              "benchmark prompt")
     ids = pad(encoded, pad_id, "left")
     mask = pad([[1] * len(e) for e in encoded], 0, "left")
     return ids.to(device), mask.to(device)
@@ -180,7 +186,7 @@ def run(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> 
     engine = Engine(ee, fast=generation.fast, **options)
     greedy = generation.but(do_sample=False)
     device = next(model.parameters()).device
-    ids, mask = prompts(bench, model, tokenizer)
+    ids, mask = prompts(bench, model, tokenizer, generation)  # before any decoding
     n, new, batch = ee.n_layers, generation.max_new_tokens, ids.shape[0]
     eos = model.generation_config.eos_token_id
     draft_layers = bench.draft_layer or [max(1, n // 2)]

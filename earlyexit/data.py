@@ -417,10 +417,13 @@ class AlpacaDataModule(L.LightningDataModule):
         """Generation items of ``(id, record)`` pairs: the prompt tokens and the reference answer."""
         self.predict_set = [{"id": i, "prompt_ids": self.prompt_ids(r), "reference": r["output"]} for i, r in pairs]
 
+    prompt_limit: int | None = None
+    """The most prompt tokens the model's window leaves room for (:func:`earlyexit.answers.fit_answer_prompts`)."""
+
     def prompt_ids(self, record: dict) -> list[int]:
-        """The prompt of ``record``, tokenised, keeping its last ``max_length`` tokens."""
+        """The prompt of ``record``, tokenised, keeping its last ``max_length`` tokens (and its last ``prompt_limit``)."""
         ids = encode_prompt(record, self.tokenizer, self.hparams.template)
-        return ids[-self.hparams.max_length :]
+        return ids[-min(self.hparams.max_length, self.prompt_limit or self.hparams.max_length) :]
 
     def collate_train(self, batch: list[dict]) -> dict:
         pad_id = self.tokenizer.pad_token_id

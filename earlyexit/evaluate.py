@@ -41,7 +41,8 @@ from earlyexit.metrics import (
     resolve_bertscore_model,
 )
 from earlyexit.cli import make_parser, save_config
-from earlyexit.answers import TrainerArgs, add_answer_options, check_evaluation_setup, generate_answers, generation_fingerprint
+from earlyexit.answers import (TrainerArgs, add_answer_options, check_evaluation_setup, fit_answer_prompts, generate_answers,
+                               generation_fingerprint)
 from earlyexit.generation import GenerationArgs
 from earlyexit.module import EarlyExitModule
 from earlyexit.results import ResultsDir, markdown_table
@@ -187,9 +188,10 @@ def run(cfg, parser: ArgumentParser) -> dict:
     examples = data.eval_records()  # bad data fails here, before any model is loaded
     device = resolve_device(model_args.device)
     fingerprint = generation_fingerprint(model_args, data, generation, device)
+    fit_answer_prompts(model_args, data, examples, generation)  # prompts past the model's window, before it loads
     bertscore = resolve_bertscore_model(metrics.bertscore_model, metrics.bertscore_layer) if "bertscore" in metrics.names else None
-    module = EarlyExitModule(base=model_args, generation=generation, exit_layers=cfg.exit_layers)  # a bad model or layer fails before any write
-    results = ResultsDir(cfg.out_dir, fingerprint)
+    results = ResultsDir(cfg.out_dir, fingerprint)  # writable, ours alone, answers of these inputs: before the model loads
+    module = EarlyExitModule(base=model_args, generation=generation, exit_layers=cfg.exit_layers)
     save_config(parser, cfg, results.path)
     if not generate_answers(module, results, data, examples, trainer_args, device):
         return {}  # a sharded run's other ranks: rank 0 scores the gathered generations

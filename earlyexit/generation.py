@@ -14,6 +14,7 @@ from typing import Callable, Literal
 
 import torch
 
+from earlyexit.context import Context
 from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, require
 
 Measure = Literal["softmax", "margin", "state", "learned"]
@@ -60,6 +61,8 @@ class GenerationArgs:
             graphs: ``device`` (one graph per step whose branches are conditional nodes; the host never waits),
             ``host`` (a graph per piece, the host reading each decision: a synchronisation per check), ``auto``
             (``device`` where conditional nodes can be built: CUDA ≥ 12.4 with torch ≥ 2.12 or ``cuda-bindings``).
+        context: a prompt whose tokens and ``max_new_tokens`` do not fit the model's window: ``refuse`` (one line, before
+            any answer is generated) or ``truncate`` (keep its last tokens, with a warning counting those dropped).
         schedule: on a GPU with CUDA graphs, ``auto`` decodes dynamic exits at the subset of the check layers (none: full
             depth) that ran fastest on calibration prompts (the ``calibration`` prompts a decode call is given, else its
             own prompts at the first call of a setting and batch size), and self-speculates only where speculation ran
@@ -88,6 +91,7 @@ class GenerationArgs:
     check_layers: list[int] | None = None
     probe: str | None = None
     decide: Decide = "auto"
+    context: Context = "refuse"
     schedule: Schedule = "auto"
     fallback: bool = True
 
@@ -104,6 +108,8 @@ class GenerationArgs:
             require(len(self.check_layers) > 0 and all(layer >= 1 for layer in self.check_layers), "generation.check_layers",
                     self.check_layers, "a non-empty list of layers ≥ 1")
             object.__setattr__(self, "check_layers", sorted(set(self.check_layers)))
+        if self.context not in ("refuse", "truncate"):
+            raise EarlyExitError(f"generation.context {self.context!r}: choose refuse or truncate")
         if self.schedule not in ("auto", "all"):
             raise EarlyExitError(f"generation.schedule {self.schedule!r}: choose auto or all")
         if self.decide not in ("auto", "device", "host"):
@@ -113,9 +119,13 @@ class GenerationArgs:
         if self.measure == "learned" and self.probe is None:
             raise EarlyExitError("generation.measure learned reads an exit probe: set generation.probe to a directory "
                                  "written by scripts/fit_probe.py")
-        if self.probe is not None and not (Path(self.probe) / "exit_probe.json").is_file():
-            raise EarlyExitError(f"generation.probe {self.probe}: no exit probe there (exit_probe.json); fit one with "
-                                 "scripts/fit_probe.py")
+        if self.probe is not None:
+            if not (Path(self.probe) / "exit_probe.json").is_file():
+                raise EarlyExitError(f"generation.probe {self.probe}: no exit probe there (exit_probe.json); fit one with "
+                                     "scripts/fit_probe.py")
+            from earlyexit.provenance import check_weights
+
+            check_weights(Path(self.probe) / "exit_probe.safetensors", "generation.probe: weight file")
 
     def but(self, **changes) -> GenerationArgs:
         """A copy with ``changes`` (checked again)."""

@@ -43,6 +43,7 @@ from earlyexit.answers import (
     TrainerArgs,
     add_answer_options,
     check_evaluation_setup,
+    fit_answer_prompts,
     generate_answers,
     generation_fingerprint,
 )
@@ -518,6 +519,7 @@ def run(cfg, parser: ArgumentParser | None = None) -> dict:
     default_fields = data_args.fields == (JudgeData.question_field, JudgeData.context_field, JudgeData.answer_field)
     fingerprint = generation_fingerprint(model_args, data, generation, device,
                                          **({} if default_fields else {"fields": list(data_args.fields)}))
+    fit_answer_prompts(model_args, data, items, generation)  # prompts past the model's window, before it loads
     answers = ResultsDir(cfg.answers or out_dir / "answers", fingerprint)
     exit_layers = parse_exit_layers(cfg.exit_layers, n_layers_of(model_args))
     have = {(r["id"], r["layer"]) for r in answers.generations()}

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from earlyexit.context import Context
 from earlyexit.errors import EarlyExitError, non_negative, positive, require
 from earlyexit.loss import kl_to_teacher
 from earlyexit.model import EarlyExitHead
@@ -63,6 +64,9 @@ class TunedLens(nn.Module):
     def load(cls, path: str | Path) -> "TunedLens":
         if not Path(path).is_file():
             raise EarlyExitError(f"tuned lens file {str(path)!r} not found")
+        from earlyexit.provenance import check_weights
+
+        check_weights(path, "tuned lens file")
         blob = torch.load(path, map_location="cpu", weights_only=True)
         lens = cls(blob["n_layers"], blob["hidden_size"])
         lens.load_state_dict(blob["state_dict"])
@@ -283,11 +287,8 @@ def _prompts(cfg, tokenizer, data) -> list[tuple[str, list[int]]]:
 
 
 def _generate(ee: EarlyExitHead, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The full model's greedy answer to ``prompt_ids`` (fitted to its window already: :func:`run`)."""
     device = next(ee.parameters()).device
-    limit = getattr(ee.config, "max_position_embeddings", None)
-    if limit and len(prompt_ids) + max_new_tokens > limit:
-        raise EarlyExitError(f"the prompt is {len(prompt_ids)} tokens; with {max_new_tokens} new tokens it exceeds "
-                             f"the model's context window of {limit}")
     ids = torch.tensor([prompt_ids], device=device)
     gen = ee.generate(ids, torch.ones_like(ids), ee.n_layers, max_new_tokens=max_new_tokens,
                       pad_token_id=tokenizer.pad_token_id)
@@ -368,6 +369,9 @@ def build_parser():
     parser.add_argument("--limit", type=int | None, default=None,
                         help="dataset statistics over this many evaluation records of --data.source (teacher-forced reference answers)")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="length of the full model's answer")
+    parser.add_argument("--context", type=Context, default="refuse",
+                        help="a prompt that does not fit the model's window with max_new_tokens: refuse it, or truncate "
+                             "it (its last tokens kept, with a warning)")
     parser.add_argument("--layers", type=str, default="all", help="heatmap rows: all, quarters, everyK or a list")
     parser.add_argument("--annotate", type=bool, default=True, help="write each layer's top-1 token in the heatmap cells")
     parser.add_argument("--out_dir", type=str, default="results/lens")
@@ -375,8 +379,9 @@ def build_parser():
 
 
 def run(cfg, parser=None) -> None:
+    from earlyexit.context import fit_prompts, window_of
     from earlyexit.data import AlpacaDataModule
-    from earlyexit.loading import ModelArgs, load_model
+    from earlyexit.loading import ModelArgs, load_model, load_tokenizer, preflight
     from earlyexit.model import parse_exit_layers
 
     positive("max_new_tokens", cfg.max_new_tokens)
@@ -385,15 +390,25 @@ def run(cfg, parser=None) -> None:
     if not (prompt_texts(cfg) or cfg.index or cfg.limit):
         raise EarlyExitError("nothing to do: pass --prompt TEXT, --prompts LIST, --index I (with --data.source) or --limit K")
     data = AlpacaDataModule(**cfg.data)
-    model, tokenizer = load_model(ModelArgs(**cfg.model))
-    ee = EarlyExitHead(model)
-    layers = parse_exit_layers(cfg.layers, ee.n_layers)
-    prompts = _prompts(cfg, tokenizer, data)
     out = Path(cfg.out_dir)
-    try:
+    try:  # everything that can be refused without the model is refused before it loads
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise EarlyExitError(f"results directory {cfg.out_dir!r} is not writable: {err.strerror}") from None
+    if tuned_args.path:
+        if not Path(tuned_args.path).is_file():
+            raise EarlyExitError(f"tuned lens file {tuned_args.path!r} not found")
+        from earlyexit.provenance import check_weights
+
+        check_weights(tuned_args.path, "tuned lens file")
+    model_args = ModelArgs(**cfg.model)
+    path, config = preflight(model_args)
+    prompts = _prompts(cfg, load_tokenizer(path), data)
+    fitted = fit_prompts([ids for _, ids in prompts], window_of(config), cfg.max_new_tokens, cfg.context, option="--context")
+    prompts = [(title, ids) for (title, _), ids in zip(prompts, fitted)]
+    model, tokenizer = load_model(model_args)
+    ee = EarlyExitHead(model)
+    layers = parse_exit_layers(cfg.layers, ee.n_layers)
     if parser is not None:
         from earlyexit.cli import save_config
 

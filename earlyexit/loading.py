@@ -38,12 +38,33 @@ class ModelArgs:
         adapter: Optional path of a peft LoRA adapter (``save_pretrained`` output) to apply.
         dtype: Weights dtype; ``auto`` is bfloat16 on a GPU and float32 on the CPU.
         device: ``cpu``, ``cuda``, ``cuda:1`` …; ``auto`` takes the GPU when there is one.
+        other_base: load ``adapter`` on a model of the same family and shapes as the one it was trained on but with
+            other weights (its ``base_model.json`` says which), with a warning; otherwise that is refused.
     """
 
     name: str = DEFAULT_MODEL
     adapter: str | None = None
     dtype: Dtype = "auto"
     device: str = "auto"
+    other_base: bool = False
+
+    def __post_init__(self):
+        if self.adapter is not None:  # present and whole, before any model loads
+            check_adapter_files(self.adapter)
+
+
+def check_adapter_files(adapter: str) -> None:
+    """Refuse an adapter directory that does not exist, holds no adapter, or holds a broken weight file."""
+    from earlyexit.adapters import CONFIG
+    from earlyexit.provenance import check_weight_dir
+
+    directory = Path(adapter)
+    if not directory.is_dir():
+        raise EarlyExitError(f"adapter path {adapter!r} is not a directory")
+    if not ((directory / "adapter_config.json").is_file() or (directory / CONFIG).is_file()):
+        raise EarlyExitError(f"adapter directory {adapter!r} holds neither a peft adapter (adapter_config.json) "
+                             f"nor exit adapters ({CONFIG})")
+    check_weight_dir(directory, f"adapter {adapter!r}: weight file")
 
 
 def cache_root() -> Path:
@@ -145,14 +166,37 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def preflight(args: ModelArgs):
+    """What can be refused before a model's weights load: its path, its family, its weight files whole, and its
+    adapter's files whole and trained on this model (:mod:`earlyexit.provenance`). Returns ``(path, config)``."""
+    from transformers import AutoConfig
+
+    from earlyexit.arch import spec_for
+    from earlyexit.provenance import check_base, check_weight_dir
+
+    path = resolve_model_path(args.name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise EarlyExitError(f"could not load model {args.name!r}: {_first_sentence(err)}") from None
+    spec_for(config.model_type)  # an unsupported family
+    if Path(path).is_dir():
+        made = args.name in CATALOG or args.name.startswith(TINY_PREFIX)  # our own conversion, made again if removed
+        check_weight_dir(path, f"model {args.name!r}: weight file",
+                         **({"remedy": f"remove {path} and it is made again"} if made else {}))
+    if args.adapter:
+        check_adapter_files(args.adapter)
+        check_base(args.adapter, config, args.name, args.other_base)
+    return path, config
+
+
 def load_model(args: ModelArgs | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` in eval mode on the chosen device and dtype, with the adapter applied.
+    """Load ``(model, tokenizer)`` in eval mode on the chosen device and dtype, with the adapter applied
+    (:func:`preflight` first).
 
     Raises:
         EarlyExitError: missing path, unloadable model or adapter, unsupported architecture.
     """
-    from earlyexit.arch import spec_for
-
     args = args or ModelArgs()
     hf_logging.disable_progress_bar()  # per-tensor loading bars drown the job's own progress
     device = resolve_device(args.device)
@@ -163,11 +207,8 @@ def load_model(args: ModelArgs | None = None) -> tuple[PreTrainedModel, PreTrain
         if args.adapter:
             raise EarlyExitError(f"{args.name} is random weights for speed measurements; it takes no adapter")
         return random_model(args.name[len(RANDOM_PREFIX):], device, dtype), None
-    path = resolve_model_path(args.name)
+    path, _ = preflight(args)
     try:
-        from transformers import AutoConfig
-
-        spec_for(AutoConfig.from_pretrained(path).model_type)  # an unsupported family fails here, before its weights load
         tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
@@ -176,16 +217,15 @@ def load_model(args: ModelArgs | None = None) -> tuple[PreTrainedModel, PreTrain
         from earlyexit.adapters import CONFIG, ExitAdapters, attach, block_template, shared_block
 
         directory = Path(args.adapter)
-        if not directory.is_dir():
-            raise EarlyExitError(f"adapter path {args.adapter!r} is not a directory")
         lora, exits = (directory / "adapter_config.json").is_file(), (directory / CONFIG).is_file()
-        if not (lora or exits):
-            raise EarlyExitError(f"adapter directory {args.adapter!r} holds neither a peft adapter (adapter_config.json) "
-                                 f"nor exit adapters ({CONFIG})")
         template = block_template(model) if exits and shared_block(directory) else None  # before LoRA wraps it
         if lora:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, args.adapter)
+            try:
+                model = PeftModel.from_pretrained(model, args.adapter)
+            except (ValueError, RuntimeError, KeyError) as err:  # modules it adapts missing, or of other sizes
+                raise EarlyExitError(f"adapter {args.adapter!r} does not fit model {args.name!r}: {_first_sentence(err)}"
+                                     ) from None
         attach(model, ExitAdapters.load(directory, template))
     return model.to(device).eval(), tokenizer

@@ -87,8 +87,14 @@ class ExitProbe(nn.Module):
         if hidden_size is not None and config["hidden_size"] != hidden_size:
             raise EarlyExitError(f"the exit probe in {directory} reads states of size {config['hidden_size']}; this "
                                  f"model's are {hidden_size}")
+        from earlyexit.provenance import check_weights
+
+        check_weights(directory / WEIGHTS, "exit probe")
         probe = cls(config["layers"], config["hidden_size"])
-        probe.load_state_dict(load_file(str(directory / WEIGHTS)))
+        try:
+            probe.load_state_dict(load_file(str(directory / WEIGHTS)))
+        except (RuntimeError, KeyError) as err:
+            raise EarlyExitError(f"the exit probe in {directory} does not match its {CONFIG} ({type(err).__name__})") from None
         return probe.requires_grad_(False)
 
 

@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from earlyexit.context import Context, fit_prompts, window_of
 from earlyexit.errors import EarlyExitError, positive, report_errors, require
 from earlyexit.generation import GenerationArgs
 from earlyexit.loading import ModelArgs
@@ -88,13 +89,17 @@ class ChatModel:
         name: the model name clients send and ``/v1/models`` lists.
         max_tokens: answer length when a request gives none.
         max_tokens_limit: the most tokens a request may ask for.
+        context: a prompt that does not fit the model's window with its max_tokens: ``refuse`` (400) or ``truncate``
+            (its last tokens kept; the server's log says how many were dropped).
     """
 
-    def __init__(self, lm, tokenizer, name: str, max_tokens: int = 256, max_tokens_limit: int = 4096):
+    def __init__(self, lm, tokenizer, name: str, max_tokens: int = 256, max_tokens_limit: int = 4096,
+                 context: Context = "refuse"):
         self.ee = EarlyExitHead(lm)
         self.tokenizer = tokenizer
         self.name = name
         self.max_tokens, self.max_tokens_limit = max_tokens, max_tokens_limit
+        self.context = context
         self.created = int(time.time())
         self.lock = threading.Lock()
         self.device = next(lm.parameters()).device
@@ -140,10 +145,12 @@ class ChatModel:
         if not isinstance(stream, bool):
             raise RequestError(400, "stream must be true or false", "stream")
         input_ids = self.encode(body.get("messages"))
-        window = getattr(self.ee.config, "max_position_embeddings", None)
+        window = window_of(self.ee.config)
         if window and len(input_ids) + max_tokens > window:
-            raise RequestError(400, f"{len(input_ids)} prompt tokens + max_tokens {max_tokens} exceed the model's "
-                                    f"context window of {window} tokens", "messages", "context_length_exceeded")
+            if self.context == "refuse" or max_tokens >= window:
+                raise RequestError(400, f"{len(input_ids)} prompt tokens + max_tokens {max_tokens} exceed the model's "
+                                        f"context window of {window} tokens", "messages", "context_length_exceeded")
+            (input_ids,) = fit_prompts([input_ids], window, max_tokens, "truncate", "request prompt", "server.context")
         generation = GenerationArgs(max_new_tokens=max_tokens, do_sample=temperature > 0,
                                     temperature=temperature if temperature > 0 else 1.0, top_p=top_p)
         return ChatRequest(input_ids, layer, generation, seed, stop, stream)
@@ -286,8 +293,8 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, chat: ChatModel, host: str, port: int, token: str | None = None):
-        self.chat, self.token = chat, token
+    def __init__(self, chat: ChatModel, host: str, port: int, token: str | None = None, max_body_bytes: int = 1_000_000):
+        self.chat, self.token, self.max_body_bytes = chat, token, max_body_bytes
         super().__init__((host, port), Handler)
 
     @property
@@ -334,7 +341,11 @@ class Handler(BaseHTTPRequestHandler):
         if not raw_length.strip().isdigit():
             self.close_connection = True  # the body's end is unknown: this connection cannot carry another request
             raise RequestError(400, f"Content-Length must be a non-negative integer, got {raw_length!r}")
-        length = int(raw_length)
+        length, limit = int(raw_length), self.server.max_body_bytes
+        if length > limit:  # refused unread: a body this large is never parsed nor tokenised
+            self.close_connection = True
+            raise RequestError(400, f"the request body of {length:,} bytes is over the server's limit of {limit:,} "
+                                    "(server.max_body_bytes)", code="request_too_large")
         try:
             body = json.loads(self.rfile.read(length) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -397,11 +408,11 @@ def check_exposure(host: str, token: str | None, allow_unauthenticated: bool) ->
 
 
 def make_server(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-                allow_unauthenticated: bool = False) -> Server:
+                allow_unauthenticated: bool = False, max_body_bytes: int = 1_000_000) -> Server:
     """A ready (not yet serving) server; ``port`` 0 picks a free port (see ``server.url``)."""
     check_exposure(host, token, allow_unauthenticated)
     try:
-        return Server(chat, host, port, token)
+        return Server(chat, host, port, token, max_body_bytes)
     except OSError as err:
         raise EarlyExitError(f"cannot listen on {host}:{port}: {err.strerror}") from None
 
@@ -427,6 +438,9 @@ class ServeArgs:
         allow_unauthenticated: allow a non-loopback ``--server.host`` without a token.
         max_tokens: answer length when a request gives none.
         max_tokens_limit: the most tokens a request may ask for.
+        max_body_bytes: a request body larger than this is answered 400 before it is read.
+        context: a prompt that does not fit the model's window with its max_tokens: ``refuse`` (400,
+            ``context_length_exceeded``) or ``truncate`` (its last tokens kept; the log counts the tokens dropped).
     """
 
     served_name: str | None = None
@@ -436,9 +450,12 @@ class ServeArgs:
     allow_unauthenticated: bool = False
     max_tokens: int = 256
     max_tokens_limit: int = 4096
+    max_body_bytes: int = 1_000_000
+    context: Context = "refuse"
 
     def __post_init__(self):
         require(0 <= self.port <= 65535, "server.port", self.port, "in 0..65535")
+        positive("server.max_body_bytes", self.max_body_bytes)
         positive("server.max_tokens", self.max_tokens)
         require(self.max_tokens_limit >= self.max_tokens, "server.max_tokens_limit", self.max_tokens_limit,
                 f"≥ server.max_tokens ({self.max_tokens})")
@@ -465,8 +482,9 @@ def main(argv: list[str] | None = None) -> None:
     check_exposure(args.host, token, args.allow_unauthenticated)  # before minutes of model loading
     save_config(parser, cfg, None)  # the server has no output directory: its resolved config goes to its log
     lm, tokenizer = load_model(model_args)
-    chat = ChatModel(lm, tokenizer, args.served_name or model_args.name, args.max_tokens, args.max_tokens_limit)
-    server = make_server(chat, args.host, args.port, token, args.allow_unauthenticated)
+    chat = ChatModel(lm, tokenizer, args.served_name or model_args.name, args.max_tokens, args.max_tokens_limit,
+                     args.context)
+    server = make_server(chat, args.host, args.port, token, args.allow_unauthenticated, args.max_body_bytes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     print(f"serving {chat.name} ({chat.ee.n_layers} layers) at {server.url}"
           f"{' (bearer token required)' if token else ''}; Ctrl-C stops", flush=True)

@@ -73,6 +73,9 @@ def load(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise EarlyExitError(f"teacher cache {str(path)!r} not found (build it with scripts/teacher_cache.py)")
+    from earlyexit.provenance import check_weights
+
+    check_weights(path, "teacher cache", "build it again with scripts/teacher_cache.py")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = json.loads(f.metadata()["keys"])

@@ -15,6 +15,7 @@ and ``last.ckpt``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -30,6 +31,7 @@ from earlyexit.distributed import check_setup, configure_strategy, full_state_di
 from earlyexit.errors import EarlyExitError, report_errors
 from earlyexit.loss import early_exit_loss
 from earlyexit.module import PULL_REFUSAL, EarlyExitModule
+from earlyexit.provenance import record_base
 from earlyexit.tokens import IGNORE_INDEX
 
 
@@ -61,6 +63,8 @@ class AdapterExport(Callback):
             if adapters is not None:
                 adapters.save(target, {k.split("exit_adapters.", 1)[1]: v for k, v in state.items() if "exit_adapters." in k})
             if peft or adapters is not None:
+                base = pl_module.lm.get_base_model() if hasattr(pl_module.lm, "get_base_model") else pl_module.lm
+                record_base(target, base.config, pl_module.hparams.base["name"])  # what it fits (earlyexit.provenance)
                 print(f"adapter saved to {target}", file=sys.stderr)
 
 
@@ -162,11 +166,22 @@ class EarlyExitCLI(LightningCLI):
         root = Path(trainer.default_root_dir or ".")
         if root.exists() and not root.is_dir():
             raise EarlyExitError(f"trainer.default_root_dir {str(root)!r} is a file, not a directory")
+        try:  # checkpoints and the adapter go there: refused now, not after the model loads or training ends
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-test.{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise EarlyExitError(f"trainer.default_root_dir {str(root)!r} is not writable: {err.strerror}") from None
         if self.config.model.loss.pull > 0 and self.config.data.teacher_cache:
             raise EarlyExitError(PULL_REFUSAL)
         ckpt = self.config.get("ckpt_path")
         if ckpt and not Path(ckpt).is_file():
             raise EarlyExitError(f"checkpoint {ckpt!r} not found")
+        if ckpt:
+            from earlyexit.provenance import check_weights
+
+            check_weights(ckpt, "checkpoint", "resume from an earlier one (the checkpoints directory keeps them)")
 
 
 @report_errors

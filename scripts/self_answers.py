@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from earlyexit.answers import TrainerArgs, generate_answers, generation_fingerprint
+from earlyexit.answers import TrainerArgs, fit_answer_prompts, generate_answers, generation_fingerprint
 from earlyexit.cli import run_function
 from earlyexit.data import SAMPLE, AlpacaDataModule
 from earlyexit.errors import EarlyExitError, non_negative, positive, require
@@ -62,6 +62,7 @@ def main(model: ModelArgs = ModelArgs(), data: str = SAMPLE, skip: int = 200, li
     examples = records.eval_records()  # every valid record after the evaluation split; bad data fails here
     device = resolve_device(model.device)
     answers: list[dict[int, str]] = []  # answer k of each example id
+    fit_answer_prompts(model, records, examples, GenerationArgs(max_new_tokens=max_new_tokens))  # before the model loads
     module = EarlyExitModule(base=model, exit_layers="last")  # the answers the exits learn; loaded once
     for k in range(samples):
         generation = (GenerationArgs(max_new_tokens=max_new_tokens) if k == 0 else

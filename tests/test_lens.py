@@ -123,7 +123,7 @@ def test_figures_and_numbers_without_a_display(tiny_dir, data_file, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--prompt", "  "], "prompt 0 is empty"),
     (["--prompts", "['hi', '  ']"], "prompt 1 is empty"),
-    (["--prompt", "x" * 300], "exceeds the model's context window of 256"),
+    (["--prompt", "x" * 300], "1 prompt(s) do not fit the model's window of 256 tokens with max_new_tokens 64 (the longest has 438 tokens; 192 fit): set --context truncate"),
     (["--prompt", "hi", "--layers", "2,7"], "exit layer 7 is out of range"),
     (["--prompt", "hi", "--max_new_tokens", "0"], "max_new_tokens = 0 is out of range: it must be an integer ≥ 1"),
     (["--index", "[99]", "--data.source", "{data}"], "--index 99: no valid record"),

@@ -1,5 +1,6 @@
 """Early-exit LoRA training: smoke run, adapter export and reload, exact resume, refusals."""
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -41,6 +42,8 @@ def test_two_step_smoke_run_exports_an_adapter_that_reloads_to_identical_logits(
     state = torch.load(ckpts[0], map_location="cpu", weights_only=False)
     assert state["global_step"] == 2 and all("lora" in k for k in state["state_dict"])
     module = EarlyExitModule.load_from_checkpoint(ckpts[0], map_location="cpu")
+    base = json.loads((tmp_path / "adapter" / "base_model.json").read_text())  # what it was trained on (provenance)
+    assert base["name"] == tiny_dir and base["model_type"] == "llama" and base["content"].startswith("sha256:")
     loaded, _ = load_model(ModelArgs(name=tiny_dir, device="cpu", adapter=str(tmp_path / "adapter")))
     ids = torch.randint(3, 100, (2, 9))
     module.eval()
