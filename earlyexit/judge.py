@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
+import torch
 from jsonargparse import ArgumentParser
 
 from earlyexit.answers import (
@@ -129,8 +130,13 @@ class JudgeArgs:
         concurrency: openai: requests in flight at once.
         max_retries: openai: retries of a request after a 429, a 5xx, a timeout, a lost connection or a malformed body.
         timeout: openai: seconds before a request times out.
-        max_tokens: LLM judges: tokens of the verdict reply.
+        max_tokens: LLM judges: tokens of the verdict reply (local with ``constrained``: unused).
         batch_size: local: prompts judged per batch.
+        constrained: local: score only the two allowed replies, ``{"correct": true}`` against ``{"correct": false}``
+            (the model's own preference between them), so that no verdict is ever unparsable; false: free generation.
+        calibrate: LLM judges: before judging, judge the reference answers themselves (they must come out correct)
+            and answers of other records (incorrect) on the same records (:mod:`earlyexit.calibration`); the table
+            reports the rates and flags a judge that fails them.
         metric: reference: ``f1`` (token F1, SQuAD normalisation) or ``exact`` (normalised exact match).
         threshold: reference: the F1 at or above which an answer counts as correct.
     """
@@ -144,6 +150,8 @@ class JudgeArgs:
     timeout: float = 60.0
     max_tokens: int = 32
     batch_size: int = 16
+    constrained: bool = True
+    calibrate: bool = True
     metric: Literal["f1", "exact"] = "f1"
     threshold: float = 0.5
 
@@ -287,15 +295,28 @@ class ReferenceJudge:
 
 
 class LocalJudge:
-    """An HF model, greedy at full depth, reading :data:`JUDGE_PROMPT` through its chat template."""
+    """An HF model at full depth reading :data:`JUDGE_PROMPT` through its chat template. ``constrained`` (the default):
+    its reply is forced to ``{"correct": `` and the verdict is whichever of ``true`` and ``false`` it scores higher, so
+    it is never unparsable; else a greedy reply of ``max_tokens`` tokens, parsed by :func:`parse_verdict`."""
 
-    def __init__(self, lm, tokenizer, name: str, max_tokens: int = 32, batch_size: int = 16):
+    def __init__(self, lm, tokenizer, name: str, max_tokens: int = 32, batch_size: int = 16, constrained: bool = True):
         from earlyexit.model import EarlyExitHead
 
         self.ee, self.tokenizer = EarlyExitHead(lm), tokenizer
-        self.max_tokens, self.batch_size = max_tokens, batch_size
-        self.name = f"local:{name}"
-        self.label = f"LLM judge: {name} (local, greedy, full depth)"
+        self.max_tokens, self.batch_size, self.constrained = max_tokens, batch_size, constrained
+        self.name = f"local:{name}" + (":constrained" if constrained else "")
+        self.label = f"LLM judge: {name} (local, full depth, " + ("verdict scored between true and false)" if constrained
+                                                                    else "greedy reply)")
+
+    def verdict_tokens(self) -> tuple[list[int], int, int]:
+        """The reply's forced prefix and the first token of ``true`` and of ``false`` after it."""
+        tok = self.tokenizer
+        yes = tok('{"correct": true}', add_special_tokens=False)["input_ids"]
+        no = tok('{"correct": false}', add_special_tokens=False)["input_ids"]
+        common = next((k for k, (a, b) in enumerate(zip(yes, no)) if a != b), None)
+        if common is None:
+            raise EarlyExitError(f"the judge's tokenizer does not tell 'true' from 'false' apart: use --judge.constrained false")
+        return yes[:common], yes[common], no[common]
 
     def replies(self, cases: list[Case], done) -> None:
         from earlyexit.data import encode_chat
@@ -303,11 +324,21 @@ class LocalJudge:
 
         tok = self.tokenizer
         device = next(self.ee.lm.parameters()).device
+        prefix, yes, no = self.verdict_tokens() if self.constrained else ([], None, None)
         for start in range(0, len(cases), self.batch_size):
             chunk = cases[start : start + self.batch_size]
-            prompts = [encode_chat(case.messages(), tok) for case in chunk]
+            prompts = [encode_chat(case.messages(), tok) + prefix for case in chunk]
             ids = pad(prompts, tok.pad_token_id, "left").to(device)
             mask = pad([[1] * len(p) for p in prompts], 0, "left").to(device)
+            if self.constrained:
+                with torch.inference_mode():
+                    logits = self.ee.lm(input_ids=ids, attention_mask=mask,
+                                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
+                sure = torch.softmax(logits[:, [yes, no]], -1)[:, 0]  # P(true) against P(false)
+                for row, case in enumerate(chunk):
+                    p = float(sure[row])
+                    done(case, "correct" if p > 0.5 else "incorrect", f'{{"correct": {str(p > 0.5).lower()}}} (P(true) = {p:.3f})')
+                continue
             out = self.ee.generate(ids, mask, self.ee.n_layers, max_new_tokens=self.max_tokens, pad_token_id=tok.pad_token_id)
             for row, case in enumerate(chunk):
                 reply = tok.decode(out.tokens[row, : int(out.n_tokens[row])].tolist(), skip_special_tokens=True)
@@ -450,26 +481,34 @@ def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def tally(verdicts: dict[tuple[int, int], dict], exit_layers: list[int]) -> list[dict]:
-    """Per layer: counts of each verdict, the share judged correct (unparsable counts as not correct), its interval."""
+def tally(verdicts: dict[tuple[int, int], dict], exit_layers: list[int],
+          reference: dict[tuple[int, int], str] | None = None) -> list[dict]:
+    """Per layer: counts of each verdict, the share judged correct (unparsable counts as not correct), its interval, and
+    with ``reference`` (the reference judge's verdicts) the share of answers on which the two agree."""
     rows = []
     for layer in exit_layers:
-        counts = Counter(v["verdict"] for (i, l), v in verdicts.items() if l == layer)
+        mine = {key: v["verdict"] for key, v in verdicts.items() if key[1] == layer}
+        counts = Counter(mine.values())
         n = sum(counts.values())
         rows.append({
             "layer": layer, "n": n, "correct": counts["correct"], "incorrect": counts["incorrect"],
             "unparsable": counts["unparsable"], "accuracy": counts["correct"] / n if n else 0.0,
             "accuracy_ci": list(wilson(counts["correct"], n)),
         })
+        if reference is not None:
+            rows[-1]["agreement_with_reference"] = sum(v == reference[key] for key, v in mine.items()) / max(1, n)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """The seed's ``| Layer | Correct |`` table (share with its 95% interval), then the counts."""
     shares = [[r["layer"], f"{r['accuracy']:.1%} [{r['accuracy_ci'][0]:.1%}, {r['accuracy_ci'][1]:.1%}]"] for r in rows]
-    counts = [[r["layer"], r["n"], r["correct"], r["incorrect"], r["unparsable"]] for r in rows]
+    agree = "agreement_with_reference" in rows[0] if rows else False
+    counts = [[r["layer"], r["n"], r["correct"], r["incorrect"], r["unparsable"]]
+              + ([f"{r['agreement_with_reference']:.1%}"] if agree else []) for r in rows]
     return (markdown_table(["Layer", "Correct"], shares) + "\n\n"
-            + markdown_table(["Layer", "judged", "correct", "incorrect", "unparsable"], counts))
+            + markdown_table(["Layer", "judged", "correct", "incorrect", "unparsable"]
+                             + (["agreement with the reference judge"] if agree else []), counts))
 
 
 def build_parser() -> ArgumentParser:
@@ -480,6 +519,8 @@ def build_parser() -> ArgumentParser:
                         help="an evaluation results directory whose answers are reused; missing ones are generated into it "
                              "(default: <out_dir>/answers)")
     parser.add_argument("--cache", type=str | None, default=None, help="verdict cache file (default: <out_dir>/verdicts.jsonl)")
+    parser.add_argument("--calibrate", type=bool, default=False,
+                        help="only calibrate the judge on the records (earlyexit.calibration): no answers are generated")
     parser.add_argument("--out_dir", type=str, default="results/judge", help="where the table, metrics and figure go")
     return parser
 
@@ -503,7 +544,7 @@ def make_judge(args: JudgeArgs, model: ModelArgs, module: EarlyExitModule | None
         judge_model = model if args.model is None else ModelArgs(name=args.model, dtype=model.dtype, device=model.device)
         lm, tokenizer = load_model(judge_model)
         name = judge_model.name + (f"+{judge_model.adapter}" if judge_model.adapter else "")
-    return LocalJudge(lm, tokenizer, name, args.max_tokens, args.batch_size)
+    return LocalJudge(lm, tokenizer, name, args.max_tokens, args.batch_size, args.constrained)
 
 
 def run(cfg, parser: ArgumentParser | None = None) -> dict:
@@ -511,8 +552,10 @@ def run(cfg, parser: ArgumentParser | None = None) -> dict:
     data_args, judge_args = JudgeData(**cfg.data), JudgeArgs(**cfg.judge)
     check_evaluation_setup(trainer_args)
     items = load_items(data_args)  # bad data fails before any model loads
-    judge = make_judge(judge_args, model_args, None) if judge_args.kind != "local" else None  # a missing key fails early
     out_dir = Path(cfg.out_dir)
+    if cfg.calibrate:
+        return calibrate_only(judge_args, model_args, items, cfg, out_dir, parser)
+    judge = make_judge(judge_args, model_args, None) if judge_args.kind != "local" else None  # a missing key fails early
     device = resolve_device(model_args.device)
     data = AlpacaDataModule(source=data_args.source, template=data_args.template, eval_size=data_args.eval_size,
                             max_length=data_args.max_length, batch_size=data_args.batch_size)
@@ -534,6 +577,11 @@ def run(cfg, parser: ArgumentParser | None = None) -> dict:
     cases = [Case(i, layer, r["instruction"], r["input"], r["output"], rows[(i, layer)]["text"])
              for i, r in items for layer in exit_layers]
     cache = VerdictCache(cfg.cache or out_dir / "verdicts.jsonl")
+    calibration = None
+    if judge_args.calibrate and not isinstance(judge, ReferenceJudge):  # before its verdicts are trusted
+        from earlyexit.calibration import calibrate
+
+        calibration = calibrate(judge, items, cache)
     verdicts = judge_cases(judge, cases, cache)
     results = ResultsDir(out_dir, {"judge": judge.name, "answers": str(answers.path)})
     if parser is not None:
@@ -542,18 +590,47 @@ def run(cfg, parser: ArgumentParser | None = None) -> dict:
         "judge": judge.name, "judge_label": judge.label, "model": model_args.name, "adapter": model_args.adapter,
         "answers": str(answers.path), "data": data_args.source, "n_examples": len(items),
         "example_ids": [i for i, _ in items], "prompt": {"system": JUDGE_SYSTEM, "user": JUDGE_PROMPT},
-        "layers": tally(verdicts, exit_layers),
+        "calibration": calibration,
+        "layers": tally(verdicts, exit_layers, None if isinstance(judge, ReferenceJudge) else reference_verdicts(cases)),
     }
     results.write_metrics(report)
     table = format_table(report["layers"])
-    results.write_text("table.md", f"Judge: {judge.label}; {len(items)} records with a context.\n\n{table}\n")
+    heading = f"Judge: {judge.label}; {len(items)} records with a context."
+    if calibration is not None:
+        from earlyexit.calibration import describe
+
+        heading += f"\n{describe(calibration)}"
+    results.write_text("table.md", f"{heading}\n\n{table}\n")
     results.write_text("judgements.jsonl", "".join(
         json.dumps({"id": c.id, "layer": c.layer, "answer": c.answer, **verdicts[(c.id, c.layer)]}, ensure_ascii=False) + "\n"
         for c in cases))
     write_plot(results.path / "correct.png", report)
-    print(f"Judge: {judge.label}\n\n{table}")
+    print(f"{heading}\n\n{table}")
     print(f"\nresults: {results.path}", file=sys.stderr)
     return report
+
+
+def calibrate_only(judge_args: JudgeArgs, model_args: ModelArgs, items, cfg, out_dir: Path, parser) -> dict:
+    """``--calibrate``: the judge on the calibration cases of ``items`` alone; prints and writes ``calibration.json``."""
+    from earlyexit.calibration import calibrate, describe
+
+    if judge_args.kind == "reference":
+        raise EarlyExitError("--calibrate calibrates an LLM judge: set --judge.kind local or openai")
+    judge = make_judge(judge_args, model_args, None)
+    results = ResultsDir(out_dir, {"calibration": judge.name})
+    if parser is not None:
+        save_config(parser, cfg, out_dir)
+    report = calibrate(judge, items, VerdictCache(cfg.cache or out_dir / "verdicts.jsonl"))
+    results.write_text("calibration.json", json.dumps(report, indent=2) + "\n")
+    print(f"Judge: {judge.label}\n{describe(report)}")
+    return report
+
+
+def reference_verdicts(cases: list[Case]) -> dict[tuple[int, int], str]:
+    """The reference judge's verdict on each case (no LLM): what an LLM judge's agreement is measured against."""
+    out: dict[tuple[int, int], str] = {}
+    ReferenceJudge().replies(cases, lambda case, verdict, reply: out.__setitem__((case.id, case.layer), verdict))
+    return out
 
 
 def write_plot(path: Path, report: dict) -> None:

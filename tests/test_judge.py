@@ -299,7 +299,7 @@ def test_remote_endpoint_needs_the_key_variable(monkeypatch):
 
 
 def test_local_judge_is_deterministic_and_equals_the_library(tiny_chat):
-    judge = J.LocalJudge(tiny_chat.ee.lm, tiny_chat.tokenizer, "tiny", max_tokens=6, batch_size=4)
+    judge = J.LocalJudge(tiny_chat.ee.lm, tiny_chat.tokenizer, "tiny", max_tokens=6, batch_size=4, constrained=False)
     runs = []
     for _ in range(2):
         got = {}
@@ -311,6 +311,92 @@ def test_local_judge_is_deterministic_and_equals_the_library(tiny_chat):
     out = tiny_chat.ee.generate(ids, torch.ones_like(ids), 4, max_new_tokens=6, pad_token_id=PAD)
     reply = tiny_chat.tokenizer.decode(out.tokens[0, : int(out.n_tokens[0])].tolist(), skip_special_tokens=True)
     assert runs[0][(case.id, case.layer)] == (J.parse_verdict(reply), reply)
+
+
+def test_a_constrained_verdict_is_never_unparsable_and_is_the_model_s_own_preference(tiny_chat):
+    """The reply forced to ``{"correct": `` and scored between true and false, in a left-padded batch: every verdict
+    is correct or incorrect, and each is what the model alone, unpadded, prefers."""
+    judge = J.LocalJudge(tiny_chat.ee.lm, tiny_chat.tokenizer, "tiny", batch_size=4)
+    assert judge.name == "local:tiny:constrained"
+    got = {}
+    judge.replies(cases(8), lambda case, verdict, reply: got.__setitem__((case.id, case.layer), (verdict, reply)))
+    assert len(got) == 8 and {v for v, _ in got.values()} <= {"correct", "incorrect"}
+    assert all(J.parse_verdict(reply) == verdict for verdict, reply in got.values())  # its reply says the same
+    prefix, yes, no = judge.verdict_tokens()
+    tok = tiny_chat.tokenizer
+    assert tok.decode(prefix) == '{"correct": ' and tok.decode([yes]) == "t" and tok.decode([no]) == "f"
+    for case in cases(8):
+        ids = torch.tensor([encode_chat(case.messages(), tok) + prefix])
+        logits = tiny_chat.ee.lm(input_ids=ids).logits[0, -1]
+        expected = "correct" if logits[yes] > logits[no] else "incorrect"
+        assert got[(case.id, case.layer)][0] == expected, case
+
+
+class StubJudge:
+    """A judge with known answers: ``rule(case)`` → verdict; counts what it is asked."""
+
+    def __init__(self, name, rule):
+        self.name, self.label, self.rule, self.asked = name, name, rule, 0
+
+    def replies(self, cases, done):
+        for case in cases:
+            self.asked += 1
+            done(case, self.rule(case), "stub")
+
+
+def test_calibration_counts_a_judge_s_rates_and_flags_one_that_fails(tmp_path):
+    from earlyexit.calibration import OTHER, REFERENCE, calibrate, calibration_cases, describe
+
+    items = J.load_items(J.JudgeData(source=records_file_of(tmp_path, RECORDS)))
+    made = calibration_cases(items)
+    assert [c.layer for c in made].count(REFERENCE) == [c.layer for c in made].count(OTHER) == len(items) == 20
+    assert all(c.answer == c.reference for c in made if c.layer == REFERENCE)
+    assert all(c.answer != c.reference for c in made if c.layer == OTHER)
+    exact = StubJudge("exact", lambda c: "correct" if c.answer == c.reference else "incorrect")
+    report = calibrate(exact, items, J.VerdictCache(tmp_path / "exact.jsonl"))
+    assert (report["true_positive_rate"], report["true_negative_rate"], report["unparsable"]) == (1.0, 1.0, 0)
+    assert report["passed"] and "— passed" in describe(report)
+    # the reference judge (token F1 ≥ 0.5) takes the other records' answers here, which differ in one word of six, for correct
+    assert report["agreement_with_reference"] == 0.5
+    assert report["true_positive_ci"][0] > 0.8
+    calibrate(exact, items, J.VerdictCache(tmp_path / "exact.jsonl"))  # resumed: nothing asked twice
+    assert exact.asked == 40
+    lenient = StubJudge("lenient", lambda c: "correct")
+    report = calibrate(lenient, items, J.VerdictCache(tmp_path / "lenient.jsonl"))
+    assert report["true_negative_rate"] == 0.0 and not report["passed"] and "FAILED" in describe(report)
+    mute = StubJudge("mute", lambda c: "unparsable" if c.id % 2 else ("correct" if c.answer == c.reference else "incorrect"))
+    report = calibrate(mute, items, J.VerdictCache(tmp_path / "mute.jsonl"))
+    assert report["unparsable"] > 0 and not report["passed"]
+
+
+def records_file_of(tmp_path, records) -> str:
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_a_killed_judging_run_resumes_without_asking_twice(tmp_path):
+    """The verdicts given before a run is killed are on disk; the rerun asks only for the others."""
+    items = J.load_items(J.JudgeData(source=records_file_of(tmp_path, RECORDS)))
+    cases_ = [J.Case(i, 1, r["instruction"], r["input"], r["output"], f"answer {i}") for i, r in items]
+
+    class Killed(Exception):
+        pass
+
+    def dies_after(n):
+        def rule(case):
+            if judge.asked > n:
+                raise Killed
+            return "incorrect"
+        return rule
+
+    judge = StubJudge("stub", None)
+    judge.rule = dies_after(7)
+    with pytest.raises(Killed):
+        J.judge_cases(judge, cases_, J.VerdictCache(tmp_path / "v.jsonl"))
+    again = StubJudge("stub", lambda c: "incorrect")
+    verdicts = J.judge_cases(again, cases_, J.VerdictCache(tmp_path / "v.jsonl"))
+    assert len(verdicts) == len(cases_) and again.asked == len(cases_) - 7
 
 
 def cli_args(tiny_dir, data, out, *extra):
@@ -334,10 +420,18 @@ def test_cli_end_to_end_with_resume(tiny_dir, tmp_path_factory, tmp_path, capsys
     J.main(cli_args(tiny_dir, data, out, "--judge.kind", "reference"))  # a rerun generates and asks nothing
     assert "20 answers to judge; 20 verdicts cached" in capsys.readouterr().err
     assert (out / "answers" / "generations.jsonl").read_text() == answers
-    J.main(cli_args(tiny_dir, data, tmp_path / "local", "--judge.kind", "local", "--judge.max_tokens", "4",
-                    "--answers", str(out / "answers")))
+    J.main(cli_args(tiny_dir, data, tmp_path / "local", "--judge.kind", "local", "--answers", str(out / "answers")))
     local = json.loads((tmp_path / "local" / "metrics.json").read_text())
-    assert local["judge"] == f"local:{tiny_dir}" and sum(local["layers"][0][k] for k in ("correct", "incorrect", "unparsable")) == 5
+    assert local["judge"] == f"local:{tiny_dir}:constrained" and local["layers"][0]["unparsable"] == 0
+    assert sum(local["layers"][0][k] for k in ("correct", "incorrect")) == 5
+    assert 0 <= local["layers"][0]["agreement_with_reference"] <= 1 and local["calibration"]["records"] == 5
+    table = (tmp_path / "local" / "table.md").read_text()
+    assert "calibration on 5 records with a context" in table and "agreement with the reference judge" in table
+    J.main(cli_args(tiny_dir, data, tmp_path / "calibrated", "--judge.kind", "local", "--calibrate", "true"))
+    printed = capsys.readouterr().out
+    assert "calibration on 5 records with a context: reference answers judged correct" in printed
+    assert json.loads((tmp_path / "calibrated" / "calibration.json").read_text())["unparsable"] == 0
+    assert not (tmp_path / "calibrated" / "answers").exists()  # calibrating generates no answers
 
 
 def test_reuses_the_evaluation_generations(tiny_dir, tmp_path_factory, tmp_path):
@@ -358,6 +452,7 @@ def test_reuses_the_evaluation_generations(tiny_dir, tmp_path_factory, tmp_path)
     (["--judge.kind", "openai", "--judge.model", "gpt-4o-mini", "--judge.base_url", "https://api.example.com/v1",
       "--judge.api_key_env", "EARLYEXIT_NO_SUCH_KEY"], "set the environment variable EARLYEXIT_NO_SUCH_KEY"),
     (["--judge.kind", "openai"], "--judge.model is required with --judge.kind openai"),
+    (["--judge.kind", "reference", "--calibrate", "true"], "--calibrate calibrates an LLM judge"),
     (["--judge.kind", "openai", "--judge.model", "m", "--judge.base_url", "http://127.0.0.1:9/v1",
       "--judge.max_retries", "1"], "failed 2 times; last: could not connect"),
 ])
