@@ -10,7 +10,7 @@ carries its calibration in its heading and says so when it fails.
 
 from __future__ import annotations
 
-from earlyexit.judge import Case, ReferenceJudge, VerdictCache, judge_cases, wilson
+from earlyexit.verdicts import Case, ReferenceJudge, VerdictCache, judge_cases, wilson
 
 REFERENCE, OTHER = 0, -1
 """The ``layer`` of a calibration case: the record's own reference answer, or another record's."""

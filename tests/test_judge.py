@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from earlyexit import judge as J
+from earlyexit import verdicts as V
 from earlyexit.data import encode_chat
 from earlyexit.errors import EarlyExitError
 from earlyexit.evaluate import main as evaluate_main
@@ -23,8 +24,8 @@ RECORDS = [{"instruction": f"What is item {i}?", "input": f"Item {i} is a red ba
             "output": f"Item {i} is a red ball."} for i in range(30)]
 
 
-def cases(n: int = 6) -> list[J.Case]:
-    return [J.Case(i, layer, "What colour?", "The ball is red.", "Red.", f"answer {i} at {layer}")
+def cases(n: int = 6) -> list[V.Case]:
+    return [V.Case(i, layer, "What colour?", "The ball is red.", "Red.", f"answer {i} at {layer}")
             for i in range(n // 2) for layer in (1, 2)]
 
 
@@ -45,20 +46,20 @@ def cases(n: int = 6) -> list[J.Case]:
     ("{broken json", "unparsable"),
 ])
 def test_parse_verdict(reply, verdict):
-    assert J.parse_verdict(reply) == verdict
+    assert V.parse_verdict(reply) == verdict
 
 
 def test_token_f1_and_normalisation():
-    assert J.normalize("The Ball, is RED!") == ["ball", "is", "red"]
-    assert J.token_f1("the red ball", "A ball that is red") == pytest.approx(2 * (2 / 2) * (2 / 4) / (1 + 2 / 4))
-    assert J.token_f1("", "") == 1.0 and J.token_f1("", "red") == 0.0 and J.token_f1("blue", "red") == 0.0
+    assert V.normalize("The Ball, is RED!") == ["ball", "is", "red"]
+    assert V.token_f1("the red ball", "A ball that is red") == pytest.approx(2 * (2 / 2) * (2 / 4) / (1 + 2 / 4))
+    assert V.token_f1("", "") == 1.0 and V.token_f1("", "red") == 0.0 and V.token_f1("blue", "red") == 0.0
 
 
 def test_wilson_interval():
-    low, high = J.wilson(3, 6)
+    low, high = V.wilson(3, 6)
     assert (round(low, 4), round(high, 4)) == (0.1876, 0.8124)
-    assert J.wilson(0, 6)[0] == 0.0 and round(J.wilson(0, 6)[1], 4) == 0.3903
-    assert J.wilson(0, 0) == (0.0, 1.0)
+    assert V.wilson(0, 6)[0] == 0.0 and round(V.wilson(0, 6)[1], 4) == 0.3903
+    assert V.wilson(0, 0) == (0.0, 1.0)
 
 
 def test_tally_counts_unparsable_as_not_correct():
@@ -72,14 +73,14 @@ def test_tally_counts_unparsable_as_not_correct():
 
 
 def test_reference_judge_is_deterministic():
-    judge = J.ReferenceJudge("f1", 0.5)
-    cs = [J.Case(0, 1, "q", "c", "The ball is red.", "the ball is red"), J.Case(1, 1, "q", "c", "The ball is red.", "blue sky")]
+    judge = V.ReferenceJudge("f1", 0.5)
+    cs = [V.Case(0, 1, "q", "c", "The ball is red.", "the ball is red"), V.Case(1, 1, "q", "c", "The ball is red.", "blue sky")]
     got = []
     judge.replies(cs, lambda case, verdict, reply: got.append((case.id, verdict, reply)))
     assert got == [(0, "correct", "f1=1.0000"), (1, "incorrect", "f1=0.0000")]
     assert "not an LLM judge" in judge.label
     exact = []
-    J.ReferenceJudge("exact").replies(cs, lambda case, verdict, reply: exact.append(verdict))
+    V.ReferenceJudge("exact").replies(cs, lambda case, verdict, reply: exact.append(verdict))
     assert exact == ["correct", "incorrect"]
 
 
@@ -99,14 +100,14 @@ def test_load_items_alpaca_and_custom_fields(tmp_path_factory):
 
 
 def test_cache_survives_a_torn_line(tmp_path):
-    cache = J.VerdictCache(tmp_path / "v.jsonl")
-    key = J.VerdictCache.key("judge", [{"role": "user", "content": "x"}])
+    cache = V.VerdictCache(tmp_path / "v.jsonl")
+    key = V.VerdictCache.key("judge", [{"role": "user", "content": "x"}])
     cache.add(key, "judge", "correct", '{"correct": true}')
     with open(tmp_path / "v.jsonl", "a") as f:
         f.write('{"key": "torn')
-    again = J.VerdictCache(tmp_path / "v.jsonl")
+    again = V.VerdictCache(tmp_path / "v.jsonl")
     assert again.get(key)["verdict"] == "correct" and len(again.entries) == 1
-    assert J.VerdictCache.key("other", [{"role": "user", "content": "x"}]) != key
+    assert V.VerdictCache.key("other", [{"role": "user", "content": "x"}]) != key
 
 
 # --- the HTTP path against earlyexit.serve --------------------------------------------------------------
@@ -135,18 +136,18 @@ def test_http_judge_against_the_server_and_the_cache(served, tiny_chat, tmp_path
     complete = tiny_chat.complete
     monkeypatch.setattr(tiny_chat, "complete", lambda request, on_text=None: calls.append(1) or complete(request, on_text))
     judge = J.OpenAIJudge(J.JudgeArgs(kind="openai", model="tiny", base_url=served.url, max_tokens=8, concurrency=3))
-    cache = J.VerdictCache(tmp_path / "v.jsonl")
-    first = J.judge_cases(judge, cases(), cache)
+    cache = V.VerdictCache(tmp_path / "v.jsonl")
+    first = V.judge_cases(judge, cases(), cache)
     assert len(calls) == 6 and len(cache.entries) == 6
     for case in cases():  # each verdict is what the served model says at temperature 0, parsed
         request = tiny_chat.parse({"model": "tiny", "messages": case.messages(), "temperature": 0, "max_tokens": 8})
         reply = complete(request).text
         assert first[(case.id, case.layer)]["reply"] == reply
-        assert first[(case.id, case.layer)]["verdict"] == J.parse_verdict(reply)
-    again = J.judge_cases(judge, cases(), J.VerdictCache(tmp_path / "v.jsonl"))
+        assert first[(case.id, case.layer)]["verdict"] == V.parse_verdict(reply)
+    again = V.judge_cases(judge, cases(), V.VerdictCache(tmp_path / "v.jsonl"))
     assert again == first and len(calls) == 6  # cache hits never reach the endpoint
-    twins = [J.Case(9, layer, "q", "c", "r", "same answer") for layer in (1, 2, 3)]
-    assert len(J.judge_cases(judge, twins, cache)) == 3 and len(calls) == 7  # one prompt, asked once
+    twins = [V.Case(9, layer, "q", "c", "r", "same answer") for layer in (1, 2, 3)]
+    assert len(V.judge_cases(judge, twins, cache)) == 3 and len(calls) == 7  # one prompt, asked once
 
 
 # --- a failing endpoint ---------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def openai_judge(url: str, **kw) -> J.OpenAIJudge:
 def test_persistent_failures_retry_then_fail_clearly(flaky, tmp_path, mode, needle):
     server = flaky(default=mode)
     with pytest.raises(EarlyExitError) as err:
-        J.judge_cases(openai_judge(server.url, timeout=1.5), cases(), J.VerdictCache(tmp_path / "v.jsonl"))
+        V.judge_cases(openai_judge(server.url, timeout=1.5), cases(), V.VerdictCache(tmp_path / "v.jsonl"))
     message = str(err.value)
     assert f"the judge endpoint {server.url} failed 3 times; {needle}" in message, message
     assert "0 of 6 verdicts are kept" in message
@@ -239,7 +240,7 @@ def test_persistent_failures_retry_then_fail_clearly(flaky, tmp_path, mode, need
 def test_a_malformed_response_fails_at_once_with_one_line(flaky, tmp_path, mode):
     server = flaky(default=mode)
     with pytest.raises(EarlyExitError) as err:
-        J.judge_cases(openai_judge(server.url), cases(), J.VerdictCache(tmp_path / "v.jsonl"))
+        V.judge_cases(openai_judge(server.url), cases(), V.VerdictCache(tmp_path / "v.jsonl"))
     assert f"the judge endpoint {server.url} sent a malformed response" in str(err.value)
     assert server.requests == 1  # not retried: the endpoint is not speaking the API
 
@@ -248,31 +249,31 @@ def test_verdicts_obtained_before_a_failure_are_kept(flaky, tmp_path):
     server = flaky(plan=["ok", "ok", "500", "ok"], default="500")
     path = tmp_path / "v.jsonl"
     with pytest.raises(EarlyExitError, match="3 of 6 verdicts are kept in"):
-        J.judge_cases(openai_judge(server.url), cases(), J.VerdictCache(path))  # the 3rd case succeeds on its retry
+        V.judge_cases(openai_judge(server.url), cases(), V.VerdictCache(path))  # the 3rd case succeeds on its retry
     assert len(path.read_text().splitlines()) == 3 and server.requests == 7
-    assert {e["verdict"] for e in J.VerdictCache(path).entries.values()} == {"correct"}
+    assert {e["verdict"] for e in V.VerdictCache(path).entries.values()} == {"correct"}
 
 
 def test_rerun_against_the_same_endpoint_asks_only_what_is_missing(flaky, tmp_path):
     server = flaky(plan=["ok", "ok"], default="500")
     path = tmp_path / "v.jsonl"
     with pytest.raises(EarlyExitError):
-        J.judge_cases(openai_judge(server.url), cases(), J.VerdictCache(path))
+        V.judge_cases(openai_judge(server.url), cases(), V.VerdictCache(path))
     server.default, before = "ok", server.requests
-    verdicts = J.judge_cases(openai_judge(server.url, concurrency=4), cases(), J.VerdictCache(path))
+    verdicts = V.judge_cases(openai_judge(server.url, concurrency=4), cases(), V.VerdictCache(path))
     assert len(verdicts) == 6 and server.requests - before == 4
 
 
 def test_a_transient_failure_is_retried(flaky, tmp_path):
     server = flaky(plan=["500", "slow"])
-    verdicts = J.judge_cases(openai_judge(server.url, timeout=1.5), cases(2), J.VerdictCache(tmp_path / "v.jsonl"))
+    verdicts = V.judge_cases(openai_judge(server.url, timeout=1.5), cases(2), V.VerdictCache(tmp_path / "v.jsonl"))
     assert len(verdicts) == 2 and server.requests == 4
 
 
 def test_an_authentication_error_is_not_retried(flaky, tmp_path):
     server = flaky(default="401")
     with pytest.raises(EarlyExitError, match=r"refused the request: HTTP 401: injected 401 \(check OPENAI_API_KEY\)"):
-        J.judge_cases(openai_judge(server.url), cases(), J.VerdictCache(tmp_path / "v.jsonl"))
+        V.judge_cases(openai_judge(server.url), cases(), V.VerdictCache(tmp_path / "v.jsonl"))
     assert server.requests == 1
 
 
@@ -283,7 +284,7 @@ def test_unreachable_endpoint(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(EarlyExitError, match="failed 3 times; last: could not connect"):
-        J.judge_cases(openai_judge(f"http://127.0.0.1:{port}/v1"), cases(), J.VerdictCache(tmp_path / "v.jsonl"))
+        V.judge_cases(openai_judge(f"http://127.0.0.1:{port}/v1"), cases(), V.VerdictCache(tmp_path / "v.jsonl"))
 
 
 def test_remote_endpoint_needs_the_key_variable(monkeypatch):
@@ -310,7 +311,7 @@ def test_local_judge_is_deterministic_and_equals_the_library(tiny_chat):
     ids = torch.tensor([encode_chat(case.messages(), tiny_chat.tokenizer)])
     out = tiny_chat.ee.generate(ids, torch.ones_like(ids), 4, max_new_tokens=6, pad_token_id=PAD)
     reply = tiny_chat.tokenizer.decode(out.tokens[0, : int(out.n_tokens[0])].tolist(), skip_special_tokens=True)
-    assert runs[0][(case.id, case.layer)] == (J.parse_verdict(reply), reply)
+    assert runs[0][(case.id, case.layer)] == (V.parse_verdict(reply), reply)
 
 
 def test_a_constrained_verdict_is_never_unparsable_and_is_the_model_s_own_preference(tiny_chat):
@@ -321,7 +322,7 @@ def test_a_constrained_verdict_is_never_unparsable_and_is_the_model_s_own_prefer
     got = {}
     judge.replies(cases(8), lambda case, verdict, reply: got.__setitem__((case.id, case.layer), (verdict, reply)))
     assert len(got) == 8 and {v for v, _ in got.values()} <= {"correct", "incorrect"}
-    assert all(J.parse_verdict(reply) == verdict for verdict, reply in got.values())  # its reply says the same
+    assert all(V.parse_verdict(reply) == verdict for verdict, reply in got.values())  # its reply says the same
     prefix, yes, no = judge.verdict_tokens()
     tok = tiny_chat.tokenizer
     assert tok.decode(prefix) == '{"correct": ' and tok.decode([yes]) == "t" and tok.decode([no]) == "f"
@@ -353,19 +354,19 @@ def test_calibration_counts_a_judge_s_rates_and_flags_one_that_fails(tmp_path):
     assert all(c.answer == c.reference for c in made if c.layer == REFERENCE)
     assert all(c.answer != c.reference for c in made if c.layer == OTHER)
     exact = StubJudge("exact", lambda c: "correct" if c.answer == c.reference else "incorrect")
-    report = calibrate(exact, items, J.VerdictCache(tmp_path / "exact.jsonl"))
+    report = calibrate(exact, items, V.VerdictCache(tmp_path / "exact.jsonl"))
     assert (report["true_positive_rate"], report["true_negative_rate"], report["unparsable"]) == (1.0, 1.0, 0)
     assert report["passed"] and "— passed" in describe(report)
     # the reference judge (token F1 ≥ 0.5) takes the other records' answers here, which differ in one word of six, for correct
     assert report["agreement_with_reference"] == 0.5
     assert report["true_positive_ci"][0] > 0.8
-    calibrate(exact, items, J.VerdictCache(tmp_path / "exact.jsonl"))  # resumed: nothing asked twice
+    calibrate(exact, items, V.VerdictCache(tmp_path / "exact.jsonl"))  # resumed: nothing asked twice
     assert exact.asked == 40
     lenient = StubJudge("lenient", lambda c: "correct")
-    report = calibrate(lenient, items, J.VerdictCache(tmp_path / "lenient.jsonl"))
+    report = calibrate(lenient, items, V.VerdictCache(tmp_path / "lenient.jsonl"))
     assert report["true_negative_rate"] == 0.0 and not report["passed"] and "FAILED" in describe(report)
     mute = StubJudge("mute", lambda c: "unparsable" if c.id % 2 else ("correct" if c.answer == c.reference else "incorrect"))
-    report = calibrate(mute, items, J.VerdictCache(tmp_path / "mute.jsonl"))
+    report = calibrate(mute, items, V.VerdictCache(tmp_path / "mute.jsonl"))
     assert report["unparsable"] > 0 and not report["passed"]
 
 
@@ -378,7 +379,7 @@ def records_file_of(tmp_path, records) -> str:
 def test_a_killed_judging_run_resumes_without_asking_twice(tmp_path):
     """The verdicts given before a run is killed are on disk; the rerun asks only for the others."""
     items = J.load_items(J.JudgeData(source=records_file_of(tmp_path, RECORDS)))
-    cases_ = [J.Case(i, 1, r["instruction"], r["input"], r["output"], f"answer {i}") for i, r in items]
+    cases_ = [V.Case(i, 1, r["instruction"], r["input"], r["output"], f"answer {i}") for i, r in items]
 
     class Killed(Exception):
         pass
@@ -393,9 +394,9 @@ def test_a_killed_judging_run_resumes_without_asking_twice(tmp_path):
     judge = StubJudge("stub", None)
     judge.rule = dies_after(7)
     with pytest.raises(Killed):
-        J.judge_cases(judge, cases_, J.VerdictCache(tmp_path / "v.jsonl"))
+        V.judge_cases(judge, cases_, V.VerdictCache(tmp_path / "v.jsonl"))
     again = StubJudge("stub", lambda c: "incorrect")
-    verdicts = J.judge_cases(again, cases_, J.VerdictCache(tmp_path / "v.jsonl"))
+    verdicts = V.judge_cases(again, cases_, V.VerdictCache(tmp_path / "v.jsonl"))
     assert len(verdicts) == len(cases_) and again.asked == len(cases_) - 7
 
 
