@@ -5,7 +5,9 @@ correct and answers taken from other records must be judged incorrect.
 true-negative rate (other records' answers judged incorrect), each with its 95% Wilson interval, the verdicts it could
 not give (unparsable), and how often it agrees with the reference judge (token F1 ≥ 0.5, no LLM) on the same answers.
 A judge passes with both rates at least :data:`TARGET` and no unparsable verdict; an LLM judge's per-layer table
-carries its calibration in its heading and says so when it fails.
+carries its calibration in its heading and says so when it fails. A judge that scores its verdicts (a constrained local
+judge: P(true)) also gets the threshold that would balance the two rates best on these records (:func:`best_threshold`):
+fit it on training records, then calibrate on the records you report on with it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def calibrate(judge, items: list[tuple[int, dict]], cache: VerdictCache) -> dict
     ReferenceJudge().replies(cases, lambda case, verdict, reply: reference.__setitem__((case.id, case.layer), verdict))
     own = [verdicts[(c.id, c.layer)]["verdict"] for c in cases if c.layer == REFERENCE]
     other = [verdicts[(c.id, c.layer)]["verdict"] for c in cases if c.layer == OTHER]
+    scores = {side: [verdicts[(c.id, c.layer)]["score"] for c in cases if c.layer == side] for side in (REFERENCE, OTHER)}
+    scored = all(x is not None for x in scores[REFERENCE] + scores[OTHER]) and scores[OTHER]
     positive, negative = own.count("correct"), other.count("incorrect")
     unparsable = sum(v["verdict"] == "unparsable" for v in verdicts.values())
     tpr, tnr = positive / max(1, len(own)), negative / max(1, len(other))
@@ -46,7 +50,23 @@ def calibrate(judge, items: list[tuple[int, dict]], cache: VerdictCache) -> dict
         "unparsable": unparsable,
         "agreement_with_reference": sum(verdicts[key]["verdict"] == reference[key] for key in verdicts) / max(1, len(verdicts)),
         "target": TARGET, "passed": bool(other) and tpr >= TARGET and tnr >= TARGET and unparsable == 0,
+        "threshold": getattr(judge, "threshold", None),
+        "best_threshold": best_threshold(scores[REFERENCE], scores[OTHER]) if scored else None,
     }
+
+
+def best_threshold(own: list[float], other: list[float]) -> dict:
+    """The score threshold (an answer is correct at or above it) that best balances the two rates on these scores: the
+    largest least rate, then the largest sum; midway between two neighbouring scores. Fit on records you do not report on."""
+    values = sorted(set(own + other))
+    cuts = [values[0] / 2] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [(values[-1] + 1) / 2]
+
+    def rates(cut: float) -> tuple[float, float]:
+        return sum(x >= cut for x in own) / len(own), sum(x < cut for x in other) / len(other)
+
+    cut = max(cuts, key=lambda c: (min(rates(c)), sum(rates(c))))
+    tpr, tnr = rates(cut)
+    return {"threshold": cut, "true_positive_rate": tpr, "true_negative_rate": tnr}
 
 
 def describe(report: dict) -> str:
@@ -58,4 +78,8 @@ def describe(report: dict) -> str:
     return (f"calibration on {report['records']} records with a context: reference answers judged correct "
             f"{report['true_positive_rate']:.1%} [{lo_p:.1%}, {hi_p:.1%}], other records' answers judged incorrect "
             f"{report['true_negative_rate']:.1%} [{lo_n:.1%}, {hi_n:.1%}], unparsable {report['unparsable']}, agreement "
-            f"with the reference judge {report['agreement_with_reference']:.1%} — {verdict}")
+            f"with the reference judge {report['agreement_with_reference']:.1%}"
+            + (f" at threshold {report['threshold']:g}" if report.get("threshold") is not None else "") + f" — {verdict}"
+            + (f"; on these records threshold {best['threshold']:.3f} would balance them best ({best['true_positive_rate']:.1%}"
+               f" and {best['true_negative_rate']:.1%}): fit it on records you do not report on"
+               if (best := report.get("best_threshold")) else ""))

@@ -119,7 +119,9 @@ class JudgeArgs:
             and answers of other records (incorrect) on the same records (:mod:`earlyexit.calibration`); the table
             reports the rates and flags a judge that fails them.
         metric: reference: ``f1`` (token F1, SQuAD normalisation) or ``exact`` (normalised exact match).
-        threshold: reference: the F1 at or above which an answer counts as correct.
+        threshold: the score at or above which an answer counts as correct: reference: its token F1; local,
+            constrained: P(true) against P(false). Fit a local judge's on records you do not report on
+            (``--calibrate`` prints the best one for its records).
     """
 
     kind: Literal["local", "openai", "reference"] = "local"
@@ -173,18 +175,24 @@ def load_items(data: JudgeData) -> list[tuple[int, dict]]:
 
 
 class LocalJudge:
-    """An HF model at full depth reading :data:`earlyexit.verdicts.JUDGE_PROMPT` through its chat template. ``constrained`` (the default):
-    its reply is forced to ``{"correct": `` and the verdict is whichever of ``true`` and ``false`` it scores higher, so
-    it is never unparsable; else a greedy reply of ``max_tokens`` tokens, parsed by :func:`parse_verdict`."""
+    """An HF model at full depth reading :data:`earlyexit.verdicts.JUDGE_PROMPT` through its chat template.
 
-    def __init__(self, lm, tokenizer, name: str, max_tokens: int = 32, batch_size: int = 16, constrained: bool = True):
+    ``constrained`` (the default): its reply is forced to ``{"correct": `` and its score is P(true) between ``true`` and
+    ``false``; the answer is correct when the score reaches ``threshold``, so a verdict is never unparsable. Else a
+    greedy reply of ``max_tokens`` tokens, parsed by :func:`parse_verdict`."""
+
+    def __init__(self, lm, tokenizer, name: str, max_tokens: int = 32, batch_size: int = 16, constrained: bool = True,
+                 threshold: float = 0.5):
         from earlyexit.model import EarlyExitHead
 
         self.ee, self.tokenizer = EarlyExitHead(lm), tokenizer
-        self.max_tokens, self.batch_size, self.constrained = max_tokens, batch_size, constrained
-        self.name = f"local:{name}" + (":constrained" if constrained else "")
-        self.label = f"LLM judge: {name} (local, full depth, " + ("verdict scored between true and false)" if constrained
-                                                                    else "greedy reply)")
+        self.max_tokens, self.batch_size, self.constrained, self.threshold = max_tokens, batch_size, constrained, threshold
+        self.name = f"local:{name}" + (":constrained" if constrained else "")  # no threshold in it: cached scores are decided again
+        self.label = f"LLM judge: {name} (local, full depth, " + (f"correct when P(true) ≥ {threshold:g} against false)"
+                                                                    if constrained else "greedy reply)")
+
+    def decide(self, score: float) -> str:
+        return "correct" if score >= self.threshold else "incorrect"
 
     def verdict_tokens(self) -> tuple[list[int], int, int]:
         """The reply's forced prefix and the first token of ``true`` and of ``false`` after it."""
@@ -215,7 +223,8 @@ class LocalJudge:
                 sure = torch.softmax(logits[:, [yes, no]], -1)[:, 0]  # P(true) against P(false)
                 for row, case in enumerate(chunk):
                     p = float(sure[row])
-                    done(case, "correct" if p > 0.5 else "incorrect", f'{{"correct": {str(p > 0.5).lower()}}} (P(true) = {p:.3f})')
+                    verdict = self.decide(p)
+                    done(case, verdict, f'{{"correct": {str(verdict == "correct").lower()}}} (P(true) = {p:.3f})', p)
                 continue
             out = self.ee.generate(ids, mask, self.ee.n_layers, max_new_tokens=self.max_tokens, pad_token_id=tok.pad_token_id)
             for row, case in enumerate(chunk):
@@ -379,7 +388,7 @@ def make_judge(args: JudgeArgs, model: ModelArgs, module: EarlyExitModule | None
         judge_model = model if args.model is None else ModelArgs(name=args.model, dtype=model.dtype, device=model.device)
         lm, tokenizer = load_model(judge_model)
         name = judge_model.name + (f"+{judge_model.adapter}" if judge_model.adapter else "")
-    return LocalJudge(lm, tokenizer, name, args.max_tokens, args.batch_size, args.constrained)
+    return LocalJudge(lm, tokenizer, name, args.max_tokens, args.batch_size, args.constrained, args.threshold)
 
 
 def run(cfg, parser: ArgumentParser | None = None) -> dict:

@@ -115,8 +115,8 @@ class VerdictCache:
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
 
-    def add(self, key: str, judge: str, verdict: Verdict, reply: str) -> None:
-        entry = {"key": key, "judge": judge, "verdict": verdict, "reply": reply}
+    def add(self, key: str, judge: str, verdict: Verdict, reply: str, score: float | None = None) -> None:
+        entry = {"key": key, "judge": judge, "verdict": verdict, "reply": reply} | ({} if score is None else {"score": score})
         with self.lock:
             append_jsonl(self.path, [entry])
             self.entries[key] = entry
@@ -149,26 +149,29 @@ class ReferenceJudge:
 def judge_cases(judge, cases: list[Case], cache: VerdictCache) -> dict[tuple[int, int], dict]:
     """Verdicts for all ``cases``: cached ones are reused, the rest asked and cached one by one.
 
-    Returns ``{(id, layer): {"verdict", "reply"}}``. If the judge fails, every verdict obtained so far is
-    already in the cache and the error says so.
+    Returns ``{(id, layer): {"verdict", "reply", "score"}}``. A judge that scores (a constrained local judge: P(true))
+    leaves its score in the cache, and a cached score is decided again by ``judge.decide``: a new threshold asks nothing
+    again. If the judge fails, every verdict obtained so far is already in the cache and the error says so.
     """
     out, todo = {}, {}
     for case in cases:
         key = VerdictCache.key(judge.name, case.messages())
         hit = cache.get(key)
         if hit:
-            out[(case.id, case.layer)] = {"verdict": hit["verdict"], "reply": hit["reply"]}
+            score = hit.get("score")
+            verdict = hit["verdict"] if score is None else judge.decide(score)
+            out[(case.id, case.layer)] = {"verdict": verdict, "reply": hit["reply"], "score": score}
         else:
             todo.setdefault(key, []).append(case)  # identical prompts (two layers, same answer) are asked once
     keys = {id(group[0]): key for key, group in todo.items()}
     lock = threading.Lock()
 
-    def done(case: Case, verdict: Verdict, reply: str) -> None:
+    def done(case: Case, verdict: Verdict, reply: str, score: float | None = None) -> None:
         key = keys[id(case)]
-        cache.add(key, judge.name, verdict, reply)
+        cache.add(key, judge.name, verdict, reply, score)
         with lock:
             for same in todo[key]:
-                out[(same.id, same.layer)] = {"verdict": verdict, "reply": reply}
+                out[(same.id, same.layer)] = {"verdict": verdict, "reply": reply, "score": score}
 
     print(f"{len(cases)} answers to judge; {len(out)} verdicts cached in {cache.path}", file=sys.stderr)
     try:

@@ -320,7 +320,7 @@ def test_a_constrained_verdict_is_never_unparsable_and_is_the_model_s_own_prefer
     judge = J.LocalJudge(tiny_chat.ee.lm, tiny_chat.tokenizer, "tiny", batch_size=4)
     assert judge.name == "local:tiny:constrained"
     got = {}
-    judge.replies(cases(8), lambda case, verdict, reply: got.__setitem__((case.id, case.layer), (verdict, reply)))
+    judge.replies(cases(8), lambda case, verdict, reply, score: got.__setitem__((case.id, case.layer), (verdict, reply)))
     assert len(got) == 8 and {v for v, _ in got.values()} <= {"correct", "incorrect"}
     assert all(V.parse_verdict(reply) == verdict for verdict, reply in got.values())  # its reply says the same
     prefix, yes, no = judge.verdict_tokens()
@@ -368,6 +368,41 @@ def test_calibration_counts_a_judge_s_rates_and_flags_one_that_fails(tmp_path):
     mute = StubJudge("mute", lambda c: "unparsable" if c.id % 2 else ("correct" if c.answer == c.reference else "incorrect"))
     report = calibrate(mute, items, V.VerdictCache(tmp_path / "mute.jsonl"))
     assert report["unparsable"] > 0 and not report["passed"]
+
+
+class ScoringJudge(StubJudge):
+    """A judge that scores each answer (``score(case)``) and calls it correct at or above ``threshold``."""
+
+    def __init__(self, name, score, threshold):
+        super().__init__(name, None)
+        self.score, self.threshold = score, threshold
+
+    def decide(self, score):
+        return "correct" if score >= self.threshold else "incorrect"
+
+    def replies(self, cases, done):
+        for case in cases:
+            self.asked += 1
+            done(case, self.decide(self.score(case)), "scored", self.score(case))
+
+
+def test_a_scoring_judge_s_threshold_is_fitted_on_its_scores_and_a_new_one_asks_nothing_again(tmp_path):
+    from earlyexit.calibration import best_threshold, calibrate, describe
+
+    assert best_threshold([0.7, 0.9], [0.2, 0.6]) == pytest.approx({"threshold": 0.65, "true_positive_rate": 1, "true_negative_rate": 1})
+    fit = best_threshold([0.9, 0.8, 0.6, 0.55], [0.1, 0.3, 0.58, 0.5])  # not separable: one error on either side
+    assert min(fit["true_positive_rate"], fit["true_negative_rate"]) == 0.75
+    items = J.load_items(J.JudgeData(source=records_file_of(tmp_path, RECORDS)))
+    score = lambda c: 0.7 if c.answer == c.reference else 0.4  # noqa: E731: a lenient judge at 0.5 would pass
+    lenient = ScoringJudge("scoring", score, 0.3)
+    report = calibrate(lenient, items, V.VerdictCache(tmp_path / "v.jsonl"))
+    assert report["true_negative_rate"] == 0.0 and not report["passed"] and report["threshold"] == 0.3
+    assert report["best_threshold"] == pytest.approx({"threshold": 0.55, "true_positive_rate": 1, "true_negative_rate": 1})
+    assert "threshold 0.550 would balance them best" in describe(report)
+    refitted = ScoringJudge("scoring", score, 0.55)
+    report = calibrate(refitted, items, V.VerdictCache(tmp_path / "v.jsonl"))
+    assert refitted.asked == 0 and report["passed"]  # the cached scores, decided again
+    assert json.loads((tmp_path / "v.jsonl").read_text().splitlines()[0])["score"] in (0.7, 0.4)
 
 
 def records_file_of(tmp_path, records) -> str:
