@@ -164,15 +164,13 @@ def shared_block(directory: str | Path) -> bool:
 
 def block_template(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s last decoder block, taken before any LoRA wrapping: what a ``block`` exit adapter starts
-    from. Refused for families whose blocks differ in their attention window (the shared block reads every exit with
-    one kind of mask) and for blocks without llama-style output projections."""
-    from earlyexit.arch import get_submodule, sliding_windows, spec_for
+    from. Where blocks differ in their attention window (Gemma 2 and 3: sliding and global), it is of the last block's
+    type and reads every exit with that type's mask and rotary table (:meth:`earlyexit.model.EarlyExitHead.running`).
+    Refused for blocks without llama-style output projections."""
+    from earlyexit.arch import get_submodule, spec_for
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
-    if len(set(sliding_windows(config))) > 1:
-        raise EarlyExitError(f"exit adapters of kind block: {config.model_type}'s blocks differ in their attention "
-                             "window; use kind affine or mlp")
     block = get_submodule(base, spec_for(config.model_type).layers)[-1]
     if any(hasattr(m, "lora_A") for m in block.modules()):
         raise EarlyExitError("exit adapters of kind block are copied from the model before its LoRA adapters")

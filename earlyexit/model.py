@@ -238,14 +238,10 @@ class EarlyExitHead(nn.Module):
 
             return hook
 
-        def keep_kwargs(_module, _args, kwargs):
-            block_kwargs.update(kwargs)
-
         handles = [blocks[layer - 1].register_forward_hook(capture(layer)) for layer in run]
-        if shared:  # the shared exit block runs with the keyword arguments the model passes its blocks
-            handles.append(blocks[0].register_forward_pre_hook(keep_kwargs, with_kwargs=True))
+        tap = _KwargsTap(block_kwargs, blocks[-1]) if shared else None  # run last, as the shared block would be: its type's kwargs
         try:
-            with self.running(run):
+            with self.running(run, extra=tap):
                 self.decoder(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
@@ -302,8 +298,10 @@ class EarlyExitHead(nn.Module):
         """Within this context the model's block list holds only ``layers`` (ascending, 1-based), then ``extra``
         if given (the shared exit block).
 
-        The list is swapped for a shorter one holding the same modules and the config's layer count
-        follows, so the model's own forward (and cache) runs exactly those blocks.
+        The list is swapped for a shorter one holding the same modules and the config's layer count follows, and so do
+        its per-layer attention types where it has them (Gemma 2 and 3, Qwen2: each block keeps its own mask, rotary
+        table and cache kind; ``extra``, a copy of the last block, the last block's), so the model's own forward (and
+        cache) runs exactly those blocks.
         """
         layers = [self.check_layer(layer) for layer in layers]
         if self._swapped:
@@ -312,16 +310,20 @@ class EarlyExitHead(nn.Module):
             yield
             return
         base, config, blocks = self.base, self.base.config, self.blocks
-        n_layers = config.num_hidden_layers
+        n_layers, types = config.num_hidden_layers, getattr(config, "layer_types", None)
         self._swapped = True
         chosen = [blocks[layer - 1] for layer in layers] + ([extra] if extra is not None else [])
         set_submodule(base, self.spec.layers, nn.ModuleList(chosen))
         config.num_hidden_layers = len(chosen)
+        if types is not None:
+            config.layer_types = [types[layer - 1] for layer in layers] + ([types[n_layers - 1]] if extra is not None else [])
         try:
             yield
         finally:
             set_submodule(base, self.spec.layers, blocks)
             config.num_hidden_layers = n_layers
+            if types is not None:
+                config.layer_types = types
             self._swapped = False
 
     def eos_and_pad(self, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> tuple[list[int], int]:
@@ -392,6 +394,20 @@ class EarlyExitHead(nn.Module):
         return finish(tokens, [] if ignore_eos else eos_ids, pad, args.max_new_tokens)
 
 
+class _KwargsTap(nn.Module):
+    """Stands where the shared exit block would run after the model's blocks (:meth:`EarlyExitHead.hidden_states`):
+    keeps the keyword arguments the model passes a block there (masks and rotary table of the last block's type) and
+    passes its input through."""
+
+    def __init__(self, kept: dict, last: nn.Module):
+        super().__init__()
+        self.kept, self.attention_type = kept, getattr(last, "attention_type", None)
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.kept.update(kwargs)
+        return hidden
+
+
 class _SharedBlock(nn.Module):
     """The shared exit block as block L + 1 of a truncated model (swapped in by :meth:`EarlyExitHead.truncated`): it
     writes its keys and values at the cache layer after block L's and runs in the adapter's dtype."""
@@ -399,7 +415,7 @@ class _SharedBlock(nn.Module):
     def __init__(self, adapters: nn.Module, layer: int):
         super().__init__()
         self.adapters, self.layer = adapters, layer
-        self.attention_type = getattr(adapters.block, "attention_type", None)
+        self.attention_type = getattr(adapters.block, "attention_type", None)  # where a decoder reads the type off the block
 
     def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         attn = self.adapters.block.self_attn

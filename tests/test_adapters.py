@@ -23,9 +23,9 @@ def adapted(model_type: str = "llama", layers=(1, 2, 3), rank=None, seed: int = 
     return EarlyExitHead(model)
 
 
-def prompts():
+def prompts(length: int = 7):
     torch.manual_seed(1)
-    ids = torch.randint(3, 100, (3, 7))
+    ids = torch.randint(3, 100, (3, length))
     mask = torch.ones_like(ids)
     mask[1, :3], mask[2, :5] = 0, 0
     return ids.masked_fill(mask == 0, 0), mask
@@ -180,7 +180,10 @@ def shared(model_type: str = "llama", layers=(1, 2, 3), seed: int = 0, start: bo
     return EarlyExitHead(model)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+SHARED_FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3_text"]  # the Gemmas: sliding and global blocks
+
+
+@pytest.mark.parametrize("model_type", SHARED_FAMILIES)
 def test_an_untrained_shared_block_is_the_identity(model_type):
     ee = shared(model_type, start=True)
     plain = EarlyExitHead(tiny_model(model_type))
@@ -191,13 +194,13 @@ def test_an_untrained_shared_block_is_the_identity(model_type):
         assert_close(ee.exit_logits(hidden[layer], layer), plain.exit_logits(reference[layer], layer))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", SHARED_FAMILIES)
 def test_the_shared_block_reads_the_exit_with_attention_the_same_way_in_training_and_decoding(model_type):
     """hidden_states (training, the loss) and the truncated model with the block as block L + 1 (generate's path)
     give the same exit logits; attention makes a position depend on the ones before it; the last layer is the
-    model's own."""
+    model's own. Prompts longer than the tiny Gemmas' sliding window (8), so a wrong window would show."""
     ee = shared(model_type)
-    ids, mask = prompts()
+    ids, mask = prompts(12)
     hidden = ee.hidden_states(ids, mask)
     for layer in (1, 3):
         assert_close(ee(ids, mask, exit_layer=layer), ee.exit_logits(hidden[layer], layer), rtol=1e-4, atol=1e-5)
@@ -209,11 +212,51 @@ def test_the_shared_block_reads_the_exit_with_attention_the_same_way_in_training
     assert not torch.allclose(ee(ids, mask, exit_layer=2), plain(ids, mask, exit_layer=2))
 
 
-def test_generate_with_the_shared_block_equals_recomputing_from_scratch():
+def block_kwargs(ee: EarlyExitHead, ids, mask) -> dict[int, dict]:
+    """The keyword arguments the model's own full forward hands each block (1-based), by a pre-hook on each."""
+    seen = {}
+    hooks = [block.register_forward_pre_hook(lambda m, a, kw, k=k: seen.__setitem__(k, (a, kw)), with_kwargs=True)
+             for k, block in enumerate(ee.blocks, 1)]
+    try:
+        ee.decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_on_sliding_and_global_blocks_each_block_and_the_shared_one_get_their_own_type_s_mask_and_rotary(model_type):
+    """A naive loop over the blocks with the kwargs the model's full forward hands each one: skipped blocks (layer
+    dropout) leave every other block its own type; the shared exit block, a copy of the last (global) block, reads an
+    exit with the last block's kwargs, in training and in the truncated model."""
+    ee = shared(model_type, layers=(1, 2, 3))
+    assert ee.config.layer_types[-1] == "full_attention"
+    ids, mask = prompts(12)
+    seen = block_kwargs(ee, ids, mask)
+    (h,), _ = seen[1]
+    naive = {}
+    for layer in (1, 3, 4):  # block 2 skipped: block 3 (sliding) must keep its sliding window
+        out = ee.blocks[layer - 1](h, **seen[layer][1])
+        h = naive[layer] = out[0] if isinstance(out, tuple) else out
+    got = ee.hidden_states(ids, mask, skip={2}, raw=True)
+    for layer in (1, 3, 4):
+        assert_close(got[layer], naive[layer])
+    read = ee.hidden_states(ids, mask)
+    plain = ee.hidden_states(ids, mask, raw=True)
+    for layer in (1, 2, 3):
+        expected = ee.adapters.run_block(plain[layer], seen[4][1])  # the last block's mask and rotary table
+        assert_close(read[layer], expected)
+        assert not torch.allclose(expected, ee.adapters.run_block(plain[layer], seen[1][1]))  # not block 1's
+        assert_close(ee(ids, mask, exit_layer=layer), ee.exit_logits(read[layer], layer), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_generate_with_the_shared_block_equals_recomputing_from_scratch(model_type):
     """The model's own generate (a KV cache holding the shared block at layer L + 1) equals greedy decoding that
-    recomputes the whole sequence at every step."""
-    ee = shared("llama")
-    ids, mask = prompts()
+    recomputes the whole sequence at every step; on Gemma 3 past its sliding window."""
+    ee = shared(model_type)
+    ids, mask = prompts(7 if model_type == "llama" else 10)
     got = ee.generate(ids, mask, 2, max_new_tokens=6, ignore_eos=True)
     seq, seq_mask = ids, mask
     for step in range(6):
@@ -335,7 +378,5 @@ def test_the_shared_block_is_refused_where_it_cannot_run(tiny_dir):
 
     with pytest.raises(EarlyExitError, match="on its fast path only"):
         Engine(shared("llama"), fast=False)
-    with pytest.raises(EarlyExitError, match="gemma2's blocks differ in their attention window"):
-        block_template(tiny_model("gemma2"))
     with pytest.raises(EarlyExitError, match="has no|have no"):
         block_template(tiny_model("gpt2"))
