@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test figures models clean-results smollm2-ee
+.PHONY: install demo test figures models clean-results smollm2-ee study-smollm2 study-gemma3 study-qwen2
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,28 @@ smollm2-ee: install data/smollm2_self_answers.json
 	$(BIN)/python -m earlyexit.train --config configs/$(EE).yaml
 	$(BIN)/python -m earlyexit.evaluate --config configs/smollm2_layers.yaml --model.adapter checkpoints/$(EE)/adapter --out_dir results/$(EE)_layers
 	$(BIN)/python scripts/acceptance.py --model.dtype float32 --model.adapter checkpoints/$(EE)/adapter --draft_layers '[8, 15, 22]' --n_draft '[4]'
+
+# The seed's study on one model (docs/evaluation.md, "Three models"), end to end on a GPU: the model's own answers
+# (once), every quarter exit trained (configs/<recipe>.yaml), then the base and fine-tuned per-layer tables at the
+# quarters on the first 200 records. `make models` first for gemma3 and qwen2. The figures: `make figures`.
+STUDY_MODEL_smollm2 := smollm2-135m-instruct
+STUDY_MODEL_gemma3 := gemma3-270m
+STUDY_MODEL_qwen2 := qwen2.5-coder-0.5b-instruct
+STUDY_RECIPE_smollm2 := smollm2_quarters_ee
+STUDY_RECIPE_gemma3 := gemma3_ee
+STUDY_RECIPE_qwen2 := qwen2_ee
+STUDY_TUNED_gemma3 := --generation.engine false   # a shared block on Gemma 3: the model's own generate decodes it
+
+data/gemma3_self_answers.json data/qwen2_self_answers.json: data/%_self_answers.json: | install
+	$(BIN)/python scripts/self_answers.py --model.name $(STUDY_MODEL_$*) --model.dtype float32 --batch_size 64 \
+		--out $@ --work_dir results/$*_self_answers
+
+study-smollm2 study-gemma3 study-qwen2: study-%: install data/%_self_answers.json
+	$(BIN)/python -m earlyexit.train --config configs/$(STUDY_RECIPE_$*).yaml
+	$(BIN)/python -m earlyexit.evaluate --config configs/study_layers.yaml --model.name $(STUDY_MODEL_$*) \
+		--out_dir results/study_$*_base
+	$(BIN)/python -m earlyexit.evaluate --config configs/study_layers.yaml --model.name $(STUDY_MODEL_$*) \
+		--model.adapter checkpoints/$(STUDY_RECIPE_$*)/adapter $(STUDY_TUNED_$*) --out_dir results/study_$*_ee
 
 clean-results:
 	rm -rf results/demo

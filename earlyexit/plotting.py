@@ -127,3 +127,20 @@ def quality_vs_speed(groups: dict[str, tuple[list[float], list[float], list[str]
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def quality_by_depth(models: dict[str, tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]],
+                     title: str = "", quality: str = "ROUGE-L") -> Figure:
+    """Several models on one panel against relative depth (exit layer / N): each model's base run dashed and its
+    fine-tuned run solid, in one colour (``label: ((depths, base), (depths, tuned))``)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, ((base_x, base_y), (tuned_x, tuned_y)) in models.items():
+        line, = ax.plot(tuned_x, tuned_y, "o-", label=f"{label}, fine-tuned")
+        ax.plot(base_x, base_y, "o--", color=line.get_color(), alpha=0.7, label=f"{label}, base")
+    ax.set_xlabel("exit layer / N")
+    ax.set_ylabel(quality)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

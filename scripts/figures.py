@@ -12,6 +12,8 @@ The manifest lists each figure: where it goes (``out``), what it draws (``kind``
   ``evaluate --compare`` draws them; only the layers every run scored.
 * ``depth`` / ``speed``: one ``scripts/sweep_dynamic.py --out_dir`` directory's ``sweep.json``: ROUGE-L against mean
   layers per token (fixed exits and the dynamic curve), or against tokens/s (every mode).
+* ``models``: pairs of ``evaluate`` directories (base, fine-tuned) of several models, ``labels`` one per model: each
+  model's ROUGE-L against relative depth (exit layer / N), base dashed, fine-tuned solid.
 * ``judge``: one or more ``judge`` directories' ``metrics.json``: the share judged correct per layer.
 * ``lens``: one ``lens`` directory: each answer's ``lens_K.json`` (a heatmap per lens and a summary, written as
   ``out`` with ``K`` and the lens name filled in) and ``dataset_lens.json``.
@@ -31,7 +33,7 @@ import yaml
 from earlyexit.cli import run_function
 from earlyexit.errors import EarlyExitError
 
-KINDS = ("layers", "compare", "depth", "speed", "judge", "lens")
+KINDS = ("layers", "compare", "models", "depth", "speed", "judge", "lens")
 METRICS = {"bleu": "BLEU", "rougeL": "ROUGE-L", "bertscore": "BERTScore"}
 
 
@@ -55,6 +57,9 @@ def main(manifest: str = "docs/figures.yaml", only: list[str] | None = None) -> 
     for entry in entries:  # every entry checked before anything is drawn
         if entry.get("kind") not in KINDS or not entry.get("out") or not entry.get("results"):
             raise EarlyExitError(f"{manifest}: each figure needs out, kind ({', '.join(KINDS)}) and results: {entry}")
+        if entry["kind"] == "models" and (len(entry["results"]) % 2 or len(entry.get("labels") or []) * 2 != len(entry["results"])):
+            raise EarlyExitError(f"{entry['out']}: a models figure takes results in pairs (base, fine-tuned) and one label "
+                                 f"per pair: {entry}")
         for directory in entry["results"]:
             if not Path(directory).is_dir():
                 raise EarlyExitError(f"{entry['out']}: results directory {directory} not found (run the command in its "
@@ -104,6 +109,19 @@ def compare(entry: dict) -> list[str]:
     fig = metrics_by_layer(shown, series[0], title=entry.get("title", ""), label=labels[0],
                            overlay=dict(zip(labels[1:], series[1:])))
     return _save(fig, entry["out"])
+
+
+def models(entry: dict) -> list[str]:
+    from earlyexit.plotting import quality_by_depth
+
+    def curve(directory: str) -> tuple[list[float], list[float]]:
+        report = _read(directory, "metrics.json")
+        n = report.get("n_layers") or max(row["layer"] for row in report["layers"])
+        return [row["layer"] / n for row in report["layers"]], [row["rougeL"] for row in report["layers"]]
+
+    pairs = zip(entry["results"][::2], entry["results"][1::2])
+    shown = {label: (curve(base), curve(tuned)) for label, (base, tuned) in zip(entry["labels"], pairs)}
+    return _save(quality_by_depth(shown, title=entry.get("title", "")), entry["out"])
 
 
 def depth(entry: dict) -> list[str]:
@@ -165,7 +183,7 @@ def lens(entry: dict) -> list[str]:
     return written
 
 
-DRAW = {"layers": layers, "compare": compare, "depth": depth, "speed": speed, "judge": judge, "lens": lens}
+DRAW = {"layers": layers, "compare": compare, "models": models, "depth": depth, "speed": speed, "judge": judge, "lens": lens}
 
 
 if __name__ == "__main__":

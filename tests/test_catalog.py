@@ -76,3 +76,44 @@ def test_parts_are_joined_in_order_and_a_wrong_digest_is_refused(tmp_path, monke
     with pytest.raises(EarlyExitError, match="expected f{64}: reinstall fake-parts"):
         catalog.gguf("fake", tmp_path / "cache")
     assert not (tmp_path / "cache" / ".gguf" / "fake2.gguf").exists()  # a bad join is not kept
+
+
+STUDY = {"smollm2-135m-instruct": "smollm2_quarters_ee.yaml", "gemma3-270m": "gemma3_ee.yaml",
+         "qwen2.5-coder-0.5b-instruct": "qwen2_ee.yaml"}
+
+
+@pytest.mark.parametrize("name", STUDY)
+def test_each_study_recipe_builds_its_quarter_exits_on_its_real_model(name):
+    """configs/<model>_ee.yaml parsed by the training CLI and its module built on the real model: the shared block at
+    N/4, N/2 and 3N/4, the loss on those and N, the block a copy of the last block (Gemma 3: a global one)."""
+    from pathlib import Path
+
+    from earlyexit.data import AlpacaDataModule
+    from earlyexit.model import quarter_layers
+    from earlyexit.module import EarlyExitModule
+    from earlyexit.train import EarlyExitCLI
+
+    if name != "smollm2-135m-instruct" and not catalog.installed(name):
+        pytest.skip(f"{name} is not installed (make models installs {' '.join(CATALOG[name].install)})")
+
+    class ParseOnly(EarlyExitCLI):
+        def before_instantiate_classes(self):
+            pass
+
+        def instantiate_classes(self):
+            pass
+
+    config = Path(__file__).resolve().parents[1] / "configs" / STUDY[name]
+    cli = ParseOnly(EarlyExitModule, AlpacaDataModule, run=False, args=["--config", str(config)])
+    model = cli.config.model
+    assert model.base.name == name
+    settings = {key: (vars(value) if hasattr(value, "__dict__") else value) for key, value in vars(model).items()}
+    settings["base"] = {**settings["base"], "device": "cpu"}
+    module = EarlyExitModule(**settings)
+    n = module.ee.n_layers
+    quarters = quarter_layers(n)
+    assert module.ee.adapters.kind == "block" and module.ee.adapters.layers == quarters[:-1]
+    assert module.train_exits == quarters
+    types = getattr(module.ee.config, "layer_types", None)
+    if name == "gemma3-270m":
+        assert types[-1] == "full_attention" and module.ee.adapters.block.self_attn.sliding_window is None

@@ -39,7 +39,7 @@ def test_every_figure_in_the_docs_is_drawn_from_named_results():
 
 def test_figures_redraws_every_kind(tmp_path, monkeypatch, capsys):
     entries = yaml.safe_load(MANIFEST.read_text())
-    assert {entry["kind"] for entry in entries} == {"layers", "compare", "depth", "speed", "judge", "lens"}
+    assert {entry["kind"] for entry in entries} >= {"layers", "compare", "depth", "speed", "judge", "lens"}
     for entry in entries:
         entry["out"] = str(tmp_path / Path(entry["out"]).relative_to("docs/img"))
         entry["results"] = [str(ROOT / directory) for directory in entry["results"]]
@@ -58,3 +58,24 @@ def test_a_missing_results_directory_is_refused_in_one_line(tmp_path, monkeypatc
     assert "results directory" in refusal("figures.py", ["--manifest", str(manifest)], monkeypatch, capsys)
     manifest.write_text(yaml.safe_dump([{"out": "x.png", "kind": "pie", "results": ["."]}]))
     assert "each figure needs out, kind" in refusal("figures.py", ["--manifest", str(manifest)], monkeypatch, capsys)
+
+
+def test_the_three_models_figure_pairs_base_and_fine_tuned_runs_against_relative_depth(tmp_path, monkeypatch, capsys):
+    import json
+
+    runs = []
+    for name, n in (("a", 30), ("b", 18)):
+        for tuned in (0, 1):
+            directory = tmp_path / f"{name}{tuned}"
+            directory.mkdir()
+            layers = [round(n * q / 4) for q in (1, 2, 3, 4)]
+            rows = [{"layer": l, "rougeL": 0.1 * (1 + tuned) * l / n} for l in layers]
+            (directory / "metrics.json").write_text(json.dumps({"model": name, "n_layers": n, "layers": rows}))
+            runs.append(str(directory))
+    manifest = tmp_path / "figures.yaml"
+    out = str(tmp_path / "models.png")
+    manifest.write_text(yaml.safe_dump([{"out": out, "kind": "models", "results": runs, "labels": ["a", "b"]}]))
+    assert run_command("figures.py", ["--manifest", str(manifest)], monkeypatch) == 0
+    assert capsys.readouterr().out.split() == [out] and Path(out).stat().st_size > 10_000
+    manifest.write_text(yaml.safe_dump([{"out": out, "kind": "models", "results": runs[:3], "labels": ["a", "b"]}]))
+    assert "in pairs" in refusal("figures.py", ["--manifest", str(manifest)], monkeypatch, capsys)

@@ -277,6 +277,31 @@ def test_the_shipped_exit_recipe_trains_on_a_tiny_model(tiny_dir, data_file, tmp
     assert EarlyExitHead(lm).adapters is not None  # the exit block came back with the LoRA weights
 
 
+@pytest.mark.parametrize("config, family", [("smollm2_quarters_ee.yaml", "llama"), ("gemma3_ee.yaml", "gemma3_text"),
+                                            ("qwen2_ee.yaml", "qwen2")])
+def test_each_study_recipe_trains_every_quarter_exit_of_its_family(config, family, data_file, tmp_path):
+    """The three-model study's recipes as shipped (every quarter exit through the shared block, trunk LoRA, the fused
+    loss, no pull) on their family's tiny model: a step and a validation, and the exported adapter reloads with the
+    block at exits 1, 2 and 3 of 4 and gives the trained model's exit logits."""
+    from earlyexit.tiny import save_tiny
+
+    tiny = save_tiny(tmp_path / f"tiny-{family}", family)
+    main(["--config", str(ROOT / "configs" / config), "--model.base.name", tiny, "--model.lora.r", "4",
+          "--data.source", data_file, "--data.val_size", "4", "--data.batch_size", "4", "--data.max_length", "200",
+          "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+          "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run")])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1 and ckpt["hyper_parameters"]["loss"]["pull"] == 0.0
+    assert any("exit_adapters.block." in k for k in ckpt["state_dict"]) and any("lora_" in k for k in ckpt["state_dict"])
+    lm, _ = load_model(ModelArgs(name=tiny, device="cpu", adapter=str(tmp_path / "run" / "adapter")))
+    ee = EarlyExitHead(lm)
+    assert ee.adapters.kind == "block" and ee.adapters.layers == [1, 2, 3]
+    ids = torch.randint(3, 100, (2, 10))
+    plain = EarlyExitHead(load_model(ModelArgs(name=tiny, device="cpu"))[0])
+    assert not torch.allclose(ee(ids, exit_layer=2), plain(ids, exit_layer=2))  # the exit moved
+
+
 def test_pull_needs_a_trained_trunk(tiny_dir):
     with pytest.raises(EarlyExitError, match="loss.pull moves the last layer, which only trains with the trunk"):
         EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), exit_adapters={"exit_layers": "2", "kind": "affine"},
