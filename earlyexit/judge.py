@@ -218,8 +218,8 @@ class LocalJudge:
             mask = pad([[1] * len(p) for p in prompts], 0, "left").to(device)
             if self.constrained:
                 with torch.inference_mode():
-                    logits = self.ee.lm(input_ids=ids, attention_mask=mask,
-                                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
+                    logits = self.ee.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                        logits_to_keep=1).logits[:, -1].float()  # the head at the last position only
                 sure = torch.softmax(logits[:, [yes, no]], -1)[:, 0]  # P(true) against P(false)
                 for row, case in enumerate(chunk):
                     p = float(sure[row])
