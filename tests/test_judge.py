@@ -346,22 +346,27 @@ class StubJudge:
 
 
 def test_calibration_counts_a_judge_s_rates_and_flags_one_that_fails(tmp_path):
-    from earlyexit.calibration import OTHER, REFERENCE, calibrate, calibration_cases, describe
+    from earlyexit.calibration import DEGENERATE, OTHER, REFERENCE, calibrate, calibration_cases, describe
 
     items = J.load_items(J.JudgeData(source=records_file_of(tmp_path, RECORDS)))
     made = calibration_cases(items)
-    assert [c.layer for c in made].count(REFERENCE) == [c.layer for c in made].count(OTHER) == len(items) == 20
+    kinds = [c.layer for c in made]
+    assert kinds.count(REFERENCE) == kinds.count(OTHER) == kinds.count(DEGENERATE) == len(items) == 20
     assert all(c.answer == c.reference for c in made if c.layer == REFERENCE)
     assert all(c.answer != c.reference for c in made if c.layer == OTHER)
+    loops = [c for c in made if c.layer == DEGENERATE]  # the reference's first four words, again and again
+    assert all(c.answer.split()[:8] == c.reference.split()[:4] * 2 and len(c.answer.split()) >= 12 for c in loops)
     exact = StubJudge("exact", lambda c: "correct" if c.answer == c.reference else "incorrect")
     report = calibrate(exact, items, V.VerdictCache(tmp_path / "exact.jsonl"))
-    assert (report["true_positive_rate"], report["true_negative_rate"], report["unparsable"]) == (1.0, 1.0, 0)
+    rates = (report["true_positive_rate"], report["true_negative_rate"], report["degenerate_negative_rate"])
+    assert rates == (1.0, 1.0, 1.0) and report["unparsable"] == 0
     assert report["passed"] and "— passed" in describe(report)
-    # the reference judge (token F1 ≥ 0.5) takes the other records' answers here, which differ in one word of six, for correct
-    assert report["agreement_with_reference"] == 0.5
+    # the reference judge (token F1 ≥ 0.5) takes the other records' answers here, which differ in one word of six, for
+    # correct, and the degenerate ones (F1 4/9) for incorrect
+    assert report["agreement_with_reference"] == pytest.approx(2 / 3)
     assert report["true_positive_ci"][0] > 0.8
     calibrate(exact, items, V.VerdictCache(tmp_path / "exact.jsonl"))  # resumed: nothing asked twice
-    assert exact.asked == 40
+    assert exact.asked == 60
     lenient = StubJudge("lenient", lambda c: "correct")
     report = calibrate(lenient, items, V.VerdictCache(tmp_path / "lenient.jsonl"))
     assert report["true_negative_rate"] == 0.0 and not report["passed"] and "FAILED" in describe(report)
@@ -389,16 +394,18 @@ class ScoringJudge(StubJudge):
 def test_a_scoring_judge_s_threshold_is_fitted_on_its_scores_and_a_new_one_asks_nothing_again(tmp_path):
     from earlyexit.calibration import best_threshold, calibrate, describe
 
-    assert best_threshold([0.7, 0.9], [0.2, 0.6]) == pytest.approx({"threshold": 0.65, "true_positive_rate": 1, "true_negative_rate": 1})
+    fit = best_threshold([0.7, 0.9], [0.2, 0.6])
+    assert fit["threshold"] == pytest.approx(0.65) and fit["rates"] == [1, 1]
     fit = best_threshold([0.9, 0.8, 0.6, 0.55], [0.1, 0.3, 0.58, 0.5])  # not separable: one error on either side
-    assert min(fit["true_positive_rate"], fit["true_negative_rate"]) == 0.75
+    assert min(fit["rates"]) == 0.75
+    assert best_threshold([0.7, 0.9], [0.2, 0.3], [0.8, 0.1])["rates"] == [1.0, 1.0, 0.5]  # every negative list counts
     items = J.load_items(J.JudgeData(source=records_file_of(tmp_path, RECORDS)))
     score = lambda c: 0.7 if c.answer == c.reference else 0.4  # noqa: E731: a lenient judge at 0.5 would pass
     lenient = ScoringJudge("scoring", score, 0.3)
     report = calibrate(lenient, items, V.VerdictCache(tmp_path / "v.jsonl"))
     assert report["true_negative_rate"] == 0.0 and not report["passed"] and report["threshold"] == 0.3
-    assert report["best_threshold"] == pytest.approx({"threshold": 0.55, "true_positive_rate": 1, "true_negative_rate": 1})
-    assert "threshold 0.550 would balance them best" in describe(report)
+    assert report["best_threshold"]["threshold"] == pytest.approx(0.55) and report["best_threshold"]["rates"] == [1, 1, 1]
+    assert "threshold 0.550 would balance them best (100.0%, 100.0%, 100.0%)" in describe(report)
     refitted = ScoringJudge("scoring", score, 0.55)
     report = calibrate(refitted, items, V.VerdictCache(tmp_path / "v.jsonl"))
     assert refitted.asked == 0 and report["passed"]  # the cached scores, decided again
