@@ -180,7 +180,7 @@ def shared(model_type: str = "llama", layers=(1, 2, 3), seed: int = 0, start: bo
     return EarlyExitHead(model)
 
 
-SHARED_FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3_text"]  # the Gemmas: sliding and global blocks
+SHARED_FAMILIES = ["llama", "mistral", "qwen2", "gemma3_text"]  # Gemma 3: sliding and global blocks
 
 
 @pytest.mark.parametrize("model_type", SHARED_FAMILIES)
@@ -225,7 +225,7 @@ def block_kwargs(ee: EarlyExitHead, ids, mask) -> dict[int, dict]:
     return seen
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["gemma3_text"])
 def test_on_sliding_and_global_blocks_each_block_and_the_shared_one_get_their_own_type_s_mask_and_rotary(model_type):
     """A naive loop over the blocks with the kwargs the model's full forward hands each one: skipped blocks (layer
     dropout) leave every other block its own type; the shared exit block, a copy of the last (global) block, reads an
