@@ -102,13 +102,7 @@ def quality_vs_depth(fixed_depth: list[float], fixed_quality: list[float],
         ax.plot(xs, ys, "o-", label=label)
         for x, y, setting in zip(xs, ys, settings):
             ax.annotate(f"{setting:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    ax.set_xlabel(depth)
-    ax.set_ylabel(quality)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, depth, quality, title, 10, None)
 
 
 def quality_vs_speed(groups: dict[str, tuple[list[float], list[float], list[str]]], title: str = "",
@@ -120,13 +114,7 @@ def quality_vs_speed(groups: dict[str, tuple[list[float], list[float], list[str]
         ax.plot(xs, ys, marker, linestyle="none", label=label)
         for x, y, setting in zip(xs, ys, settings):
             ax.annotate(setting, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set_xlabel(speed)
-    ax.set_ylabel(quality)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, speed, quality, title, 9, 8)
 
 
 def quality_by_depth(models: dict[str, tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]],
@@ -137,10 +125,15 @@ def quality_by_depth(models: dict[str, tuple[tuple[list[float], list[float]], tu
     for label, ((base_x, base_y), (tuned_x, tuned_y)) in models.items():
         line, = ax.plot(tuned_x, tuned_y, "o-", label=f"{label}, fine-tuned")
         ax.plot(base_x, base_y, "o--", color=line.get_color(), alpha=0.7, label=f"{label}, base")
-    ax.set_xlabel("exit layer / N")
-    ax.set_ylabel(quality)
-    ax.set_title(title, fontsize=10)
+    return _finish(fig, ax, "exit layer / N", quality, title, 10, 7)
+
+
+def _finish(fig: Figure, ax, xlabel: str, ylabel: str, title: str, title_size: int, legend_size: int | None) -> Figure:
+    """A one-panel figure's axis labels, title, grid and legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=title_size)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     return fig
