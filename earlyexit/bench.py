@@ -125,7 +125,8 @@ def build_parser():
 def load(model_args: ModelArgs, bench: BenchArgs) -> tuple[torch.nn.Module, object | None]:
     from dataclasses import replace
 
-    from earlyexit.loading import RANDOM_PREFIX, load_model
+    from earlyexit.loading import load_model
+    from earlyexit.names import RANDOM_PREFIX
 
     if bench.random_config:
         model_args = replace(model_args, name=RANDOM_PREFIX + bench.random_config)

@@ -208,7 +208,7 @@ def rescore(cfg) -> dict:
     from transformers import AutoConfig
 
     from earlyexit.identity import model_identity, records_sha256
-    from earlyexit.loading import resolve_model_path
+    from earlyexit.names import resolve_model_path
     from earlyexit.results import RUN
 
     metrics = MetricArgs(**cfg.metrics)

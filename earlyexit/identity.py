@@ -18,7 +18,7 @@ _CHUNK = 1 << 24
 
 def file_sha256(path: Path) -> str:
     """sha256 of one file's bytes, remembered by (absolute path, size, mtime) across runs."""
-    from earlyexit.loading import cache_root
+    from earlyexit.names import cache_root
 
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -59,7 +59,7 @@ def model_identity(name: str) -> str:
     """The content of the model ``name`` stands for: the embedded GGUF's pinned sha256, a local directory's
     files, or a hub repository's commit."""
     from earlyexit.catalog import CATALOG
-    from earlyexit.loading import TINY_PREFIX, resolve_model_path
+    from earlyexit.names import TINY_PREFIX, resolve_model_path
 
     if name in CATALOG:
         return f"gguf-sha256:{CATALOG[name].sha256}"

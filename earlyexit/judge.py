@@ -48,7 +48,8 @@ from earlyexit.cli import make_parser, save_config
 from earlyexit.data import SAMPLE, AlpacaDataModule, Template, read_records, validate
 from earlyexit.errors import EarlyExitError, in_unit, non_negative, positive, report_errors, require
 from earlyexit.generation import GenerationArgs
-from earlyexit.loading import ModelArgs, resolve_device, resolve_model_path
+from earlyexit.loading import ModelArgs, resolve_device
+from earlyexit.names import resolve_model_path
 from earlyexit.model import parse_exit_layers
 from earlyexit.module import EarlyExitModule
 from earlyexit.network import is_loopback

@@ -6,8 +6,6 @@ name (:mod:`earlyexit.catalog`: the embedded default ``smollm2-135m-instruct``, 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,11 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from earlyexit.catalog import CATALOG, materialize, publish
+from earlyexit.catalog import CATALOG
 from earlyexit.errors import EarlyExitError
-from earlyexit.network import hub_offline, offline_miss, require_hub
+from earlyexit.names import DEFAULT_MODEL, RANDOM_PREFIX, TINY_PREFIX, resolve_model_path
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -67,11 +65,6 @@ def check_adapter_files(adapter: str) -> None:
     check_weight_dir(directory, f"adapter {adapter!r}: weight file")
 
 
-def cache_root() -> Path:
-    """Where converted models are cached: ``$EARLYEXIT_CACHE`` or ``./checkpoints``."""
-    return Path(os.environ.get("EARLYEXIT_CACHE", "checkpoints"))
-
-
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto``: the GPU when there is one. A GPU without an index is this process's own: under several
     processes (Lightning's launcher, torchrun, SLURM) rank r of a node loads onto its GPU r, never all onto GPU 0."""
@@ -91,65 +84,6 @@ def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
-
-
-TINY_PREFIX = "tiny-random-"
-RANDOM_PREFIX = "random-shape-"
-
-
-def materialize_tiny(name: str) -> str:
-    """``tiny-random-<model_type>``: a seeded 4-layer random model (< 1M parameters), saved once to the cache."""
-    from earlyexit.tiny import TINY_CONFIGS, save_tiny
-
-    model_type = name[len(TINY_PREFIX) :]
-    if model_type not in TINY_CONFIGS:
-        raise EarlyExitError(f"no tiny model {name!r}; choose from {', '.join(TINY_PREFIX + t for t in sorted(TINY_CONFIGS))}")
-    target = cache_root() / name
-    if not (target / "config.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-        try:
-            save_tiny(staging, model_type)
-            publish(staging, target, "config.json")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
-
-
-def _looks_like_path(name: str) -> bool:
-    """HF ids are ``name`` or ``org/name``; anything else that does not exist is a missing local path."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/")
-
-
-def resolve_model_path(name: str) -> str:
-    """Map ``name`` to something ``from_pretrained`` takes; fail clearly for a missing local path."""
-    if name in CATALOG:
-        return str(materialize(name, cache_root()))
-    if name.startswith(TINY_PREFIX):
-        return materialize_tiny(name)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise EarlyExitError(f"model directory {name!r} has no config.json")
-        return str(path)
-    if _looks_like_path(name):
-        raise EarlyExitError(f"model path {name!r} does not exist")
-    if not in_hub_cache(name):
-        instead = f"--model.name {DEFAULT_MODEL} (embedded), tiny-random-llama, or a local directory"
-        if hub_offline():
-            raise offline_miss(f"model {name!r}", instead)
-        require_hub(f"model {name!r}", instead)
-    return name
-
-
-def in_hub_cache(repo_id: str) -> bool:
-    """Whether the local Hugging Face cache holds ``repo_id``'s config (then loading needs no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except ValueError:  # not a valid repo id
-        return False
 
 
 def _first_sentence(err: Exception, limit: int = 300) -> str:

@@ -136,7 +136,7 @@ def resolve_bertscore_model(model: str = "auto", num_layers: int | None = None) 
     if model in ("minilm", "all-MiniLM-L6-v2"):
         return BERTScoreModel(minilm_path(), num_layers or 6, MINILM_LABEL)
     if not Path(model).expanduser().exists():
-        from earlyexit.loading import in_hub_cache
+        from earlyexit.names import in_hub_cache
 
         if not in_hub_cache(model):
             instead = "--metrics.bertscore_model minilm (offline) or a local directory"

@@ -92,7 +92,8 @@ def train_worker(model: str = "llama2-7b-random", devices: int = 1, batch: int =
     from torch.utils.data import DataLoader
 
     from earlyexit.distributed import configure_strategy
-    from earlyexit.loading import RANDOM_PREFIX, ModelArgs
+    from earlyexit.loading import ModelArgs
+    from earlyexit.names import RANDOM_PREFIX
     from earlyexit.module import EarlyExitModule, ExitLossArgs, LoraArgs, OptimArgs
 
     local = int(os.environ.get("LOCAL_RANK", 0))

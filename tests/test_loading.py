@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.loading import ModelArgs, load_model, resolve_model_path
+from earlyexit.loading import ModelArgs, load_model
+from earlyexit.names import resolve_model_path
 from earlyexit.model import EarlyExitHead
 from tiny import save_tiny
 

@@ -81,7 +81,8 @@ def test_a_cached_teacher_gives_the_loss_of_the_teacher_pass(setup, tiny_dir, pa
 
 
 def test_a_cache_of_other_examples_is_refused(setup, tiny_dir):
-    from earlyexit.loading import load_tokenizer, resolve_model_path
+    from earlyexit.loading import load_tokenizer
+    from earlyexit.names import resolve_model_path
 
     other = setup["root"] / "other.json"
     other.write_text(json.dumps([{**r, "output": r["output"].upper()} for r in RECORDS]))
