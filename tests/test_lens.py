@@ -149,3 +149,15 @@ def test_one_prompt_is_taken_verbatim_and_the_list_form_keeps_commas():
     assert prompt_texts(parser.parse_args(["--prompt", "Add 2, 3 and 4."])) == ["Add 2, 3 and 4."]
     cfg = parser.parse_args(["--prompt", "first", "--prompts", '["Name a colour, please.", "Add 2, 3."]'])
     assert prompt_texts(cfg) == ["first", "Name a colour, please.", "Add 2, 3."]
+
+
+def test_tokens_and_prompts_with_dollar_signs_are_drawn_as_text(tmp_path):
+    """A model may write "$$\\" (Gemma 3 did): matplotlib would read it as TeX and fail while saving the figure."""
+    import numpy as np
+
+    from earlyexit.plotting import lens_heatmap
+
+    tokens = ["$$\\", "$", " costs", " $5", "\\frac"]
+    fig = lens_heatmap(tokens, np.full((2, len(tokens)), 0.5), [1, 2], annotations=[tokens, tokens], title="Price in $ and $$")
+    fig.savefig(tmp_path / "lens.png")
+    assert (tmp_path / "lens.png").stat().st_size > 1000
