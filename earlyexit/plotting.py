@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -79,17 +81,23 @@ def lens_heatmap(tokens: list[str], values, layers: list[int], annotations: list
                         color="white" if values[row, col] < 0.5 else "black")
     fig.colorbar(image, ax=ax, label=label, fraction=0.03, pad=0.01)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(_printable(title), fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def _show(token: str) -> str:
-    """A token as a readable tick label: whitespace made visible, never empty."""
+    """A token as a readable tick label: whitespace and invisible characters made visible, never empty."""
     text = token.replace("\n", "\\n").replace("\t", "\\t")
     if text.strip() == "":
         return "␣" * max(len(text), 1)
-    return text
+    return _printable(text)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control, format (zero-width, byte-order mark), private and unassigned characters written as
+    ``\\uXXXX``: a font has no glyph for them (the PDF backend fails on a lone U+FEFF)."""
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf", "Co", "Cs", "Cn") else c for c in text)
 
 
 def quality_vs_depth(fixed_depth: list[float], fixed_quality: list[float],

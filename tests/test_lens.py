@@ -151,13 +151,16 @@ def test_one_prompt_is_taken_verbatim_and_the_list_form_keeps_commas():
     assert prompt_texts(cfg) == ["first", "Name a colour, please.", "Add 2, 3."]
 
 
-def test_tokens_and_prompts_with_dollar_signs_are_drawn_as_text(tmp_path):
-    """A model may write "$$\\" (Gemma 3 did): matplotlib would read it as TeX and fail while saving the figure."""
+def test_tokens_and_prompts_with_dollar_signs_and_invisible_characters_are_drawn_as_text(tmp_path):
+    """A model may write "$$\\" (Gemma 3 did), read by matplotlib as TeX, or a lone byte-order mark (Qwen2.5 did), which
+    the PDF backend has no glyph for: both failed while saving the figure."""
     import numpy as np
 
     from earlyexit.plotting import lens_heatmap
 
-    tokens = ["$$\\", "$", " costs", " $5", "\\frac"]
-    fig = lens_heatmap(tokens, np.full((2, len(tokens)), 0.5), [1, 2], annotations=[tokens, tokens], title="Price in $ and $$")
-    fig.savefig(tmp_path / "lens.png")
-    assert (tmp_path / "lens.png").stat().st_size > 1000
+    tokens = ["$$\\", "$", " costs", " $5", "\\frac", "\ufeff", "a\u200bb"]
+    fig = lens_heatmap(tokens, np.full((2, len(tokens)), 0.5), [1, 2], annotations=[tokens, tokens],
+                       title="Price in $ and $$\ufeff")
+    for name in ("lens.png", "lens.pdf"):
+        fig.savefig(tmp_path / name)
+        assert (tmp_path / name).stat().st_size > 1000
