@@ -40,7 +40,6 @@ Answer to check:
 Does the answer to check give the same answer as the reference answer? Its wording may differ. If it says something else, or is empty, off-topic or repetitive, it does not. Reply with exactly one JSON object: {{"correct": true}} if it gives the same answer, {{"correct": false}} if not."""
 
 
-
 @dataclass
 class Case:
     """One answer to grade: example ``id`` at exit ``layer``, and the judge's messages for it."""
@@ -55,7 +54,6 @@ class Case:
     def messages(self) -> list[dict]:
         user = JUDGE_PROMPT.format(context=self.context, question=self.question, reference=self.reference, answer=self.answer)
         return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-
 
 
 def parse_verdict(text: str) -> Verdict:
@@ -143,7 +141,6 @@ class ReferenceJudge:
                 score = token_f1(case.answer, case.reference)
                 correct = score >= self.threshold
             done(case, "correct" if correct else "incorrect", f"{self.metric}={score:.4f}")
-
 
 
 def judge_cases(judge, cases: list[Case], cache: VerdictCache) -> dict[tuple[int, int], dict]:
