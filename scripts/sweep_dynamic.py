@@ -179,6 +179,8 @@ def sweep(
         for layer in fixed:  # one exit at a time, so each gets its own time
             answers, lengths, seconds, _ = timed(lambda ids, mask: engine.generate(ids, mask, [layer], greedy, pad_token_id=pad_id)[layer])
             rows.append(dict(kind="fixed", setting=layer, depth=float(layer), rougeL=score(answers), speed=sum(lengths) / seconds))
+            if layer == n:
+                full_answers = answers
         for measure, values in measures.items():
             for threshold in values:
                 answers, lengths, seconds, outs = timed(lambda ids, mask: engine.generate_dynamic(
@@ -194,7 +196,8 @@ def sweep(
             accepted = sum(out.accepted for out in outs) / max(1, sum(out.drafted for out in outs))
             name = f"E={draft_layer} d={n_draft}" + (f" tau={tau:g}" if tau else "")
             rows.append(dict(kind="speculative", setting=name, depth=float(n), rougeL=score(answers),
-                             speed=sum(lengths) / seconds, acceptance=accepted, full=at_full_depth(outs), runs=schedule(outs)))
+                             speed=sum(lengths) / seconds, acceptance=accepted, full=at_full_depth(outs), runs=schedule(outs),
+                             same=sum(a == b for a, b in zip(answers, full_answers)) / len(answers)))
         if hf:
             answers, lengths, seconds, _ = timed(lambda ids, mask: ee.generate(ids, mask, n, greedy, pad_token_id=pad_id))
             rows.append(dict(kind="HF generate", setting=n, depth=float(n), rougeL=score(answers), speed=sum(lengths) / seconds))
@@ -208,18 +211,22 @@ def sweep(
           f"{greedy.max_new_tokens} new tokens, batch {batch}, check layers {greedy.check_layers_of(ee.n_layers)}, "
           f"fast path {'on' if engine.fast is not None else 'off'}\n")
     full_speed = next(row["speed"] for row in rows if row["kind"] == "fixed" and row["setting"] == n)
-    print("| exit | setting | mean layers per token | ROUGE-L | tokens/s | × full depth | acceptance | runs | fell back |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print("| exit | setting | mean layers per token | ROUGE-L | tokens/s | × full depth | acceptance | text = full depth's | runs "
+          "| fell back |\n|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         accepted = f"{row['acceptance']:.2f}" if "acceptance" in row else ""
         fell = f"{row['full']:.0%}" if "full" in row else ""
+        same = f"{row['same']:.0%}" if "same" in row else ""
         setting = f"{row['setting']} (again, last)" if row.get("again") else row["setting"]
         print(f"| {row['kind']} | {setting} | {row['depth']:.2f} | {row['rougeL']:.3f} | {row['speed']:,.1f} | "
-              f"{row['speed'] / full_speed:.2f} | {accepted} | {row.get('runs', '')} | {fell} |")
+              f"{row['speed'] / full_speed:.2f} | {accepted} | {same} | {row.get('runs', '')} | {fell} |")
     if any("runs" in row for row in rows):
         where_from = (f"records {calibrate_offset}..{calibrate_offset + calibrate - 1}" if calibrate else "each batch size's first batch")
         print(f"\nruns: what generation.schedule {greedy.schedule} chose for the setting, timed on {where_from} (checks: the "
               "layers checked; full depth: no check or speculation paid)")
+    if any("same" in row for row in rows):
+        print("text = full depth's: the share of answers identical to full depth's (greedy speculation is exact up to "
+              "the numerics of a batched verify: bf16 may flip a near tie)")
     if any("full" in row for row in rows):
         print("fell back: the share of tokens decoded at full depth after an adaptive mode timed itself slower than full "
               "depth within an answer (generation.fallback)")
