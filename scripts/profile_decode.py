@@ -264,8 +264,8 @@ def by_time(events) -> tuple[Counter, Counter, Counter]:
                     if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("piece:")), key=lambda s: s[1] - s[0])
     times, counts, names = Counter(), Counter(), Counter()
     for event in events:
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.name.startswith(("piece:", "part:")):
+            continue  # a range's own GPU-side annotation spans its kernels: counting it would count them twice
         start = event.time_range.start
         owner = next((name for begin, end, name in spans if begin <= start <= end), "step")
         if owner == "prompt":
@@ -284,7 +284,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
          n_draft: list[int] = [1, 4],  # noqa: B006
          compile: bool = True, decide: list[str] = ["host", "device"],  # noqa: B006
          walk: bool = True, walk_compile: bool = False, graphs_off: bool = True, repeats: int = 3, top: int = 8,
-         out: str | None = None) -> list[dict]:
+         out: str | None = None, report_of: str | None = None) -> list[dict]:
     """Profile every mode's decode step piece by piece and print the tables.
 
     Args:
@@ -306,7 +306,9 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
         graphs_off: also profile every setting eagerly, part by part (slow for large shapes).
         repeats: timed decodes a setting (the median is kept).
         top: kernels listed by time for each setting as it runs.
-        out: write every row here (JSON).
+        out: write every row here (JSON), after each setting: a run stopped early keeps what it measured.
+        report_of: print the tables of a run saved by ``--out`` (``--shape``, ``--batch``, ``--tokens``,
+            ``--check_layers`` and ``--decide`` as that run's) and profile nothing.
     """
     from earlyexit.engine import Engine
     from earlyexit.engine.control import resolve
@@ -318,20 +320,28 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
         positive(name, value)
     if dtype not in ("bfloat16", "float16", "float32"):
         raise EarlyExitError(f"dtype {dtype!r}: choose bfloat16, float16 or float32")
-    if device not in ("cuda", "cpu"):
-        raise EarlyExitError(f"device {device!r}: cuda or cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EarlyExitError("device cuda: no GPU here (--device cpu only checks the script)")
-    if not decide or any(way not in ("host", "device") for way in decide):
-        raise EarlyExitError(f"decide {decide}: a list of host and device")
-    for way in decide:
-        resolve(way)  # refused in one line where conditional nodes cannot be built
     if any(m not in ("softmax", "margin", "state", "learned") for m in measures):
         raise EarlyExitError(f"measures {measures}: softmax, margin, state or learned")
     n = RANDOM_SHAPES[shape]["num_hidden_layers"]
     checks = sorted(set(check_layers))
     if not checks or checks[0] < 1 or checks[-1] >= n:
         raise EarlyExitError(f"check_layers {check_layers}: layers in 1..{n - 1} (the last layer always exits)")
+    if not decide or any(way not in ("host", "device") for way in decide):
+        raise EarlyExitError(f"decide {decide}: a list of host and device")
+    if report_of:
+        try:
+            saved = json.loads(open(report_of).read())
+            rows = saved["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise EarlyExitError(f"report_of {report_of}: not a run saved by --out ({error})") from None
+        report(rows, shape, dtype, batch, tokens, checks, compile, decide, n, where=f"{saved.get('card')}, torch {saved.get('torch')}")
+        return rows
+    if device not in ("cuda", "cpu"):
+        raise EarlyExitError(f"device {device!r}: cuda or cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EarlyExitError("device cuda: no GPU here (--device cpu only checks the script)")
+    for way in decide:
+        resolve(way)  # refused in one line where conditional nodes cannot be built
     first = checks[0]
     model = random_with_exit_block(shape, device, getattr(torch, dtype), checks)
     ee = EarlyExitHead(model)
@@ -433,12 +443,14 @@ def save(rows: list[dict], out: str | None) -> None:
 
 
 def report(rows: list[dict], shape: str, dtype: str, batch: int, tokens: int, checks: list[int], compile: bool,
-           decide: list[str], n: int) -> None:
-    """Print the summary, each setting's pieces (graphs on) and parts (graphs off), and what one check costs."""
+           decide: list[str], n: int, where: str | None = None) -> None:
+    """Print the summary, each setting's pieces (graphs on) and parts (graphs off), and what one check costs;
+    ``where``: the card and torch of a saved run (default: this machine's)."""
     way = decide[0]
     full = next((row for row in rows if row["setting"] == "full depth"), None)
-    print(f"\n{shape} (random weights, {dtype}{', compiled' if compile else ''}) on {card()}, "
-          f"torch {torch.__version__}: batch {batch}, {tokens} new tokens, check layers {checks}, shared exit block\n")
+    print(f"\n{shape} (random weights, {dtype}{', compiled' if compile else ''}) on "
+          f"{where or f'{card()}, torch {torch.__version__}'}: batch {batch}, {tokens} new tokens, check layers {checks}, "
+          "shared exit block\n")
     header = ["setting", "layers a token", "tokens a step"]
     for w in decide:
         header += [f"µs a step ({w})", f"× full depth ({w})", f"kernels a step ({w})", f"kernel µs ({w})", f"gap µs ({w})"]

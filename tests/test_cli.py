@@ -126,6 +126,7 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("profile_decode.py", ["--tokens", "0"], "tokens = 0 is out of range"),
     ("profile_decode.py", ["--device", "cpu", "--decide", "[host]", "--check_layers", "[30]"], "check_layers [30]: layers in 1..29"),
     ("profile_decode.py", ["--device", "cpu", "--shape", "gpt-5"], "shape 'gpt-5': choose from"),
+    ("profile_decode.py", ["--device", "cpu", "--report_of", "no/such.json"], "report_of no/such.json: not a run saved by --out"),
     ("time_to_loss.py", ["--every", "0"], "every = 0 is out of range"),
     ("self_answers.py", ["--samples", "0"], "samples = 0 is out of range"),
     ("self_answers.py", ["--temperature", "0"], "temperature = 0"),
@@ -221,6 +222,12 @@ def test_profile_decode_names_every_piece_and_part_of_every_mode(monkeypatch, ca
     assert any(part.endswith("/block") for part in parts) and any("probe" in part for part in parts)
     assert any("K/V fill" in part["part"] for part in rows["dynamic learned, at 1"]["parts_eager"])  # the deferred K/V
     assert "one check decided on the host costs" in out and "| piece | µs a step |" in out
+    # the tables again from the saved rows, profiling nothing (a run stopped before its report keeps its rows)
+    again = argv[:-2] + ["--report_of", str(tmp_path / "profile.json")]
+    assert run_command("profile_decode.py", again, monkeypatch) == 0
+    reprinted = capsys.readouterr().out
+    assert "as it runs:" not in reprinted and "one check decided on the host costs" in reprinted
+    assert out.split("**As it runs**")[1] == reprinted.split("**As it runs**")[1]
 
 
 def test_time_to_loss_stops_the_candidate_at_the_baselines_loss(tmp_path, monkeypatch, capsys):
