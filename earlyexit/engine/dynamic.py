@@ -369,6 +369,9 @@ class DynamicExits(Core):
         span = exits.layers[bounds[1] + 1 :] if p else exits.layers[:0]  # the blocks a flush may fill
         shared_span = exits.layers[torch.tensor(through, device=self.device)] if through else None
         settle, defer = self._compiled(copy_all), self._compiled(wait)
+        # one row: a piece above a check runs only while the row has not exited, so nothing is held, and its blocks are
+        # the compiled graphs full depth runs (the held variant is another graph, with a select in every block)
+        hold = batch > 1
 
         def begin():
             h, kw, mk = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
@@ -394,7 +397,8 @@ class DynamicExits(Core):
                 if j == 0:
                     begin()
                 out = self._decode_blocks(hidden, kwargs, masks, range(bounds[j] + 1, top + 1),
-                                          hold=(exits.exited, exits.state) if j else None, previous=state_measure, pair=True)
+                                          hold=(exits.exited, exits.state) if hold and j else None, previous=state_measure,
+                                          pair=True)
                 (h, delta), inputs = out if state_measure else (out, None)
                 if j == p:
                     exits.decide(n, h, inputs, final=True, run=check, delta=delta)
