@@ -39,6 +39,27 @@ Answer to check:
 
 Does the answer to check give the same answer as the reference answer? Its wording may differ. If it says something else, or is empty, off-topic or repetitive, it does not. Reply with exactly one JSON object: {{"correct": true}} if it gives the same answer, {{"correct": false}} if not."""
 
+JUDGE_SHOTS: list[tuple[str, str, str, str, bool]] = [
+    ("Classify the sentiment of the review as positive or negative.", "The battery died after two days.", "Negative",
+     "Negative", True),
+    ("Rewrite the sentence in the passive voice.", "The committee approved the budget.",
+     "The budget was approved by the committee.", "The committee approves budgets every year.", False),
+    ("Convert the temperature to Fahrenheit.", "25 degrees Celsius", "77 degrees Fahrenheit", "25°C is 77°F.", True),
+    ("Summarize the paragraph in one sentence.",
+     "Bees carry pollen from flower to flower, and many of the crops farmers grow depend on them.",
+     "Bees matter to farming because they pollinate crops.",
+     "Bees carry Bees carry Bees carry Bees carry Bees carry Bees carry", False),
+    ("Translate the sentence into French.", "Good morning, everyone.", "Bonjour à tous.",
+     "The Great Wall of China is more than 20,000 kilometres long.", False),
+    ("Give two synonyms of the word.", "happy", "Joyful, cheerful", "1. Joyful\n2. Cheerful", True),
+    ("What is the capital of the country?", "Australia", "Canberra",
+     "The capital is the capital is the capital is the capital is", False),
+]
+"""Worked examples the judge reads before the answer it grades, each ``(question, context, reference, answer,
+correct)``: our own, from no dataset. Without them Qwen2.5-Coder-1.5B judged a verbatim copy of the reference answer
+correct with P(true) as low as 0.26 (it graded the task, not the comparison); with them, on 12 training records, every
+reference answer scored 0.74 or more and 11 of 12 other records' answers below 0.5 (docs/evaluation.md)."""
+
 
 @dataclass
 class Case:
@@ -51,9 +72,16 @@ class Case:
     reference: str
     answer: str
 
-    def messages(self) -> list[dict]:
+    def messages(self, shots: bool = True) -> list[dict]:
+        """The system prompt, the worked examples (:data:`JUDGE_SHOTS`, unless ``shots`` is false) as earlier turns, then
+        this answer."""
+        turns = [{"role": "system", "content": JUDGE_SYSTEM}]
+        for question, context, reference, answer, correct in JUDGE_SHOTS if shots else ():
+            turns.append({"role": "user", "content": JUDGE_PROMPT.format(question=question, context=context,
+                                                                         reference=reference, answer=answer)})
+            turns.append({"role": "assistant", "content": json.dumps({"correct": correct})})
         user = JUDGE_PROMPT.format(context=self.context, question=self.question, reference=self.reference, answer=self.answer)
-        return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+        return turns + [{"role": "user", "content": user}]
 
 
 def parse_verdict(text: str) -> Verdict:
@@ -152,7 +180,7 @@ def judge_cases(judge, cases: list[Case], cache: VerdictCache) -> dict[tuple[int
     """
     out, todo = {}, {}
     for case in cases:
-        key = VerdictCache.key(judge.name, case.messages())
+        key = VerdictCache.key(judge.name, case.messages(getattr(judge, "shots", True)))
         hit = cache.get(key)
         if hit:
             score = hit.get("score")

@@ -135,12 +135,12 @@ def test_http_judge_against_the_server_and_the_cache(served, tiny_chat, tmp_path
     calls = []
     complete = tiny_chat.complete
     monkeypatch.setattr(tiny_chat, "complete", lambda request, on_text=None: calls.append(1) or complete(request, on_text))
-    judge = J.OpenAIJudge(J.JudgeArgs(kind="openai", model="tiny", base_url=served.url, max_tokens=8, concurrency=3))
+    judge = J.OpenAIJudge(J.JudgeArgs(kind="openai", model="tiny", base_url=served.url, max_tokens=8, concurrency=3, shots=False))
     cache = V.VerdictCache(tmp_path / "v.jsonl")
     first = V.judge_cases(judge, cases(), cache)
     assert len(calls) == 6 and len(cache.entries) == 6
     for case in cases():  # each verdict is what the served model says at temperature 0, parsed
-        request = tiny_chat.parse({"model": "tiny", "messages": case.messages(), "temperature": 0, "max_tokens": 8})
+        request = tiny_chat.parse({"model": "tiny", "messages": case.messages(False), "temperature": 0, "max_tokens": 8})
         reply = complete(request).text
         assert first[(case.id, case.layer)]["reply"] == reply
         assert first[(case.id, case.layer)]["verdict"] == V.parse_verdict(reply)
@@ -217,7 +217,7 @@ def flaky():
 
 def openai_judge(url: str, **kw) -> J.OpenAIJudge:
     """A generous timeout: a loaded CI machine must not turn an injected 500 into a timeout. The slow tests pass 1.5 s."""
-    args = dict(kind="openai", model="m", base_url=url, max_retries=2, timeout=10.0, concurrency=1) | kw
+    args = dict(kind="openai", model="m", base_url=url, max_retries=2, timeout=10.0, concurrency=1, shots=False) | kw
     return J.OpenAIJudge(J.JudgeArgs(**args))
 
 
@@ -299,8 +299,21 @@ def test_remote_endpoint_needs_the_key_variable(monkeypatch):
 # --- the local judge and the CLI ------------------------------------------------------------------------
 
 
+def test_the_judge_reads_the_worked_examples_first_unless_told_not_to():
+    case = V.Case(3, 8, "Name a colour.", "The sky is blue.", "Blue", "blue")
+    turns = case.messages()
+    assert [t["role"] for t in turns] == ["system"] + ["user", "assistant"] * len(V.JUDGE_SHOTS) + ["user"]
+    for (question, context, reference, answer, correct), user, reply in zip(V.JUDGE_SHOTS, turns[1::2], turns[2::2]):
+        assert question in user["content"] and answer in user["content"] and reference in user["content"]
+        assert V.parse_verdict(reply["content"]) == ("correct" if correct else "incorrect")
+    assert {True, False} == {shot[-1] for shot in V.JUDGE_SHOTS}  # examples of both verdicts
+    assert turns[-1] == case.messages(False)[-1] and len(case.messages(False)) == 2
+    assert turns[-1]["content"].count("Name a colour.") == 1 and "blue" in turns[-1]["content"]
+    assert V.VerdictCache.key("j", turns) != V.VerdictCache.key("j", case.messages(False))  # cached apart
+
+
 def test_local_judge_is_deterministic_and_equals_the_library(tiny_chat):
-    judge = J.LocalJudge(tiny_chat.ee.lm, tiny_chat.tokenizer, "tiny", max_tokens=6, batch_size=4, constrained=False)
+    judge = J.LocalJudge(tiny_chat.ee.lm, tiny_chat.tokenizer, "tiny", max_tokens=6, batch_size=4, constrained=False, shots=False)
     runs = []
     for _ in range(2):
         got = {}
@@ -308,7 +321,7 @@ def test_local_judge_is_deterministic_and_equals_the_library(tiny_chat):
         runs.append(got)
     assert runs[0] == runs[1] and len(runs[0]) == 6
     case = cases()[3]
-    ids = torch.tensor([encode_chat(case.messages(), tiny_chat.tokenizer)])
+    ids = torch.tensor([encode_chat(case.messages(False), tiny_chat.tokenizer)])
     out = tiny_chat.ee.generate(ids, torch.ones_like(ids), 4, max_new_tokens=6, pad_token_id=PAD)
     reply = tiny_chat.tokenizer.decode(out.tokens[0, : int(out.n_tokens[0])].tolist(), skip_special_tokens=True)
     assert runs[0][(case.id, case.layer)] == (V.parse_verdict(reply), reply)
@@ -317,7 +330,7 @@ def test_local_judge_is_deterministic_and_equals_the_library(tiny_chat):
 def test_a_constrained_verdict_is_never_unparsable_and_is_the_model_s_own_preference(tiny_chat):
     """The reply forced to ``{"correct": `` and scored between true and false, in a left-padded batch: every verdict
     is correct or incorrect, and each is what the model alone, unpadded, prefers."""
-    judge = J.LocalJudge(tiny_chat.ee.lm, tiny_chat.tokenizer, "tiny", batch_size=4)
+    judge = J.LocalJudge(tiny_chat.ee.lm, tiny_chat.tokenizer, "tiny", batch_size=4, shots=False)
     assert judge.name == "local:tiny:constrained"
     got = {}
     judge.replies(cases(8), lambda case, verdict, reply, score: got.__setitem__((case.id, case.layer), (verdict, reply)))
@@ -327,7 +340,7 @@ def test_a_constrained_verdict_is_never_unparsable_and_is_the_model_s_own_prefer
     tok = tiny_chat.tokenizer
     assert tok.decode(prefix) == '{"correct": ' and tok.decode([yes]) == "t" and tok.decode([no]) == "f"
     for case in cases(8):
-        ids = torch.tensor([encode_chat(case.messages(), tok) + prefix])
+        ids = torch.tensor([encode_chat(case.messages(False), tok) + prefix])
         logits = tiny_chat.ee.lm(input_ids=ids).logits[0, -1]
         expected = "correct" if logits[yes] > logits[no] else "incorrect"
         assert got[(case.id, case.layer)][0] == expected, case
@@ -444,7 +457,7 @@ def test_a_killed_judging_run_resumes_without_asking_twice(tmp_path):
 
 def cli_args(tiny_dir, data, out, *extra):
     return ["--model.name", tiny_dir, "--model.device", "cpu", "--data.source", data, "--data.limit", "5",
-            "--generation.max_new_tokens", "6", "--exit_layers", "all", "--out_dir", str(out), *extra]
+            "--generation.max_new_tokens", "6", "--exit_layers", "all", "--out_dir", str(out), "--judge.shots", "false", *extra]
 
 
 def test_cli_end_to_end_with_resume(tiny_dir, tmp_path_factory, tmp_path, capsys):
@@ -508,3 +521,19 @@ def test_cli_bad_input_in_a_real_process(tiny_dir, tmp_path_factory, tmp_path):
     data = records_file(tmp_path_factory, RECORDS)
     last = refusal_process("earlyexit.judge", cli_args(tiny_dir, data, tmp_path / "j", "--judge.kind", "openai"))
     assert "--judge.model is required with --judge.kind openai" in last
+
+def test_the_worked_examples_are_run_once_and_score_as_the_whole_prompt(tiny_chat):
+    """With the worked examples, the prompts' shared start is run once and each prompt's own tokens after its keys
+    and values: every P(true) equals the whole prompt's, run alone and unpadded."""
+    judge = J.LocalJudge(tiny_chat.ee.lm, tiny_chat.tokenizer, "tiny", batch_size=3)
+    scores = {}
+    judge.replies(cases(5), lambda case, verdict, reply, score: scores.__setitem__((case.id, case.layer), score))
+    prefix, yes, no = judge.verdict_tokens()
+    prompts = [encode_chat(case.messages(), tiny_chat.tokenizer) + prefix for case in cases(5)]
+    length, _ = judge._shared(prompts, "cpu")
+    assert length > 1000  # the system prompt and the worked examples (a character tokenizer)
+    for case, prompt in zip(cases(5), prompts):
+        with torch.inference_mode():
+            logits = tiny_chat.ee.lm(input_ids=torch.tensor([prompt])).logits[0, -1].float()
+        alone = float(torch.softmax(logits[[yes, no]], -1)[0])
+        assert abs(scores[(case.id, case.layer)] - alone) < 1e-4, case
