@@ -75,15 +75,16 @@ def calibrate(judge, items: list[tuple[int, dict]], cache: VerdictCache) -> dict
 
 def best_threshold(positive: list[float], *negatives: list[float]) -> dict:
     """The score threshold (an answer is correct at or above it) that best balances the rates on these scores: the
-    largest least rate (``positive`` judged correct, each list of ``negatives`` incorrect), then the largest sum; midway
-    between two neighbouring scores. Fit on records you do not report on."""
+    largest least rate of ``positive`` judged correct and the first list of ``negatives`` judged incorrect (the kinds
+    a judge must pass: reference answers and other records'), then the largest least rate of every list (degenerate
+    answers too), then the largest sum; midway between two neighbouring scores. Fit on records you do not report on."""
     values = sorted(set(positive).union(*negatives))
     cuts = [values[0] / 2] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [(values[-1] + 1) / 2]
 
     def rates(cut: float) -> list[float]:
         return [sum(x >= cut for x in positive) / len(positive)] + [sum(x < cut for x in side) / len(side) for side in negatives]
 
-    cut = max(cuts, key=lambda c: (min(rates(c)), sum(rates(c))))
+    cut = max(cuts, key=lambda c: (min(rates(c)[:2]), min(rates(c)), sum(rates(c))))
     return {"threshold": cut, "rates": rates(cut)}
 
 

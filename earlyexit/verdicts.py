@@ -57,8 +57,9 @@ JUDGE_SHOTS: list[tuple[str, str, str, str, bool]] = [
 ]
 """Worked examples the judge reads before the answer it grades, each ``(question, context, reference, answer,
 correct)``: our own, from no dataset. Without them Qwen2.5-Coder-1.5B judged a verbatim copy of the reference answer
-correct with P(true) as low as 0.26 (it graded the task, not the comparison); with them, on 12 training records, every
-reference answer scored 0.74 or more and 11 of 12 other records' answers below 0.5 (docs/evaluation.md)."""
+correct with P(true) as low as 0.26 (it graded the task, not the comparison); with the first six of them, on 12
+training records, every reference answer scored 0.74 or more and 11 of 12 other records' answers below 0.5
+(docs/evaluation.md)."""
 
 
 @dataclass

@@ -412,6 +412,9 @@ def test_a_scoring_judge_s_threshold_is_fitted_on_its_scores_and_a_new_one_asks_
     fit = best_threshold([0.9, 0.8, 0.6, 0.55], [0.1, 0.3, 0.58, 0.5])  # not separable: one error on either side
     assert min(fit["rates"]) == 0.75
     assert best_threshold([0.7, 0.9], [0.2, 0.3], [0.8, 0.1])["rates"] == [1.0, 1.0, 0.5]  # every negative list counts
+    # the kinds a judge must pass first: a cut that costs a reference answer for a degenerate one is not taken
+    fit = best_threshold([0.6, 0.9, 0.95, 0.97], [0.1, 0.2, 0.3, 0.4], [0.5, 0.7, 0.75, 0.1])  # at 0.8: 75%, 100%, 100%
+    assert fit["rates"] == [1.0, 1.0, 0.5] and 0.5 < fit["threshold"] < 0.6
     items = J.load_items(J.JudgeData(source=records_file_of(tmp_path, RECORDS)))
     score = lambda c: 0.7 if c.answer == c.reference else 0.4  # noqa: E731: a lenient judge at 0.5 would pass
     lenient = ScoringJudge("scoring", score, 0.3)
