@@ -255,7 +255,8 @@ class LocalJudge:
         if length < self.SHARED_MIN:
             return None
         out = self.ee.lm(input_ids=torch.tensor([first[:length]], device=device), use_cache=True)
-        return length, out.past_key_values
+        cache = out.get("cache")  # transformers ≥ 5.25; past_key_values before
+        return length, out.get("past_key_values") if cache is None else cache
 
     @torch.inference_mode()
     def _p_true(self, prompts: list[list[int]], shared, yes: int, no: int, device) -> torch.Tensor:
