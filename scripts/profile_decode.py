@@ -283,7 +283,8 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
          measures: list[str] = ["softmax", "learned"],  # noqa: B006
          n_draft: list[int] = [1, 4],  # noqa: B006
          compile: bool = True, decide: list[str] = ["host", "device"],  # noqa: B006
-         walk: bool = True, walk_compile: bool = False, graphs_off: bool = True, repeats: int = 3, top: int = 8,
+         walk: bool = True, walk_compile: bool = False, graphs_off: bool = True, eager_tokens: int = 24, repeats: int = 3,
+         top: int = 8,
          out: str | None = None, report_of: str | None = None) -> list[dict]:
     """Profile every mode's decode step piece by piece and print the tables.
 
@@ -304,6 +305,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
         walk: profile each piece on its own (2., graphs on).
         walk_compile: compile the host-walked pieces too (per-piece figures of compiled pieces).
         graphs_off: also profile every setting eagerly, part by part (slow for large shapes).
+        eager_tokens: tokens a row of each eager decode (at most ``tokens``; past 16, a deferred K/V fill is in it).
         repeats: timed decodes a setting (the median is kept).
         top: kernels listed by time for each setting as it runs.
         out: write every row here (JSON), after each setting: a run stopped early keeps what it measured.
@@ -316,7 +318,8 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
 
     if shape not in RANDOM_SHAPES:
         raise EarlyExitError(f"shape {shape!r}: choose from {', '.join(sorted(RANDOM_SHAPES))}")
-    for name, value in (("batch", batch), ("prompt_len", prompt_len), ("tokens", tokens), ("repeats", repeats), ("top", top)):
+    for name, value in (("batch", batch), ("prompt_len", prompt_len), ("tokens", tokens), ("eager_tokens", eager_tokens),
+                        ("repeats", repeats), ("top", top)):
         positive(name, value)
     if dtype not in ("bfloat16", "float16", "float32"):
         raise EarlyExitError(f"dtype {dtype!r}: choose bfloat16, float16 or float32")
@@ -419,7 +422,8 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
                                  for p in walls]
                 print(f"walked: {name}: " + ", ".join(f"{piece['piece']} {piece['us']:.1f} µs" for piece in row["pieces"]), flush=True)
                 save(rows, out)
-        if graphs_off:  # 3. graphs off, eager, each kernel by the part that launched it
+        if graphs_off:  # 3. graphs off, eager, each kernel by the part that launched it (shorter decodes: per step)
+            common["max_new_tokens"] = min(tokens, eager_tokens)  # read by every setting's decode when it runs
             with walked(recorder), parts_named():
                 engine = Engine(ee, cuda_graphs=False)
                 for row, (name, _, decode) in zip(rows, settings):
