@@ -251,7 +251,8 @@ def finish(results: ResultsDir, references: dict[int, str], exit_layers: list[in
         "generation": about["generation"],
         "bleu_signature": CorpusBLEU.signature() if "bleu" in metrics.names else None,
         "rouge": {"variant": "rougeL", "use_stemmer": metrics.rouge_stemmer, "aggregate": "mean F-measure"},
-        "bertscore": asdict(bertscore) if bertscore else None,
+        # the encoder by name, never a path of this machine (the offline copy lives inside the virtual environment)
+        "bertscore": dict(model=bertscore.label or bertscore.model, num_layers=bertscore.num_layers) if bertscore else None,
         "bootstrap": {"resamples": metrics.bootstrap, "seed": metrics.seed, "level": 0.95, "paired": True},
     })
     results.write_metrics(report)

