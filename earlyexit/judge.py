@@ -126,9 +126,10 @@ class JudgeArgs:
             and answers of other records (incorrect) on the same records (:mod:`earlyexit.calibration`); the table
             reports the rates and flags a judge that fails them.
         metric: reference: ``f1`` (token F1, SQuAD normalisation) or ``exact`` (normalised exact match).
-        threshold: the score at or above which an answer counts as correct: reference: its token F1; local,
-            constrained: P(true) against P(false). Fit a local judge's on records you do not report on
-            (``--calibrate`` prints the best one for its records).
+        threshold: local, constrained: the P(true) against P(false) at or above which an answer counts as
+            correct. Fit it on records you do not report on (``--calibrate`` prints the best one for its records).
+        reference_threshold: reference: the token F1 at or above which an answer counts as correct (its own
+            option: a config's LLM threshold never moves the reference judge's).
     """
 
     kind: Literal["local", "openai", "reference"] = "local"
@@ -146,6 +147,7 @@ class JudgeArgs:
     calibrate: bool = True
     metric: Literal["f1", "exact"] = "f1"
     threshold: float = 0.5
+    reference_threshold: float = 0.5
 
     def __post_init__(self):
         positive("judge.concurrency", self.concurrency)
@@ -154,6 +156,7 @@ class JudgeArgs:
         positive("judge.max_tokens", self.max_tokens)
         positive("judge.batch_size", self.batch_size)
         in_unit("judge.threshold", self.threshold)
+        in_unit("judge.reference_threshold", self.reference_threshold)
         require(self.dtype in (None, "float32", "bfloat16", "float16"), "judge.dtype", self.dtype, "float32, bfloat16 or float16")
 
 
@@ -428,7 +431,7 @@ def n_layers_of(model: ModelArgs) -> int:
 
 def make_judge(args: JudgeArgs, model: ModelArgs, module: EarlyExitModule | None):
     if args.kind == "reference":
-        return ReferenceJudge(args.metric, args.threshold)
+        return ReferenceJudge(args.metric, args.reference_threshold)
     if args.kind == "openai":
         return OpenAIJudge(args)
     if args.model is None and module is not None:  # the evaluated model judges itself, at full depth

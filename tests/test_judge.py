@@ -84,6 +84,13 @@ def test_reference_judge_is_deterministic():
     assert exact == ["correct", "incorrect"]
 
 
+def test_the_llm_judge_s_threshold_never_moves_the_reference_judge_s():
+    # configs/smollm2_judge.yaml sets threshold 0.718 (P(true)); `--judge.kind reference` on it must stay at F1 >= 0.5
+    judge = J.make_judge(J.JudgeArgs(kind="reference", threshold=0.718), None, None)
+    assert judge.threshold == 0.5 and "token F1 ≥ 0.5 " in judge.label
+    assert J.make_judge(J.JudgeArgs(kind="reference", reference_threshold=0.8), None, None).threshold == 0.8
+
+
 def test_load_items_alpaca_and_custom_fields(tmp_path_factory):
     items = J.load_items(J.JudgeData(source=records_file(tmp_path_factory, RECORDS)))
     assert [i for i, _ in items] == [i for i in range(30) if i % 3]
