@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import unicodedata
 
 import matplotlib
@@ -117,12 +118,29 @@ def quality_vs_depth(fixed_depth: list[float], fixed_quality: list[float],
 def quality_vs_speed(groups: dict[str, tuple[list[float], list[float], list[str]]], title: str = "",
                      quality: str = "ROUGE-L", speed: str = "generated tokens/s") -> Figure:
     """Quality against speed: each group (``label: (speeds, qualities, settings)``, e.g. fixed exits, a dynamic
-    threshold sweep, speculative settings, HF) as its own marker, each point labelled by its setting."""
+    threshold sweep, speculative settings, HF) as its own marker, each point labelled by its setting; points that fall
+    on one another (within 1.5% of each axis's span: settings that ran the same thing) share one label."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    points = []
     for (label, (xs, ys, settings)), marker in zip(groups.items(), "so^Dvx*P"):
         ax.plot(xs, ys, marker, linestyle="none", label=label)
-        for x, y, setting in zip(xs, ys, settings):
-            ax.annotate(setting, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        points += [(x, y, label, str(setting)) for x, y, setting in zip(xs, ys, settings)]
+    span_x = max(p[0] for p in points) - min(p[0] for p in points) or 1.0
+    span_y = max(p[1] for p in points) - min(p[1] for p in points) or 1.0
+    clusters: list[tuple[float, float, list[tuple[str, str]]]] = []
+    for x, y, label, setting in points:
+        near = (c for c in clusters if abs(c[0] - x) <= 0.015 * span_x and abs(c[1] - y) <= 0.015 * span_y)
+        cluster = next(near, None)
+        if cluster is None:
+            clusters.append((x, y, [(label, setting)]))
+        else:
+            cluster[2].append((label, setting))
+    for x, y, members in clusters:
+        if len(members) == 1:
+            ax.annotate(members[0][1], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        else:
+            text = textwrap.fill(", ".join(f"{label} {setting}" for label, setting in members), 48)
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, -12), fontsize=6.5, va="top", ha="center")
     return _finish(fig, ax, speed, quality, title, 9, 8)
 
 

@@ -587,13 +587,14 @@ def test_one_process_runs_every_mode_and_setting_without_recompiling(monkeypatch
 
 def test_a_schedule_checks_the_subset_of_check_layers_that_ran_fastest_and_speculates_only_where_it_pays(monkeypatch):
     """generation.schedule auto (forced on here: on the CPU nothing is timed): every subset of the check layers, and none
-    (full depth), decodes the calibration prompts once to build and once timed; the fastest is checked from then on,
-    and its answer is that subset's; speculation is kept only where it beat full depth."""
+    (full depth), decodes batches of the calibration prompts once to build and twice timed; the fastest a token is
+    checked from then on, and its answer is that subset's; speculation is kept only where it beat full depth."""
     import earlyexit.engine.core as core
 
     ee = EarlyExitHead(tiny_model("llama", seed=3))
     ids, mask = prompts()
-    calibration = (ids.flip(0), mask.flip(0))
+    more, more_mask = prompts(seed=2)
+    calibration = (torch.cat([ids.flip(0), more, more[:1]]), torch.cat([mask.flip(0), more_mask, more_mask[:1]]))  # 7 rows
     engine = Engine(ee)
     monkeypatch.setattr(Engine, "schedules", lambda self, args: True)
     clock, costs, seen = [0.0], {(): 9.0, (2,): 1.0}, []
@@ -613,10 +614,13 @@ def test_a_schedule_checks_the_subset_of_check_layers_that_ran_fastest_and_specu
     monkeypatch.setattr(Engine, "_speculative", timed_speculative)
     common = dict(threshold=0.0105, check_layers=[1, 2, 3], max_new_tokens=8, ignore_eos=True)
     out = engine.generate_dynamic(ids, mask, calibration=calibration, **common)
-    timed = [checks for checks, prompts_ in seen if prompts_ is not ids]
+    timed = [checks for checks, prompts_ in seen[:-1]]
     assert sorted(set(timed)) == sorted([(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)])
-    assert timed.count((2,)) == 2 and all(torch.equal(p, calibration[0]) for c, p in seen[:-1])
-    assert out.checks == (2,) and set(out.layers[:, 1:].unique().tolist()) <= {2, 4}
+    assert all(timed.count(subset) == 3 * 2 for subset in set(timed))  # built once, timed twice; 2 batches of 3 rows
+    cal_ids = engine._shape(*calibration)[0]
+    assert all(torch.equal(p, cal_ids[:3]) or torch.equal(p, cal_ids[3:6]) for _, p in seen[:-1])
+    assert seen[-1][1] is not cal_ids and out.checks == (2,) and set(out.layers[:, 1:].unique().tolist()) <= {2, 4}
+    assert engine.calibrations[next(iter(engine.calibrations))][(2,)] == 1.0 / 24  # seconds a token: 3 rows × 8
     alone = engine.generate_dynamic(ids, mask, schedule="all", **{**common, "check_layers": [2]})
     assert torch.equal(out.tokens, alone.tokens) and torch.equal(out.layers, alone.layers)
     seen.clear()
@@ -626,9 +630,31 @@ def test_a_schedule_checks_the_subset_of_check_layers_that_ran_fastest_and_specu
     none = engine.generate_dynamic(ids, mask, calibration=calibration, **{**common, "threshold": 0.3})
     assert none.checks == () and (none.layers[:, 1:] == 4).all()
     assert torch.equal(none.tokens, engine.generate(ids, mask, [4], max_new_tokens=8, ignore_eos=True)[4].tokens)
+    costs.update({(): 1.0, (2,): 0.98})  # a check 2% faster on the calibration prompts is within the margin: full depth
+    assert engine.generate_dynamic(ids, mask, calibration=calibration, **{**common, "threshold": 0.4}).checks == ()
     spec = engine.generate_speculative(ids, mask, 2, 2, max_new_tokens=8, ignore_eos=True)
     assert spec.cycles > 0 and spec.full_from is None
     monkeypatch.setattr(Engine, "_speculative", lambda self, *args: (clock.__setitem__(0, clock[0] + (2.0 if args[-1] else 1.0)),
                                                                      speculative(self, *args))[1])
     slower = engine.generate_speculative(ids, mask, 3, 2, max_new_tokens=8, ignore_eos=True)
     assert slower.full_from == 0 and slower.cycles == 0 and torch.equal(slower.tokens, none.tokens)
+
+
+def test_a_schedule_keeps_the_programs_of_the_callers_own_shapes(monkeypatch):
+    """Timing a schedule builds a program per candidate: they are dropped after, and never push out the programs
+    the caller's own calls built (a sweep at batch 32 whose last batch of 8 rows calibrated anew rebuilt, in its timed
+    pass, every program of the batches of 32)."""
+    from earlyexit.engine.core import KEEP_PROGRAMS
+
+    ee = EarlyExitHead(tiny_model("llama", seed=3))
+    ids, mask = prompts()
+    engine = Engine(ee)
+    monkeypatch.setattr(Engine, "schedules", lambda self, args: True)
+    for layers in ([1], [2], [3], [4], [1, 2], [1, 3], [1, 4], [2, 3])[:KEEP_PROGRAMS]:
+        engine.generate(ids, mask, layers, max_new_tokens=2, ignore_eos=True)
+    kept = list(engine._programs)
+    engine.generate_dynamic(ids[:2], mask[:2], threshold=0.5, check_layers=[1, 2, 3], max_new_tokens=2, ignore_eos=True)
+    assert engine.programs == KEEP_PROGRAMS
+    assert [key for key in kept if key not in engine._programs] == kept[:1]  # only the oldest, for the call's own program
+
+

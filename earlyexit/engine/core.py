@@ -63,6 +63,7 @@ class Core:
         if self.cuda_graphs and self.device.type != "cuda":
             raise EarlyExitError("CUDA graphs need the model on a GPU")
         self._programs: dict[tuple, Callable] = {}
+        self._calibrating = 0  # while a schedule is timed: the programs it may hold beyond KEEP_PROGRAMS
         self._probes: dict[str, torch.nn.Module] = {}  # dynamic exits' learned measure: the probes loaded, by directory
         self._schedules: dict[tuple, object] = {}  # what an adaptive setting runs (generation.schedule auto), by setting
         self.calibrations: dict[tuple, dict] = {}  # and the seconds each choice took on the calibration prompts
@@ -355,7 +356,7 @@ class Core:
         reused by later calls of the same shape (the few most recent ones are kept)."""
         program = self._programs.pop(key, None) or build()
         self._programs[key] = program
-        while len(self._programs) > 8:
+        while len(self._programs) > KEEP_PROGRAMS + self._calibrating:
             self._programs.pop(next(iter(self._programs)))
         return program
 
@@ -443,35 +444,57 @@ class Core:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _calibration(self, given, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompts a schedule is timed on: ``given`` ``(input_ids, attention_mask)`` (rows repeated or cut to this
-        batch's), else the call's own."""
+    def _calibration(self, given, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches a schedule is timed on: ``given`` ``(input_ids, attention_mask)`` cut into batches of this call's
+        size (at most :data:`CALIBRATION_BATCHES`; fewer rows than a batch are repeated to fill one), else the call's
+        own prompts."""
         if given is None:
-            return ids, mask
+            return [(ids, mask)]
         cal_ids, cal_mask = self._shape(*given)
-        batch = ids.shape[0]
-        repeat = -(-batch // cal_ids.shape[0])
-        return cal_ids.repeat(repeat, 1)[:batch], cal_mask.repeat(repeat, 1)[:batch]
+        batch, rows = ids.shape[0], cal_ids.shape[0]
+        if rows < batch:
+            repeat = -(-batch // rows)
+            return [(cal_ids.repeat(repeat, 1)[:batch], cal_mask.repeat(repeat, 1)[:batch])]
+        count = min(rows // batch, CALIBRATION_BATCHES)
+        return [(cal_ids[i * batch : (i + 1) * batch], cal_mask[i * batch : (i + 1) * batch]) for i in range(count)]
 
-    def _fastest(self, key: tuple, candidates: list, decode: Callable[[object], object]):
-        """The candidate whose ``decode(candidate)`` ran fastest (once to build and capture its program, then timed), for
-        every later call of ``key``; the losers' programs are dropped. :attr:`calibrations` keeps the times."""
+    def _fastest(self, key: tuple, candidates: list, decode: Callable[[object, torch.Tensor, torch.Tensor], object],
+                 batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]):
+        """The candidate that decodes ``batches()`` (:meth:`_calibration`) in the least time a generated token, for
+        every later call of ``key``.
+
+        ``candidates[0]`` is full depth, the baseline: another is chosen only where it beats full depth by
+        :data:`SCHEDULE_MARGIN` (a setting that gains less is not worth the risk that the calibration prompts flatter
+        it). Each candidate decodes the batches once to build its programs, then twice timed (the faster pass counts;
+        ``decode(candidate, ids, mask)`` returns a :class:`Generation`). The programs a candidate built are dropped
+        after its timing, and never push out those the caller's own calls built. :attr:`calibrations` keeps the
+        seconds a token."""
         if key in self._schedules:
             return self._schedules[key]
-        times, made = {}, {}
+        times, batches = {}, batches()
         for candidate in candidates:
             before = set(self._programs)
-            decode(candidate)
-            self._sync()
-            start = time.perf_counter()
-            decode(candidate)
-            self._sync()
-            times[candidate] = time.perf_counter() - start
-            made[candidate] = set(self._programs) - before
+            self._calibrating += 2
+            try:
+                for ids, mask in batches:
+                    decode(candidate, ids, mask)
+                passes = []
+                for _ in range(2):
+                    self._sync()
+                    start, tokens = time.perf_counter(), 0
+                    for ids, mask in batches:
+                        tokens += int(decode(candidate, ids, mask).n_tokens.sum())
+                    self._sync()
+                    passes.append((time.perf_counter() - start) / max(1, tokens))
+                times[candidate] = min(passes)
+            finally:
+                self._calibrating -= 2
+                for program in set(self._programs) - before:
+                    self._programs.pop(program, None)
+        baseline = candidates[0]
         best = min(times, key=times.get)
-        for candidate, keys in made.items():
-            for program in keys if candidate != best else ():
-                self._programs.pop(program, None)
+        if best != baseline and times[best] > (1 - SCHEDULE_MARGIN) * times[baseline]:
+            best = baseline
         self._schedules[key] = best
         self.calibrations[key] = times
         return best
@@ -579,6 +602,17 @@ class Columns:
         """Every tensor a step changes (restored after a graph's warm-up and capture)."""
         return [self.out, *self.extras, self.step, self.slot]
 
+
+KEEP_PROGRAMS = 8
+"""Decoding programs (one per shape of work: its cache, buffers and captured graphs) kept for reuse, the most recently
+used ones."""
+
+CALIBRATION_BATCHES = 4
+"""A schedule times its candidates on at most this many batches of the calibration prompts."""
+
+SCHEDULE_MARGIN = 0.03
+"""An adaptive choice (a subset of the check layers, speculation) is taken only where it decoded the calibration
+prompts at least this share faster a token than full depth."""
 
 CACHE_SLOTS = 64
 """A decode program's cache holds a multiple of this many slots: the compiled step is specialised to the cache's size,

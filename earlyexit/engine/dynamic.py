@@ -228,11 +228,11 @@ class DynamicExits(Core):
         if self.schedules(args):  # the subset of the check layers that runs fastest here (none: full depth)
             key = ("dynamic", args.threshold, checks, args.measure, args.probe, ids.shape[0], args.max_new_tokens, stops,
                    args.decide, args.fallback)
-            cal_ids, cal_mask = self._calibration(calibration, ids, mask)
             subsets = [()] + [s for size in range(1, len(checks) + 1) for s in itertools.combinations(checks, size)]
             if len(checks) > SUBSETS_OF:
                 subsets = [(), *[(layer,) for layer in checks], checks]
-            checks = self._fastest(key, subsets, lambda subset: self._dynamic(cal_ids, cal_mask, args, subset, stops))
+            checks = self._fastest(key, subsets, lambda subset, i, m: self._dynamic(i, m, args, subset, stops),
+                                   lambda: self._calibration(calibration, ids, mask))
         return self._dynamic(ids, mask, args, checks, stops)
 
     def _dynamic(self, ids, mask, args: GenerationArgs, checks: tuple[int, ...], stops: Stops) -> DynamicGeneration:
