@@ -157,14 +157,17 @@ def test_speculative_sampling_follows_the_full_model():
 
 
 @torch.no_grad()
-def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax", check_every=1, probe=None):
+def dynamic_reference(ee, ids, threshold, min_layer, steps, measure="softmax", check_every=1, probe=None, full_from=None):
     """CALM from scratch, batch 1, no cache, through the model's own forward: each step reruns the whole sequence,
     and hooks on the blocks feed every block above a generated token's exit that token's exit state (the
-    propagation the engine implements) and pick the last position's exit. ``probe``: the learned measure's."""
+    propagation the engine implements) and pick the last position's exit. ``probe``: the learned measure's;
+    ``full_from``: the token from which every token takes the last layer (the fallback)."""
     tokens, exits = list(ids[0].tolist()), []
     prompt = len(tokens)
     adapters = ee.adapters  # a shared exit block reads, at a check layer, every position's state there
-    for _ in range(steps):
+    for step in range(steps):
+        if full_from is not None and step >= full_from:
+            threshold = 2.0
         length = len(tokens)
         frozen, chosen, inputs = {}, {}, {}  # position → exit state; the last position's exit; each block's input
         block_kwargs = {}
@@ -372,6 +375,34 @@ def test_deferred_kv_is_filled_before_a_later_token_reads_it(defer, monkeypatch)
         assert torch.allclose(skipping.values[layer][..., :seen, :], propagating.values[layer][..., :seen, :], atol=1e-5)
     runs = "".join("s" if layer < 4 else "." for layer in a.layers[0, 1:].tolist())
     assert "sss." in runs and ".s" in runs, runs  # three skips in a row, then a token that reads their K/V
+
+
+def test_the_fallback_fills_the_waiting_kv_and_then_runs_full_depths_own_step(monkeypatch):
+    """The fallback (forced here: on the CPU nothing is timed) switches after the first stretch of 16 steps, where
+    skipped positions still wait for their K/V above the exit: they are filled once, and from then on full depth's
+    own step runs (no checks, no deferral); the answer is the reference's with every token after the switch at the
+    last layer."""
+    import earlyexit.engine.core as core
+
+    class Slower:  # every stretch reads slower than full depth
+        def restart(self):
+            pass
+
+        def seconds(self):
+            return 1.0
+
+    monkeypatch.setattr(Engine, "falls_back", lambda self, args: True)
+    monkeypatch.setattr(Engine, "_time", lambda self, step, state, repeats=10: 0.0)
+    monkeypatch.setattr(core, "Stretch", Slower)
+    ee = EarlyExitHead(tiny_model("llama", seed=2))
+    ids = torch.tensor([[5, 17, 42, 9, 33]])
+    got = Engine(ee, fast=True).generate_dynamic(ids, torch.ones_like(ids), threshold=0.0102, min_layer=1,
+                                                 max_new_tokens=40, ignore_eos=True)
+    switch = core.SYNC_EVERY + 1
+    assert got.full_from == switch
+    tokens, exits = dynamic_reference(ee, ids, 0.0102, 1, 40, full_from=switch)
+    assert got.tokens[0].tolist() == tokens and got.layers[0].tolist() == exits
+    assert set(exits[switch:]) == {4} and exits[switch - 1] < 4 and min(exits[:switch]) < 4  # skipped steps waited
 
 
 @pytest.mark.parametrize("measure", ["softmax", "margin", "state"])

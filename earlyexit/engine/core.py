@@ -440,6 +440,11 @@ class Core:
         CUDA graphs; elsewhere the times say little, and every check runs)."""
         return args.schedule == "auto" and self.cuda_graphs and self.fast is not None
 
+    def falls_back(self, args: GenerationArgs) -> bool:
+        """Whether an adaptive mode times its stretches against full depth within an answer (``generation.fallback``
+        with CUDA graphs: eager steps' times say little)."""
+        return args.fallback and self.cuda_graphs
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -687,11 +692,12 @@ def until_done(step: Callable, out: torch.Tensor, eos: torch.Tensor | None, full
 
     ``full``: (the full-depth step, its GPU seconds a step): an adaptive step times each stretch of steps on the GPU
     and, once it is slower than full depth, the rest of the answer runs the full-depth step. ``flush``: run before every
-    :data:`DEFER`-th step (a dynamic exit's deferred K/V). Returns the step at which it switched (None: never)."""
+    :data:`DEFER`-th step (a dynamic exit's deferred K/V), and once where the full-depth step takes over (it defers
+    nothing, so never again after). Returns the step at which it switched (None: never)."""
     timer = Stretch() if full is not None else None
     switched = None
     for t in range(1, out.shape[1]):
-        if flush is not None and t > 1 and (t - 1) % DEFER == 0:
+        if flush is not None and switched is None and t > 1 and (t - 1) % DEFER == 0:
             flush()
         step()
         if t % SYNC_EVERY:
@@ -700,6 +706,8 @@ def until_done(step: Callable, out: torch.Tensor, eos: torch.Tensor | None, full
             return switched
         if timer is not None and switched is None:
             if timer.seconds() / SYNC_EVERY > full[1]:
+                if flush is not None:
+                    flush()
                 step, switched = full[0], t + 1
             else:
                 timer.restart()

@@ -468,14 +468,12 @@ class DynamicExits(Core):
             done = [adapts[j], skips[j]] if j in adapts else skips[j]
             return [piece(j), Branch(flags[j, 0], done, above)]
 
-        def full():  # the fallback: every block for every row, the last layer's token
-            begin()
-            h = self._decode_blocks(hidden, kwargs, masks, range(1, n + 1))
-            exits.layer.fill_(n)
-            token = self._decode_greedy(h[:, -1], [(n, batch)], banned)
-            loop.advance(token, exits.layer)
-            if ends is not None:
-                ended.logical_or_(torch.isin(token, ends))
+        deepest = torch.full((batch,), n, dtype=torch.long, device=self.device)
+
+        def full():  # the fallback: full depth's own step (the deferred K/V were filled when it took over)
+            h, kw, mk = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
+            h = self._decode_blocks(h, kw, mk, range(1, n + 1))
+            loop.advance(self._decode_greedy(h[:, -1], [(n, batch)], banned), deepest)
 
         full.label = f"full depth ({n} blocks), token"
         state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted, exits.chosen, hidden, *rotary, ended,
@@ -495,8 +493,8 @@ class DynamicExits(Core):
             if not steps:
                 steps["dynamic"] = self._stepper(plan(0), state, args.decide)
                 steps["flush"] = self._stepper(flushed, state, args.decide)
-                if self.cuda_graphs and args.fallback and max_new_tokens > 4:
-                    step = self._stepper([flushed, full], state, args.decide)
+                if self.falls_back(args) and max_new_tokens > 4:
+                    step = self._graph(full, state)
                     steps["full"] = (step, self._time(step, state, repeats=min(10, max_new_tokens - 3)))
             switched = until_done(steps["dynamic"], loop.out, ends, steps.get("full"), steps["flush"])
             return loop.out.clone(), used.clone(), switched

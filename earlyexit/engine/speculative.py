@@ -251,7 +251,7 @@ class SelfSpeculation(Core):
             start(load(ids, mask))
             if not steps:
                 steps["cycle"] = self._stepper(cycle, state, decide)
-                if self.cuda_graphs and args.fallback:
+                if self.falls_back(args):
                     step = self._stepper(full, state, decide)
                     steps["full"] = (step, self._time(step, state))
             switched = until_all_done(steps["cycle"], running, count, max_new_tokens, steps.get("full"))
