@@ -144,6 +144,33 @@ def quality_vs_speed(groups: dict[str, tuple[list[float], list[float], list[str]
     return _finish(fig, ax, speed, quality, title, 9, 8)
 
 
+def sweep_depth(rows: list[dict], title: str = "") -> Figure:
+    """:func:`quality_vs_depth` of ``scripts/sweep_dynamic.py``'s rows: the fixed exits, and a curve per dynamic measure
+    by depth (the repeated full-depth row left out)."""
+    rows = [row for row in rows if not row.get("again")]
+    fixed = [row for row in rows if row["kind"] == "fixed"]
+    curves = {}
+    for kind in dict.fromkeys(row["kind"] for row in rows if row["kind"].startswith("dynamic")):
+        points = sorted((row for row in rows if row["kind"] == kind), key=lambda row: row["depth"])
+        curves[f"{kind} (threshold)"] = ([r["depth"] for r in points], [r["rougeL"] for r in points],
+                                         [r["setting"] for r in points])
+    return quality_vs_depth([r["depth"] for r in fixed], [r["rougeL"] for r in fixed], curves, title=title)
+
+
+def sweep_speed(rows: list[dict], title: str = "") -> Figure:
+    """:func:`quality_vs_speed` of ``scripts/sweep_dynamic.py``'s rows, a group per kind (fixed, each dynamic measure,
+    speculative, HF; the repeated full-depth row left out)."""
+    groups: dict[str, tuple[list[float], list[float], list[str]]] = {}
+    for row in rows:
+        if row.get("again"):
+            continue
+        xs, ys, names = groups.setdefault(row["kind"], ([], [], []))
+        xs.append(row["speed"])
+        ys.append(row["rougeL"])
+        names.append(f"{row['setting']:g}" if isinstance(row["setting"], (int, float)) else str(row["setting"]))
+    return quality_vs_speed(groups, title=title)
+
+
 def quality_by_depth(models: dict[str, tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]],
                      title: str = "", quality: str = "ROUGE-L") -> Figure:
     """Several models on one panel against relative depth (exit layer / N): each model's base run dashed and its

@@ -125,30 +125,15 @@ def models(entry: dict) -> list[str]:
 
 
 def depth(entry: dict) -> list[str]:
-    from earlyexit.plotting import quality_vs_depth
+    from earlyexit.plotting import sweep_depth
 
-    rows = [row for row in _read(entry["results"][0], "sweep.json")["rows"] if not row.get("again")]
-    fixed = [row for row in rows if row["kind"] == "fixed"]
-    curves = {}
-    for kind in dict.fromkeys(row["kind"] for row in rows if row["kind"].startswith("dynamic")):
-        points = sorted((row for row in rows if row["kind"] == kind), key=lambda row: row["depth"])
-        curves[f"{kind} (threshold)"] = ([r["depth"] for r in points], [r["rougeL"] for r in points],
-                                         [r["setting"] for r in points])
-    fig = quality_vs_depth([r["depth"] for r in fixed], [r["rougeL"] for r in fixed], curves, title=entry.get("title", ""))
-    return _save(fig, entry["out"])
+    return _save(sweep_depth(_read(entry["results"][0], "sweep.json")["rows"], entry.get("title", "")), entry["out"])
 
 
 def speed(entry: dict) -> list[str]:
-    from earlyexit.plotting import quality_vs_speed
+    from earlyexit.plotting import sweep_speed
 
-    rows = [row for row in _read(entry["results"][0], "sweep.json")["rows"] if not row.get("again")]
-    groups: dict[str, tuple[list, list, list]] = {}
-    for row in rows:
-        xs, ys, names = groups.setdefault(row["kind"], ([], [], []))
-        xs.append(row["speed"])
-        ys.append(row["rougeL"])
-        names.append(f"{row['setting']:g}" if isinstance(row["setting"], (int, float)) else str(row["setting"]))
-    return _save(quality_vs_speed(groups, title=entry.get("title", "")), entry["out"])
+    return _save(sweep_speed(_read(entry["results"][0], "sweep.json")["rows"], entry.get("title", "")), entry["out"])
 
 
 def judge(entry: dict) -> list[str]:

@@ -249,31 +249,14 @@ def sweep(
             else:
                 print(f"\nno threshold{which} keeps {target:.0%} of full depth's ROUGE-L {full:.3f}: sweep higher thresholds")
     if plot:
-        from earlyexit.plotting import quality_vs_depth
+        from earlyexit.plotting import sweep_depth
 
-        fixed_rows = [r for r in rows if r["kind"] == "fixed" and not r.get("again")]
-        curves = {}
-        for measure in measures:
-            dynamic_rows = sorted((r for r in rows if r["kind"] == f"dynamic {measure}"), key=lambda r: r["depth"])
-            curves[f"dynamic ({measure} threshold)"] = ([r["depth"] for r in dynamic_rows], [r["rougeL"] for r in dynamic_rows],
-                                                        [r["setting"] for r in dynamic_rows])
-        fig = quality_vs_depth([r["depth"] for r in fixed_rows], [r["rougeL"] for r in fixed_rows], curves,
-                               title=f"{name}: quality vs depth")
-        fig.savefig(plot, dpi=120)
+        sweep_depth(rows, title=f"{name}: quality vs depth").savefig(plot, dpi=120)
         print(f"\nplot: {plot}")
     if speed_plot:
-        from earlyexit.plotting import quality_vs_speed
+        from earlyexit.plotting import sweep_speed
 
-        groups: dict[str, tuple[list[float], list[float], list[str]]] = {}
-        for row in rows:
-            if row.get("again"):
-                continue
-            xs, ys, labels = groups.setdefault(row["kind"], ([], [], []))
-            xs.append(row["speed"])
-            ys.append(row["rougeL"])
-            labels.append(f"{row['setting']:g}" if isinstance(row["setting"], (int, float)) else str(row["setting"]))
-        fig = quality_vs_speed(groups, title=f"{name} on {where}, batch {batch}: quality vs speed")
-        fig.savefig(speed_plot, dpi=120)
+        sweep_speed(rows, title=f"{name} on {where}, batch {batch}: quality vs speed").savefig(speed_plot, dpi=120)
         print(f"plot: {speed_plot}")
     return rows
 

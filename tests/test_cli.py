@@ -266,7 +266,8 @@ def test_sweep_puts_every_mode_on_one_quality_speed_figure(tiny_dir, tmp_path, m
     plot = tmp_path / "speed.png"
     argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--data", str(data), "--records", "4", "--batch", "2",
             "--generation.max_new_tokens", "6", "--generation.min_layer", "1", "--fixed", "[1, 2]", "--thresholds", "[0, 1.01]",
-            "--speculative", "[[1, 2], [3, 3]]", "--hf", "true", "--speed_plot", str(plot), "--target", "0.95", "--calibrate", "0"]
+            "--speculative", "[[1, 2], [3, 3]]", "--hf", "true", "--speed_plot", str(plot), "--target", "0.95", "--calibrate", "0",
+            "--plot", str(tmp_path / "depth.png")]
     assert run_command("sweep_dynamic.py", argv, monkeypatch) == 0
     out = capsys.readouterr().out
     assert re.search(r"calibrated threshold: (0\.0|1\.01) \(", out)  # a dynamic threshold, never a speculative setting
@@ -278,7 +279,7 @@ def test_sweep_puts_every_mode_on_one_quality_speed_figure(tiny_dir, tmp_path, m
     assert rouge[("dynamic softmax", "0.0")] == rouge[("fixed", "1")] and rouge[("dynamic softmax", "1.01")] == full
     assert float(rows[("fixed", "4")][6]) == 1.0 and rows[("speculative", "E=1 d=2")][7].strip()  # ratio, acceptance
     assert rouge[("fixed", "4 (again, last)")] == full  # full depth again after every other setting
-    assert plot.is_file() and plot.stat().st_size > 10_000
+    assert plot.is_file() and plot.stat().st_size > 10_000 and (tmp_path / "depth.png").stat().st_size > 10_000
 
 
 def test_acceptance_reports_agreement_and_exact_speculation(tiny_dir, tmp_path, monkeypatch, capsys):
