@@ -405,6 +405,41 @@ def test_the_fallback_fills_the_waiting_kv_and_then_runs_full_depths_own_step(mo
     assert set(exits[switch:]) == {4} and exits[switch - 1] < 4 and min(exits[:switch]) < 4  # skipped steps waited
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_speculation_falls_back_to_full_depths_own_step_and_keeps_its_text(shared, monkeypatch):
+    """Speculation's fallback (forced here after the first look, 4 cycles) decodes the rest of each answer with full
+    depth's own step, one token a running row: the text stays full depth's, rows stop at EOS and at the length limit,
+    and ``full_from`` is the longest row's count at the switch."""
+    import earlyexit.engine.speculative as speculative
+
+    class Slower:  # every stretch of cycles made fewer tokens than full depth would have
+        def restart(self):
+            pass
+
+        def seconds(self):
+            return 1.0
+
+    monkeypatch.setattr(Engine, "falls_back", lambda self, args: True)
+    monkeypatch.setattr(Engine, "_time", lambda self, step, state, repeats=10: 1e-6)
+    monkeypatch.setattr(speculative, "Stretch", Slower)
+    model = tiny_model("llama", seed=2)
+    if shared:
+        from earlyexit.adapters import block_template
+
+        adapters = ExitAdapters([2], model.config.hidden_size, kind="block", template=block_template(model))
+        torch.manual_seed(0)
+        for param in adapters.parameters():
+            torch.nn.init.normal_(param, std=0.05)
+        attach(model, adapters)
+    ee = EarlyExitHead(model)
+    ids, mask = prompts()
+    engine = Engine(ee, fast=True)
+    full = engine.generate(ids, mask, [4], max_new_tokens=24, eos_token_id=7, pad_token_id=0)[4]
+    spec = engine.generate_speculative(ids, mask, 2, 2, max_new_tokens=24, eos_token_id=7, pad_token_id=0)
+    assert spec.full_from is not None and 0 < spec.full_from < 24 and spec.cycles > 4
+    assert torch.equal(spec.tokens, full.tokens) and torch.equal(spec.n_tokens, full.n_tokens)
+
+
 @pytest.mark.parametrize("measure", ["softmax", "margin", "state"])
 def test_dynamic_threshold_zero_is_the_minimum_layer_and_unreachable_is_full_depth(tiny, measure):
     ee = EarlyExitHead(tiny)

@@ -217,9 +217,14 @@ class SelfSpeculation(Core):
             rest = chain(j + 1)
             return [draft(j), Branch(sure[j], rest)] if draft_threshold > 0 else [draft(j), *rest]
 
-        # a cycle, guarded (the host looks only every few cycles), and the fallback: one full-depth token a row
+        # a cycle, guarded (the host looks only every few cycles)
         cycle = Branch(running, [*chain(0), verify(depth)])
-        full = [lambda: lower(0), verify(0)]
+        keep_one = self._compiled(take)
+
+        def full():  # the fallback: full depth's own step, one token a running row (nothing is drafted any more)
+            hidden, kwargs, masks = self._decode_inputs(cur, pos, valid, npad, cache)
+            token = choose(dist(self._decode_blocks(hidden, kwargs, masks, range(1, self.n_layers + 1))[:, -1]))
+            keep_one(token, out, count, pos, cur, done, running, stats, ends, max_new_tokens)
 
         def start(ids):  # the prompt at full depth, its answer (column 0) and the first cycle's inputs
             out.fill_(pad)
@@ -252,12 +257,31 @@ class SelfSpeculation(Core):
             if not steps:
                 steps["cycle"] = self._stepper(cycle, state, decide)
                 if self.falls_back(args):
-                    step = self._stepper(full, state, decide)
+                    step = self._graph(full, state)
                     steps["full"] = (step, self._time(step, state))
             switched = until_all_done(steps["cycle"], running, count, max_new_tokens, steps.get("full"))
             return out.clone(), stats.tolist(), switched
 
         return run
+
+
+def take(token: torch.Tensor, out: torch.Tensor, count: torch.Tensor, pos: torch.Tensor, cur: torch.Tensor,
+         done: torch.Tensor, running: torch.Tensor, stats: torch.Tensor, ends: torch.Tensor | None,
+         max_new_tokens: int) -> None:
+    """One token ``[R]`` for each running row of a speculative program (its fallback's full-depth step), in place: the
+    row's next column of ``out`` (done rows write the last column), its count and position, its input, whether it is
+    done; a cycle in ``stats``."""
+    width = out.shape[1]
+    column = torch.where(done, width - 1, count)[:, None]
+    out.scatter_(1, column, token[:, None])
+    step = (~done).long()
+    finished = ~done & torch.isin(token, ends) if ends is not None else torch.zeros_like(done)
+    stats.add_(torch.stack([torch.zeros_like(stats[0]), torch.zeros_like(stats[0]), (~done).any().long()]))
+    count.add_(step)
+    pos.add_(step[:, None])
+    cur.copy_(torch.where(done, cur[:, 0], token)[:, None])
+    done.logical_or_(finished | (count >= max_new_tokens))
+    running.copy_(~done.all())
 
 
 CYCLES_BETWEEN_LOOKS = 4
