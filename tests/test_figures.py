@@ -38,8 +38,11 @@ def test_every_figure_in_the_docs_is_drawn_from_named_results():
 
 
 def test_figures_redraws_every_kind(tmp_path, monkeypatch, capsys):
-    entries = yaml.safe_load(MANIFEST.read_text())
+    """The first figure of each kind in the docs' manifest, redrawn from its results (the test above checks that every
+    entry's results are there)."""
+    entries = list({entry["kind"]: entry for entry in reversed(yaml.safe_load(MANIFEST.read_text()))}.values())
     assert {entry["kind"] for entry in entries} >= {"layers", "compare", "depth", "speed", "judge", "lens"}
+    expected = len(outputs(entries))
     for entry in entries:
         entry["out"] = str(tmp_path / Path(entry["out"]).relative_to("docs/img"))
         entry["results"] = [str(ROOT / directory) for directory in entry["results"]]
@@ -49,7 +52,7 @@ def test_figures_redraws_every_kind(tmp_path, monkeypatch, capsys):
     assert run_command("figures.py", ["--manifest", str(manifest)], monkeypatch) == 0
     written = set(capsys.readouterr().out.split())
     assert written and all(Path(out).is_file() and Path(out).stat().st_size > 10_000 for out in written)
-    assert len(written) == len(outputs(yaml.safe_load(MANIFEST.read_text())))
+    assert len(written) == expected
 
 
 def test_a_missing_results_directory_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
