@@ -95,6 +95,7 @@ class Core:
         self.nodes = nodes
         self._decode_inputs, self._decode_head, self._decode_greedy, self._decode_logits = (
             self._inputs, self._head, self._greedy, self._logits)
+        self._decode_inputs_into = self._inputs_into
         self._run_block, self._run_kv = block_forward, kv_forward  # the fast path's pure pieces, compiled or not
         self._compiled: Callable[[Callable], Callable] = lambda fn: fn  # a decode piece's own work, compiled or not
         if compile:  # one compiled version of each piece serves every layer, exit, threshold and setting of the process
@@ -107,6 +108,7 @@ class Core:
             if self.fast is not None:  # a block at a time: the block's numbers are data, never a layer index
                 self._run_block, self._run_kv = self._compiled(block_forward), self._compiled(kv_forward)
                 self._decode_inputs = self._compiled(self._inputs)
+                self._decode_inputs_into = self._compiled(self._inputs_into)
         if self.fast is not None:
             self._decode_blocks = functools.partial(self._blocks, run=self._run_block)
         else:
@@ -150,6 +152,18 @@ class Core:
             rotary = self.ee.decoder.rotary_emb
             captured["position_embeddings"] = {kind: rotary(hidden, positions, kind) for kind in set(self._layer_types)}
         return hidden, captured, masks
+
+    def _inputs_into(self, out: torch.Tensor, step: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor,
+                     npad: torch.Tensor, cache: StaticKV, targets: list[torch.Tensor], zeros: list[torch.Tensor]) -> None:
+        """:meth:`_inputs` of each row's last token (column ``step`` of ``out``), written into buffers: ``targets`` the
+        hidden state, the rotary tables and the masks by window; ``zeros`` zeroed. One compiled function, so that a
+        step whose pieces read buffers gets its inputs where they are made, not copied after."""
+        ids = out.gather(1, step.expand(out.shape[0])[:, None])
+        hidden, kwargs, masks = self._inputs(ids, slots, valid, npad, cache)
+        for target, source in zip(targets, [hidden, *kwargs["position_embeddings"], *masks.values()]):
+            target.copy_(source)
+        for tensor in zeros:
+            tensor.zero_()
 
     def _blocks(self, hidden, kwargs, masks, layers: range, rows: list[int] | None = None,
                 hold: tuple[torch.Tensor, torch.Tensor] | None = None, previous: bool = False, run=block_forward,

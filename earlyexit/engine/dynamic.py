@@ -368,15 +368,14 @@ class DynamicExits(Core):
         pending = torch.zeros((), dtype=torch.bool, device=self.device)
         span = exits.layers[bounds[1] + 1 :] if p else exits.layers[:0]  # the blocks a flush may fill
         shared_span = exits.layers[torch.tensor(through, device=self.device)] if through else None
-        settle, defer = self._compiled(copy_all), self._compiled(wait)
+        defer = self._compiled(wait)
         # one row: a piece above a check runs only while the row has not exited, so nothing is held, and its blocks are
         # the compiled graphs full depth runs (the held variant is another graph, with a select in every block)
         hold = batch > 1
 
         def begin():
-            h, kw, mk = self._decode_inputs(loop.last(), loop.slot, valid, npad, cache)
-            settle([hidden, *rotary, *masks.values()], [h, *kw["position_embeddings"], *(mk[w] for w in masks)],
-                   [exits.exited, exits.layer])
+            self._decode_inputs_into(loop.out, loop.step, loop.slot, valid, npad, cache, [hidden, *rotary, *masks.values()],
+                                     [exits.exited, exits.layer])
 
         def finish(token: torch.Tensor | None = None, kv: int | None = None):
             """The shared exit block's keys and values at the first ``kv`` stashed checks (all: None), the step's token,
@@ -500,14 +499,6 @@ class DynamicExits(Core):
             return loop.out.clone(), used.clone(), switched
 
         return run
-
-
-def copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor], zeros: list[torch.Tensor]) -> None:
-    """``targets[i] = sources[i]``, ``zeros`` zeroed: a step's inputs settled into its buffers, in few kernels compiled."""
-    for target, source in zip(targets, sources):
-        target.copy_(source)
-    for tensor in zeros:
-        tensor.zero_()
 
 
 def wait(waiting: torch.Tensor, waiting_cos: torch.Tensor, waiting_sin: torch.Tensor, waiting_slot: torch.Tensor,
