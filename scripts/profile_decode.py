@@ -217,17 +217,18 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def kernels(run: Callable[[], object], prefixes: tuple[str, ...] = ("piece",)) -> tuple[Counter, Counter, Counter]:
+def kernels(run: Callable[[], object], prefixes: tuple[str, ...] = ("piece",)) -> tuple[Counter, Counter, Counter, Counter]:
     """Profile ``run()``: the kernels' summed µs and launches by the piece that launched them (``step`` outside every
-    named piece), with ``part`` in ``prefixes`` followed by the two innermost parts (``piece 0/check/head``), and µs by
-    kernel name; the prompt's kernels are left out. Without a GPU the top-level operators stand for kernels."""
+    named piece), with ``part`` in ``prefixes`` followed by the two innermost parts (``piece 0/check/head``), and µs and
+    launches by kernel name; the prompt's kernels are left out. Without a GPU the top-level operators stand for
+    kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     gpu = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         run()
         sync()
-    times, counts, names = Counter(), Counter(), Counter()
+    times, counts, names, launches = Counter(), Counter(), Counter(), Counter()
     events = prof.events()
     if gpu and "part" not in prefixes:  # graph replays: each kernel by the piece whose range holds it in time
         return by_time(events)
@@ -253,16 +254,17 @@ def kernels(run: Callable[[], object], prefixes: tuple[str, ...] = ("piece",)) -
             times[where] += kernel.duration
             counts[where] += 1
             names[kernel.name] += kernel.duration
-    return times, counts, names
+            launches[kernel.name] += 1
+    return times, counts, names, launches
 
 
-def by_time(events) -> tuple[Counter, Counter, Counter]:
+def by_time(events) -> tuple[Counter, Counter, Counter, Counter]:
     """:func:`kernels` for work replayed from CUDA graphs, whose kernels the profiler links to no operator: each GPU
     event goes to the innermost ``piece:`` range that holds its start (the recorder synchronises at every piece's
     edges while it profiles, so a piece's kernels run inside its range), else to ``step``; the prompt's are left out."""
     spans = sorted(((e.time_range.start, e.time_range.end, e.name.split(":", 1)[1]) for e in events
                     if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("piece:")), key=lambda s: s[1] - s[0])
-    times, counts, names = Counter(), Counter(), Counter()
+    times, counts, names, launches = Counter(), Counter(), Counter(), Counter()
     for event in events:
         if event.device_type != torch.autograd.DeviceType.CUDA or event.name.startswith(("piece:", "part:")):
             continue  # a range's own GPU-side annotation spans its kernels: counting it would count them twice
@@ -274,7 +276,8 @@ def by_time(events) -> tuple[Counter, Counter, Counter]:
         times[owner] += duration
         counts[owner] += 1
         names[event.name] += duration
-    return times, counts, names
+        launches[event.name] += 1
+    return times, counts, names, launches
 
 
 def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat16", batch: int = 1, prompt_len: int = 64, tokens: int = 64,
@@ -395,10 +398,11 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
                 row["tokens_per_step"] = (tokens - 1) / steps
                 if getattr(result, "layers", None) is not None:
                     row["layers"] = result.layers.float().mean().item()
-                t, c, names = kernels(lambda: decode(engine, **options))
+                t, c, names, launched = kernels(lambda: decode(engine, **options))
                 row[f"kernels_per_step_{way}"] = sum(c.values()) / steps
                 row[f"kernel_us_per_step_{way}"] = sum(t.values()) / steps
                 row[f"top_kernels_{way}"] = [(k[:90], v / steps) for k, v in names.most_common(top)]
+                row[f"kernel_names_{way}"] = {k[:120]: (launched[k] / steps, names[k] / steps) for k in launched}
             row.setdefault("layers", float(first if name.startswith("fixed") else n))
             print(f"as it runs: {name}: " + ", ".join(f"{row[f'step_us_{w}']:.1f} µs a step ({w})" for w in decide
                                                       if f"step_us_{w}" in row), flush=True)
@@ -416,7 +420,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
                 walls, steps = recorder.piece_times(), max(recorder.steps, 1)
                 row["walked_step_us"] = seconds * 1e6 / steps
                 recorder.reset(edges=True)
-                t, c, _ = kernels(lambda: decode(engine))
+                t, c, _, _ = kernels(lambda: decode(engine))
                 profiled = max(recorder.steps, 1)
                 row["pieces"] = [dict(piece=p, us=walls[p] / steps, kernels=c[p] / profiled, kernel_us=t[p] / profiled)
                                  for p in walls]
@@ -429,7 +433,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
                 for row, (name, _, decode) in zip(rows, settings):
                     decode(engine)
                     recorder.reset()
-                    t, c, _ = kernels(lambda: decode(engine), ("piece", "part"))
+                    t, c, _, _ = kernels(lambda: decode(engine), ("piece", "part"))
                     steps = max(recorder.steps, 1)
                     row["parts_eager"] = [dict(part=p, kernels=c[p] / steps, us=t[p] / steps)
                                           for p in sorted(t, key=t.get, reverse=True)]
@@ -508,6 +512,23 @@ def report(rows: list[dict], shape: str, dtype: str, batch: int, tokens: int, ch
                     cost = (row[f"step_us_{w}"] - full[f"step_us_{way}"]) / len(checks)
                     print(f"{row['setting']}: one check decided on the {w} costs {cost:.1f} µs = "
                           f"{cost / layer_us:.2f} layers of full depth ({layer_us:.1f} µs a layer)")
+        for row in rows:
+            if row["setting"].startswith("dynamic") and row["setting"].endswith("never"):
+                for w in (w for w in decide if row.get(f"kernel_names_{w}") and full.get(f"kernel_names_{way}")):
+                    print(f"\n{row['setting']} ({w}) against full depth, the kernels whose launches a step differ:\n")
+                    print(markdown_table(["kernel", "launches a step", "full depth", "more", "µs a step more"],
+                                         added(row[f"kernel_names_{w}"], full[f"kernel_names_{way}"]), align="lrrrr"))
+
+
+def added(step: dict[str, tuple[float, float]], full: dict[str, tuple[float, float]], limit: int = 40) -> list[list[str]]:
+    """The kernels (``name: (launches, µs)`` a step) a setting launches more or less often than full depth, most
+    launches more first, at most ``limit`` rows: what its checks add, kernel by kernel."""
+    lines = []
+    for name in set(step) | set(full):
+        (n, us), (n_full, us_full) = step.get(name, (0.0, 0.0)), full.get(name, (0.0, 0.0))
+        if abs(n - n_full) >= 0.05:
+            lines.append((n - n_full, [name, f"{n:.1f}", f"{n_full:.1f}", f"{n - n_full:+.1f}", f"{us - us_full:+.1f}"]))
+    return [cells for _, cells in sorted(lines, key=lambda line: -line[0])[:limit]]
 
 
 def card() -> str:

@@ -222,6 +222,10 @@ def test_profile_decode_names_every_piece_and_part_of_every_mode(monkeypatch, ca
     assert any(part.endswith("/block") for part in parts) and any("probe" in part for part in parts)
     assert any("K/V fill" in part["part"] for part in rows["dynamic learned, at 1"]["parts_eager"])  # the deferred K/V
     assert "one check decided on the host costs" in out and "| piece | µs a step |" in out
+    never, full = rows["dynamic learned, never"]["kernel_names_host"], rows["full depth"]["kernel_names_host"]
+    more = out.split("the kernels whose launches a step differ:")[1].split("\n\n")[1].splitlines()[2:]
+    assert more and all(name in never or name in full for name in (line.split("|")[1].strip() for line in more))
+    assert float(more[0].split("|")[4]) > 0  # the checks add launches: the most first
     # the tables again from the saved rows, profiling nothing (a run stopped before its report keeps its rows)
     again = argv[:-2] + ["--report_of", str(tmp_path / "profile.json")]
     assert run_command("profile_decode.py", again, monkeypatch) == 0
