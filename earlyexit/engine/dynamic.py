@@ -374,8 +374,8 @@ class DynamicExits(Core):
         hold = batch > 1
 
         def begin():
-            self._decode_inputs_into(loop.out, loop.step, loop.slot, valid, npad, cache, [hidden, *rotary, *masks.values()],
-                                     [exits.exited, exits.layer])
+            targets = [hidden, *rotary, *masks.values()]
+            self._decode_inputs_into(loop.out, loop.step, loop.slot, valid, npad, cache, targets, [exits.exited, exits.layer])
 
         def finish(token: torch.Tensor | None = None, kv: int | None = None):
             """The shared exit block's keys and values at the first ``kv`` stashed checks (all: None), the step's token,

@@ -94,8 +94,10 @@ class SelfSpeculation(Core):
         if self.schedules(args):  # speculate only where it ran faster than full depth
             key = ("speculative", exit_layer, n_draft, draft_threshold, ids.shape[0], args.max_new_tokens, args.do_sample,
                    args.temperature, args.top_p, stops, args.decide, args.fallback)
-            speculate = self._fastest(key, [False, True], lambda candidate, i, m: self._speculative(
-                i, m, exit_layer, n_draft, args, stops, draft_threshold, candidate), lambda: self._calibration(calibration, ids, mask))
+            def decode(candidate, cal_ids, cal_mask):
+                return self._speculative(cal_ids, cal_mask, exit_layer, n_draft, args, stops, draft_threshold, candidate)
+
+            speculate = self._fastest(key, [False, True], decode, lambda: self._calibration(calibration, ids, mask))
         return self._speculative(ids, mask, exit_layer, n_draft, args, stops, draft_threshold, speculate)
 
     def _speculative(self, ids, mask, exit_layer: int, n_draft: int, args: GenerationArgs, stops: Stops,
