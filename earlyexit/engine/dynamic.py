@@ -37,7 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from earlyexit.engine.control import Branch
+from earlyexit.engine.check import available as fused_check_runs
+from earlyexit.engine.check import fused_decide
+from earlyexit.engine.control import Branch, resolve
 from earlyexit.engine.core import DEFER, Columns, Core, Stops, until_done
 from earlyexit.generation import GenerationArgs, Measure, options
 from earlyexit.model import Generation
@@ -354,6 +356,10 @@ class DynamicExits(Core):
         head_measure = measure in ("softmax", "margin")  # the check computed each exiting row's token
         state_measure = measure == "state"
         check = self._compiled(decide)
+        # learned and final decisions as one kernel each (check.py) where the device decides: measured faster there, and
+        # slower in host-decided pieces (docs/decoding.md)
+        if self.cuda_graphs and fused_check_runs(self.device) and resolve(args.decide, self.nodes)[0] == "device":
+            check = fused_decide(check)
         # the learned measure decides before the shared exit block runs: only rows that exit run it (see adapt), and the
         # block's keys and values at the checks passed come from their inputs (stash), in one product a step
         stashed = through if measure == "learned" else []
