@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CASES = list(itertools.product([(1, 576), (5, 40), (19, 1000)], [False, True], ["all", "bare"]))
+CASES = list(itertools.product([(1, 576), (5, 40), (19, 1000)], [False, True], ["all", "bare", "pending"]))
 
 
 def _buffers(rows, width, seed):
@@ -28,6 +28,7 @@ def _buffers(rows, width, seed):
         "stash": torch.zeros(rows, 1, width, dtype=torch.bfloat16),
         "ended": torch.rand(rows, generator=g) < 0.2,
         "flags": torch.zeros(2, dtype=torch.bool),
+        "pending": torch.zeros(rows, 1, width, dtype=torch.bfloat16),
         "weight": torch.randn(width, generator=g) / width**0.5,
         "offset": torch.tensor(0.1),
     }
@@ -46,12 +47,14 @@ def _cases() -> None:
         results = []
         for run in (decide, fused):
             b = _buffers(rows, width, seed=rows + width)
-            extra = {name: b[name] for name in ["delta", "out", "adapted", "stash", "ended", "flags"] if parts == "all"}
+            names = {"all": ["delta", "out", "adapted", "stash", "ended", "flags"], "bare": [],
+                     "pending": ["delta", "out", "stash", "ended", "flags", "pending"]}[parts]
+            extra = {name: b[name] for name in names}
             run(b["hidden"], b["exited"], b["state"], b["layer"], at, limit, "learned", final, weight=b["weight"],
                 offset=b["offset"], **extra)
             results.append(b)
         want, got = results
-        differ = [name for name in ("exited", "layer", "state", "adapted", "out", "stash", "flags")
+        differ = [name for name in ("exited", "layer", "state", "adapted", "out", "stash", "flags", "pending")
                   if not torch.equal(got[name], want[name])]
         exits = int(want["exited"].sum()) - int(_buffers(rows, width, rows + width)["exited"].sum())
         print(f"case {rows} {width} {final} {parts}: differ {differ} exits {exits}")

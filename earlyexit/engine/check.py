@@ -52,13 +52,14 @@ def fused_decide(fallback: Callable) -> Callable:
 
     def run(hidden, exited, state, layer, at, limit, measure, final=False, *, delta=None, out=None, logits=None,
             previous=None, read=None, adapted=None, chosen=None, weight=None, offset=None, ended=None, flags=None,
-            stash=None):
-        buffers = [hidden, state, *(t for t in (delta, out, adapted, stash) if t is not None)]
+            stash=None, pending=None):
+        buffers = [hidden, state, *(t for t in (delta, out, adapted, stash, pending) if t is not None)]
         if (not (final or measure == "learned") or logits is not None or read is not None
-                or (flags is not None and ended is None) or not all(t.is_contiguous() for t in buffers)):
+                or (flags is not None and ended is None) or (pending is not None and (delta is None or out is None))
+                or not all(t.is_contiguous() for t in buffers)):
             return fallback(hidden, exited, state, layer, at, limit, measure, final, delta=delta, out=out, logits=logits,
                             previous=previous, read=read, adapted=adapted, chosen=chosen, weight=weight, offset=offset,
-                            ended=ended, flags=flags, stash=stash)
+                            ended=ended, flags=flags, stash=stash, pending=pending)
         rows, width = hidden.shape[0], hidden.shape[-1]
         block_d = 1 << (width - 1).bit_length()
         block_r = max(1, min(TILE // block_d, 1 << (rows - 1).bit_length()))
@@ -67,8 +68,9 @@ def fused_decide(fallback: Callable) -> Callable:
             hidden, unused if delta is None else delta, unused if out is None else out, state,
             unused if adapted is None else adapted, unused if stash is None else stash, exited, layer,
             unused if ended is None else ended, unused if flags is None else flags,
-            unused if weight is None else weight, unused if offset is None else offset, at, limit, rows, width,
-            HAS_DELTA=delta is not None, HAS_OUT=out is not None, HAS_ADAPTED=adapted is not None,
+            unused if weight is None else weight, unused if offset is None else offset, at, limit,
+            unused if pending is None else pending, rows, width, HAS_DELTA=delta is not None,
+            HAS_PENDING=pending is not None, HAS_OUT=out is not None, HAS_ADAPTED=adapted is not None,
             HAS_STASH=stash is not None, HAS_FLAGS=flags is not None, FINAL=final, BLOCK_R=block_r, BLOCK_D=block_d,
             num_warps=4 if block_r * block_d <= 2048 else 8)
 

@@ -167,14 +167,17 @@ class Core:
 
     def _blocks(self, hidden, kwargs, masks, layers: range, rows: list[int] | None = None,
                 hold: tuple[torch.Tensor, torch.Tensor] | None = None, previous: bool = False, run=block_forward,
-                pair: bool = False):
+                pair: bool = False, delta: torch.Tensor | None = None):
         """Run blocks ``layers`` (1-based). Block l runs on the first ``rows[l-1]`` rows; the others pass through.
         ``hold``: ``(rows, state)``: those rows' input to every block is ``state`` (a dynamic exit's exited rows).
         ``previous``: also return the last block's input. ``run``: the fast path's :func:`block_forward`, or its
         compiled version (the decode step's). ``pair`` (the fast path, every row): the output as ``(residual, delta)``,
-        its last add left to the caller (:func:`block_forward`)."""
+        its last add left to the caller (:func:`block_forward`); ``delta``: the input's own pending add (the input is
+        ``hidden + delta``), which the first block fuses with its norm as every other block does."""
         if self.fast is not None:
-            return self._fast_blocks(hidden, kwargs, masks, layers, rows, hold, previous, run, pair)
+            return self._fast_blocks(hidden, kwargs, masks, layers, rows, hold, previous, run, pair, delta)
+        if delta is not None:
+            hidden = hidden + delta
         total, inputs = hidden.shape[0], hidden
         for layer in layers:
             block = self.ee.blocks[layer - 1]
@@ -192,12 +195,13 @@ class Core:
             hidden = out if n == total else torch.cat([out, hidden[n:]])
         return (hidden, inputs) if previous else hidden
 
-    def _fast_blocks(self, hidden, kwargs, masks, layers: range, rows, hold, previous: bool, run, pair: bool = False):
+    def _fast_blocks(self, hidden, kwargs, masks, layers: range, rows, hold, previous: bool, run, pair: bool = False,
+                     delta: torch.Tensor | None = None):
         """:meth:`_blocks` on the fast path: each block one call of ``run`` (:func:`block_forward`, compiled once for
         every block), its last residual add left to the next block while every row runs it."""
         cache, (cos, sin) = kwargs[self._cache_name], kwargs["position_embeddings"]
         total = hidden.shape[0]
-        residual, delta, inputs = hidden, None, hidden
+        residual, inputs = hidden, hidden
         for layer in layers:
             block, mask = self.fast[layer - 1], masks[self.windows[layer - 1]]
             n = total if rows is None else rows[layer - 1]

@@ -14,7 +14,9 @@ Two ways to run the same rule:
   blocks above are not run, and their keys and values for this position wait (at most :data:`DEFER` steps) until a
   later token goes on past the first check, when :class:`~earlyexit.engine.fast.KVFill` writes every waiting
   position's K/V of the exit states in one batched product; with a head measure the step's token is the one the check
-  chose. On a GPU the whole step is one CUDA graph whose branches are conditional nodes (``generation.decide
+  chose. With the learned measure the last block's residual add stays pending across a check (``carried``): the next
+  piece's first block fuses it with its norm, as every block of full depth does, and runs full depth's own compiled
+  block. On a GPU the whole step is one CUDA graph whose branches are conditional nodes (``generation.decide
   device``), or a graph per piece with the host reading each flag (``host``: a synchronisation per check). With the
   ``learned`` measure (:mod:`earlyexit.probe`) a check reads a probe instead of the head, and the shared exit block
   runs only for rows that exit there; its keys and values at the checks the others passed come from their inputs in
@@ -80,7 +82,8 @@ def decide(hidden: torch.Tensor, exited: torch.Tensor, state: torch.Tensor, laye
            out: torch.Tensor | None = None, logits: torch.Tensor | None = None, previous: torch.Tensor | None = None,
            read: torch.Tensor | None = None, adapted: torch.Tensor | None = None, chosen: torch.Tensor | None = None,
            weight: torch.Tensor | None = None, offset: torch.Tensor | None = None, ended: torch.Tensor | None = None,
-           flags: torch.Tensor | None = None, stash: torch.Tensor | None = None) -> None:
+           flags: torch.Tensor | None = None, stash: torch.Tensor | None = None,
+           pending: torch.Tensor | None = None) -> None:
     """One check layer's decisions, in place: rows not yet ``exited`` whose confidence reaches ``limit`` (all of them
     when ``final``) exit here. A pure function of tensors, so that one compiled version serves every check layer and
     threshold (the layer and the threshold are data), and the learned measure's check is one or two kernels.
@@ -101,10 +104,16 @@ def decide(hidden: torch.Tensor, exited: torch.Tensor, state: torch.Tensor, laye
         ended, flags, stash: a skipping step's: rows whose answer has ended; ``flags`` ``[2]`` gets [every row out or
             ended, a running row exited here]; ``stash`` ``[R, 1, D]`` gets each row's input to the shared exit
             block here (its exit state once it has exited).
+        pending: ``[R, 1, D]``: where ``delta`` is kept for the next blocks, which fuse it with their first norm as
+            every block does (``out`` then gets ``hidden`` before the add; zeros here without a ``delta``).
     """
+    residual = hidden
     if delta is not None:
         hidden = hidden + delta
-    if out is not None:
+    if out is not None and pending is not None:
+        out.copy_(residual)
+        pending.copy_(delta if delta is not None else torch.zeros_like(pending))
+    elif out is not None:
         out.copy_(hidden)
     if final:
         now = ~exited
@@ -349,6 +358,9 @@ class DynamicExits(Core):
         rotary = tuple(torch.zeros(batch, 1, fill.head_dim, dtype=self.dtype, device=self.device) for _ in range(2))
         masks = {w: torch.zeros(batch, 1, 1, valid.shape[1], dtype=self.dtype, device=self.device) for w in dict.fromkeys(self.windows)}
         kwargs = {"position_embeddings": rotary, self._cache_name: cache}
+        # the learned measure's checks leave the last block's residual add pending (``carried``): the next piece's first
+        # block fuses it with its norm, as in full depth, instead of a separately compiled block on a settled input
+        carried = torch.zeros_like(hidden) if measure == "learned" else None
         ended = torch.zeros(batch, dtype=torch.bool, device=self.device)  # rows whose answer has ended (EOS written)
         # after check j: [every row has exited or ended, a running row exited here (its shared exit block is to run)]
         flags = torch.zeros(max(p, 1), 2, dtype=torch.bool, device=self.device)
@@ -403,7 +415,7 @@ class DynamicExits(Core):
                     begin()
                 out = self._decode_blocks(hidden, kwargs, masks, range(bounds[j] + 1, top + 1),
                                           hold=(exits.exited, exits.state) if hold and j else None, previous=state_measure,
-                                          pair=True)
+                                          pair=True, delta=carried if j else None)
                 (h, delta), inputs = out if state_measure else (out, None)
                 if j == p:
                     exits.decide(n, h, inputs, final=True, run=check, delta=delta)
@@ -416,7 +428,7 @@ class DynamicExits(Core):
                 exits.decide(top, h, inputs, final=False, read=read, adapt=top not in stashed, run=check, delta=delta,
                              logits=self._decode_logits, ended=ended, flags=flags[j],
                              stash=stash[stashed.index(top)] if top in stashed else None,
-                             out=None if state_measure else hidden)
+                             out=None if state_measure else hidden, **({} if carried is None else {"pending": carried}))
                 if state_measure:  # its input may be the buffer hidden itself: written last
                     hidden.copy_(h if delta is None else h + delta)
 
@@ -427,6 +439,8 @@ class DynamicExits(Core):
             top = bounds[j + 1]
 
             def run():  # the rows that exited at top read it through the shared exit block (which rewrites its K/V there)
+                # rows still running pass hidden without its carried add: their output here is dropped, and their keys
+                # and values at this exit are rewritten from the stash when the step finishes
                 adapted = self._shared_block(exits.inputs(hidden), kwargs, masks, [(top, batch)], self._run_block)
                 exits.adapted.copy_(torch.where((exits.layer == top)[:, None, None], adapted, exits.adapted))
 
@@ -482,7 +496,8 @@ class DynamicExits(Core):
 
         full.label = f"full depth ({n} blocks), token"
         state = loop.state() + [exits.exited, exits.layer, exits.state, exits.adapted, exits.chosen, hidden, *rotary, ended,
-                                flags, stash, *masks.values(), waiting, *waiting_rotary, waiting_slot, waiting_from, pending]
+                                flags, stash, *masks.values(), waiting, *waiting_rotary, waiting_slot, waiting_from, pending,
+                                *([] if carried is None else [carried])]
 
         def first(ids):
             self._start(exits, checks, loop, ids, valid, npad, cache)

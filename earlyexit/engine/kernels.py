@@ -16,14 +16,15 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def learned_check(h, delta, out, state, adapted, stash, exited, layer, ended, flags, weight, offset, at, limit,
-                  rows: tl.constexpr, width: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_OUT: tl.constexpr,
-                  HAS_ADAPTED: tl.constexpr, HAS_STASH: tl.constexpr, HAS_FLAGS: tl.constexpr, FINAL: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def learned_check(h, delta, out, state, adapted, stash, exited, layer, ended, flags, weight, offset, at, limit, pending,
+                  rows: tl.constexpr, width: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_PENDING: tl.constexpr,
+                  HAS_OUT: tl.constexpr, HAS_ADAPTED: tl.constexpr, HAS_STASH: tl.constexpr, HAS_FLAGS: tl.constexpr,
+                  FINAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """:func:`earlyexit.engine.dynamic.decide` (learned measure, or ``FINAL``) in one program: ``h``, ``delta``, ``out``,
     ``state``, ``adapted``, ``stash`` ``[rows, width]`` contiguous; ``exited``, ``layer``, ``ended`` ``[rows]``; ``flags``
-    ``[2]``; ``weight`` ``[width]`` float32; ``offset``, ``at``, ``limit`` 0-d. A buffer whose ``HAS_`` is off is never
-    read or written."""
+    ``[2]``; ``weight`` ``[width]`` float32; ``offset``, ``at``, ``limit`` 0-d; ``pending`` ``[rows, width]`` (``delta``
+    kept for the next blocks; ``out`` then gets ``h`` before the add). A buffer whose ``HAS_`` is off is never read or
+    written."""
     cols = tl.arange(0, BLOCK_D)
     inside = cols < width
     if not FINAL:
@@ -38,11 +39,15 @@ def learned_check(h, delta, out, state, adapted, stash, exited, layer, ended, fl
         real = r < rows
         both = real[:, None] & inside[None, :]
         at_rd = r[:, None] * width + cols[None, :]
-        x = tl.load(h + at_rd, mask=both, other=0.0)
+        raw = tl.load(h + at_rd, mask=both, other=0.0)
+        x = raw
         if HAS_DELTA:  # the blocks' pending add, rounded to the hidden dtype as the eager add is
-            x = _rounded(x.to(tl.float32) + tl.load(delta + at_rd, mask=both, other=0.0).to(tl.float32), x.dtype)
+            add = tl.load(delta + at_rd, mask=both, other=0.0)
+            x = _rounded(raw.to(tl.float32) + add.to(tl.float32), raw.dtype)
+            if HAS_PENDING:  # kept apart for the next blocks, which add it themselves
+                tl.store(pending + at_rd, add, mask=both)
         if HAS_OUT:
-            tl.store(out + at_rd, x, mask=both)
+            tl.store(out + at_rd, raw if HAS_PENDING else x, mask=both)
         was = tl.load(exited + r, mask=real, other=1) != 0
         if FINAL:
             now = ~was & real
