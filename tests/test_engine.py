@@ -706,6 +706,43 @@ def test_a_schedule_checks_the_subset_of_check_layers_that_ran_fastest_and_specu
     assert slower.full_from == 0 and slower.cycles == 0 and torch.equal(slower.tokens, none.tokens)
 
 
+def test_a_scheduled_choice_that_keeps_falling_back_runs_full_depth(monkeypatch):
+    """The calibration prompts can flatter a setting (at batch 8 a check chosen on 16 prompts fell back on most answers
+    of 200 records): once its fallback took over in most of its last RESCHEDULE_CALLS calls, the setting runs full depth,
+    and an occasional fallback changes nothing."""
+    import dataclasses
+
+    import earlyexit.engine.core as core
+
+    ee = EarlyExitHead(tiny_model("llama", seed=3))
+    ids, mask = prompts()
+    engine = Engine(ee)
+    monkeypatch.setattr(Engine, "schedules", lambda self, args: True)
+    clock, ran, falls = [0.0], [], iter([])
+    dynamic = Engine._dynamic
+
+    def timed(self, ids, mask, args, checks, stops):  # (2,) wins the calibration; the calls say whether it fell back
+        clock[0] += 1.0 if checks == (2,) else 5.0
+        ran.append(checks)
+        out = dynamic(self, ids, mask, args, checks, stops)
+        return dataclasses.replace(out, full_from=3 if checks and next(falls, False) else None)
+
+    monkeypatch.setattr(core.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(Engine, "_dynamic", timed)
+    common = dict(threshold=0.0105, check_layers=[1, 2, 3], max_new_tokens=4, ignore_eos=True)
+    engine.generate_dynamic(ids, mask, **common)  # the calibration (falls is empty: nothing falls back there)
+    calls = core.RESCHEDULE_CALLS
+    falls = iter([True, False] * calls)  # half of the calls fall back: kept
+    for _ in range(2 * calls):
+        assert engine.generate_dynamic(ids, mask, **common).checks == (2,)
+    falls = iter([True] * calls)  # with the deque's half, 3 in 4 of the last calls fall back after calls // 2 more
+    outs = [engine.generate_dynamic(ids, mask, **common) for _ in range(calls)]
+    switched = next(i for i, out in enumerate(outs) if out.checks == ())
+    assert 0 < switched < calls and all(out.checks == () for out in outs[switched:])
+    assert (outs[-1].layers[:, 1:] == 4).all() and ran[-1] == ()
+    assert engine.calibrations[next(iter(engine.calibrations))]["fell back"] >= core.RESCHEDULE_SHARE
+
+
 def test_a_schedule_keeps_the_programs_of_the_callers_own_shapes(monkeypatch):
     """Timing a schedule builds a program per candidate: they are dropped after, and never push out the programs
     the caller's own calls built (a sweep at batch 32 whose last batch of 8 rows calibrated anew rebuilt, in its timed

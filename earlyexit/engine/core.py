@@ -19,6 +19,7 @@ exit (tests/test_engine.py).
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import inspect
@@ -66,6 +67,7 @@ class Core:
         self._calibrating = 0  # while a schedule is timed: the programs it may hold beyond KEEP_PROGRAMS
         self._probes: dict[str, torch.nn.Module] = {}  # dynamic exits' learned measure: the probes loaded, by directory
         self._schedules: dict[tuple, object] = {}  # what an adaptive setting runs (generation.schedule auto), by setting
+        self._fell_back: dict[tuple, collections.deque] = {}  # and whether its fallback took over, its last calls
         self.calibrations: dict[tuple, dict] = {}  # and the seconds each choice took on the calibration prompts
         self.windows = sliding_windows(ee.config)
         self._layer_types = getattr(ee.config, "layer_types", None) or [None] * ee.n_layers
@@ -522,6 +524,18 @@ class Core:
         self.calibrations[key] = times
         return best
 
+    def _observe(self, key: tuple, fell_back: bool, baseline) -> None:
+        """After a call of the scheduled setting ``key``: whether its fallback took over. Where it did in most of the
+        last :data:`RESCHEDULE_CALLS` calls, ``key`` runs ``baseline`` (full depth) from the next call on, and
+        :attr:`calibrations` says so (``"fell back"``: the calls' share)."""
+        if self._schedules.get(key, baseline) == baseline:
+            return
+        seen = self._fell_back.setdefault(key, collections.deque(maxlen=RESCHEDULE_CALLS))
+        seen.append(fell_back)
+        if len(seen) == RESCHEDULE_CALLS and sum(seen) >= RESCHEDULE_SHARE * RESCHEDULE_CALLS:
+            self._schedules[key] = baseline
+            self.calibrations.setdefault(key, {})["fell back"] = sum(seen) / RESCHEDULE_CALLS
+
     def _exits_program(self, exits: list[int], batch: int, prompt: int, args: GenerationArgs, stops: Stops):
         total, new = len(exits) * batch, args.max_new_tokens
         exit_of_row = [layer for layer in exits for _ in range(batch)]
@@ -636,6 +650,13 @@ CALIBRATION_BATCHES = 4
 SCHEDULE_MARGIN = 0.03
 """An adaptive choice (a subset of the check layers, speculation) is taken only where it decoded the calibration
 prompts at least this share faster a token than full depth."""
+
+RESCHEDULE_CALLS = 8
+"""A scheduled adaptive choice whose fallback took over (:func:`until_done`) in at least :data:`RESCHEDULE_SHARE` of
+its last this many calls runs full depth from then on: the calibration prompts flattered it (measured: at batch 8 a
+check chosen on 16 prompts fell back on 77–83% of the tokens of 200 records, 0.96–1.02× of full depth)."""
+
+RESCHEDULE_SHARE = 0.75
 
 CACHE_SLOTS = 64
 """A decode program's cache holds a multiple of this many slots: the compiled step is specialised to the cache's size,

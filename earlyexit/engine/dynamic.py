@@ -244,6 +244,9 @@ class DynamicExits(Core):
                 subsets = [(), *[(layer,) for layer in checks], checks]
             checks = self._fastest(key, subsets, lambda subset, i, m: self._dynamic(i, m, args, subset, stops),
                                    lambda: self._calibration(calibration, ids, mask))
+            out = self._dynamic(ids, mask, args, checks, stops)
+            self._observe(key, out.full_from is not None, ())  # a choice that keeps falling back runs full depth
+            return out
         return self._dynamic(ids, mask, args, checks, stops)
 
     def _dynamic(self, ids, mask, args: GenerationArgs, checks: tuple[int, ...], stops: Stops) -> DynamicGeneration:

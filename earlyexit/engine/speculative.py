@@ -98,6 +98,9 @@ class SelfSpeculation(Core):
                 return self._speculative(cal_ids, cal_mask, exit_layer, n_draft, args, stops, draft_threshold, candidate)
 
             speculate = self._fastest(key, [False, True], decode, lambda: self._calibration(calibration, ids, mask))
+            out = self._speculative(ids, mask, exit_layer, n_draft, args, stops, draft_threshold, speculate)
+            self._observe(key, bool(speculate) and out.full_from is not None, False)  # falling back: full depth
+            return out
         return self._speculative(ids, mask, exit_layer, n_draft, args, stops, draft_threshold, speculate)
 
     def _speculative(self, ids, mask, exit_layer: int, n_draft: int, args: GenerationArgs, stops: Stops,
