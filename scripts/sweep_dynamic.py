@@ -183,21 +183,26 @@ def sweep(
                 full_answers = answers
         for measure, values in measures.items():
             for threshold in values:
+                known = set(engine.calibrations)
                 answers, lengths, seconds, outs = timed(lambda ids, mask: engine.generate_dynamic(
                     ids, mask, greedy, threshold=threshold, measure=measure, pad_token_id=pad_id, calibration=calibration))
                 used = [layer for out in outs for row, k in zip(out.layers, out.n_tokens) for layer in row[:k].tolist()]
                 depth = sum(used) / max(1, len(used))
                 rows.append(dict(kind=f"dynamic {measure}", setting=threshold, depth=depth, rougeL=score(answers),
-                                 speed=len(used) / seconds, full=at_full_depth(outs), runs=schedule(outs)))
-                print(f"{measure} threshold {threshold}: mean layers {depth:.2f}, {seconds:.1f} s, {rows[-1]['runs']}", flush=True)
+                                 speed=len(used) / seconds, full=at_full_depth(outs), runs=schedule(outs),
+                                 calibration=calibrated(engine, set(engine.calibrations) - known)))
+                print(f"{measure} threshold {threshold}: mean layers {depth:.2f}, {seconds:.1f} s, {rows[-1]['runs']}"
+                      + (f"; calibration {rows[-1]['calibration']}" if rows[-1]["calibration"] else ""), flush=True)
         for draft_layer, n_draft, tau in drafting:
+            known = set(engine.calibrations)
             answers, lengths, seconds, outs = timed(lambda ids, mask: engine.generate_speculative(
                 ids, mask, draft_layer, n_draft, greedy, draft_threshold=tau, pad_token_id=pad_id, calibration=calibration))
             accepted = sum(out.accepted for out in outs) / max(1, sum(out.drafted for out in outs))
             name = f"E={draft_layer} d={n_draft}" + (f" tau={tau:g}" if tau else "")
             rows.append(dict(kind="speculative", setting=name, depth=float(n), rougeL=score(answers),
                              speed=sum(lengths) / seconds, acceptance=accepted, full=at_full_depth(outs), runs=schedule(outs),
-                             same=sum(a == b for a, b in zip(answers, full_answers)) / len(answers)))
+                             same=sum(a == b for a, b in zip(answers, full_answers)) / len(answers),
+                             calibration=calibrated(engine, set(engine.calibrations) - known)))
         if hf:
             answers, lengths, seconds, _ = timed(lambda ids, mask: ee.generate(ids, mask, n, greedy, pad_token_id=pad_id))
             rows.append(dict(kind="HF generate", setting=n, depth=float(n), rougeL=score(answers), speed=sum(lengths) / seconds))
@@ -272,6 +277,24 @@ def schedule(outs) -> str:
             ran = "full depth" if out.full_from == 0 else "speculation"
         counts[ran] = counts.get(ran, 0) + 1
     return "; ".join(sorted(counts, key=counts.get, reverse=True))
+
+
+def calibrated(engine, keys) -> str:
+    """What the schedule timed for a setting (``keys``: its new entries in ``engine.calibrations``): each candidate's
+    milliseconds a token and, for dynamic checks, layers a token on the calibration prompts; a rescheduled setting's
+    share of calls that fell back."""
+    parts = []
+    for key in keys:
+        times, depths = engine.calibrations[key], engine.calibration_depths.get(key, {})
+        for candidate, seconds in times.items():
+            if candidate == "fell back":  # the engine's RESCHEDULE_CALLS: this share of calls fell back
+                parts.append(f"then full depth ({seconds:.0%} of the last calls fell back)")
+                continue
+            name = (f"checks {list(candidate)}" if candidate else "full depth") if isinstance(candidate, tuple) else (
+                "speculation" if candidate else "full depth")
+            layers = f", {depths[candidate]:.1f} layers" if candidate in depths else ""
+            parts.append(f"{name}: {seconds * 1e3:.3f} ms/token{layers}")
+    return "; ".join(parts)
 
 
 def at_full_depth(outs) -> float:

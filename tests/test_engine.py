@@ -687,6 +687,8 @@ def test_a_schedule_checks_the_subset_of_check_layers_that_ran_fastest_and_specu
     assert all(torch.equal(p, cal_ids[:3]) or torch.equal(p, cal_ids[3:6]) for _, p in seen[:-1])
     assert seen[-1][1] is not cal_ids and out.checks == (2,) and set(out.layers[:, 1:].unique().tolist()) <= {2, 4}
     assert engine.calibrations[next(iter(engine.calibrations))][(2,)] == 1.0 / 24  # seconds a token: 3 rows × 8
+    depths = engine.calibration_depths[next(iter(engine.calibrations))]  # and layers a token, as the answers ran
+    assert depths[()] == 4 and 2 <= depths[(2,)] <= 4 and set(depths) == set(timed)
     alone = engine.generate_dynamic(ids, mask, schedule="all", **{**common, "check_layers": [2]})
     assert torch.equal(out.tokens, alone.tokens) and torch.equal(out.layers, alone.layers)
     seen.clear()

@@ -69,6 +69,7 @@ class Core:
         self._schedules: dict[tuple, object] = {}  # what an adaptive setting runs (generation.schedule auto), by setting
         self._fell_back: dict[tuple, collections.deque] = {}  # and whether its fallback took over, its last calls
         self.calibrations: dict[tuple, dict] = {}  # and the seconds each choice took on the calibration prompts
+        self.calibration_depths: dict[tuple, dict] = {}  # and a dynamic choice's layers a token there
         self.windows = sliding_windows(ee.config)
         self._layer_types = getattr(ee.config, "layer_types", None) or [None] * ee.n_layers
         self.n_layers = ee.n_layers
@@ -493,10 +494,10 @@ class Core:
         it). Each candidate decodes the batches once to build its programs, then twice timed (the faster pass counts;
         ``decode(candidate, ids, mask)`` returns a :class:`Generation`). The programs a candidate built are dropped
         after its timing, and never push out those the caller's own calls built. :attr:`calibrations` keeps the
-        seconds a token."""
+        seconds a token, :attr:`calibration_depths` a dynamic candidate's layers a token."""
         if key in self._schedules:
             return self._schedules[key]
-        times, batches = {}, batches()
+        times, depths, batches = {}, {}, batches()
         for candidate in candidates:
             before = set(self._programs)
             self._calibrating += 2
@@ -506,12 +507,17 @@ class Core:
                 passes = []
                 for _ in range(2):
                     self._sync()
-                    start, tokens = time.perf_counter(), 0
+                    start, tokens, layers = time.perf_counter(), 0, []
                     for ids, mask in batches:
-                        tokens += int(decode(candidate, ids, mask).n_tokens.sum())
+                        out = decode(candidate, ids, mask)
+                        tokens += int(out.n_tokens.sum())
+                        if getattr(out, "layers", None) is not None:
+                            layers.append(out.layers[out.layers > 0].float())
                     self._sync()
                     passes.append((time.perf_counter() - start) / max(1, tokens))
                 times[candidate] = min(passes)
+                if layers:
+                    depths[candidate] = float(torch.cat(layers).mean())
             finally:
                 self._calibrating -= 2
                 for program in set(self._programs) - before:
@@ -522,6 +528,8 @@ class Core:
             best = baseline
         self._schedules[key] = best
         self.calibrations[key] = times
+        if depths:
+            self.calibration_depths[key] = depths
         return best
 
     def _observe(self, key: tuple, fell_back: bool, baseline) -> None:
