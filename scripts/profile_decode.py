@@ -510,8 +510,13 @@ def report(rows: list[dict], shape: str, dtype: str, batch: int, tokens: int, ch
             if row["setting"].startswith("dynamic") and row["setting"].endswith("never"):
                 for w in (w for w in decide if f"step_us_{w}" in row):
                     cost = (row[f"step_us_{w}"] - full[f"step_us_{way}"]) / len(checks)
+                    split = ""
+                    if f"kernel_us_per_step_{w}" in row and f"kernel_us_per_step_{way}" in full:
+                        # the kernels' share: steadier than wall-clock where a check is a sliver of a step (7B shape)
+                        kernels = (row[f"kernel_us_per_step_{w}"] - full[f"kernel_us_per_step_{way}"]) / len(checks)
+                        split = f"; of it {kernels:.1f} µs kernels = {kernels / layer_us:.2f} layers, the rest gaps"
                     print(f"{row['setting']}: one check decided on the {w} costs {cost:.1f} µs = "
-                          f"{cost / layer_us:.2f} layers of full depth ({layer_us:.1f} µs a layer)")
+                          f"{cost / layer_us:.2f} layers of full depth ({layer_us:.1f} µs a layer){split}")
         for row in rows:
             if row["setting"].startswith("dynamic") and row["setting"].endswith("never"):
                 for w in (w for w in decide if row.get(f"kernel_names_{w}") and full.get(f"kernel_names_{way}")):
