@@ -47,7 +47,10 @@ def learned_check(h, delta, out, state, adapted, stash, exited, layer, ended, fl
             if HAS_PENDING:  # kept apart for the next blocks, which add it themselves
                 tl.store(pending + at_rd, add, mask=both)
         if HAS_OUT:
-            tl.store(out + at_rd, raw if HAS_PENDING else x, mask=both)
+            if HAS_PENDING:
+                tl.store(out + at_rd, raw, mask=both)
+            else:
+                tl.store(out + at_rd, x, mask=both)
         was = tl.load(exited + r, mask=real, other=1) != 0
         if FINAL:
             now = ~was & real
