@@ -84,5 +84,27 @@ def test_the_fused_check_writes_what_decide_writes():
     assert "fell back 2" in lines, done.stdout
 
 
+@pytest.mark.parametrize("dtype,final", [("bf16", False), ("bf16", True), ("fp32", False), ("fp16", False)])
+def test_the_kernel_compiles_for_a_hopper_gpu_without_one(dtype, final):
+    """Triton compiles the kernel to PTX for sm_90 (H100, H200) on any machine: a kernel that only the interpreter ran
+    would first fail on a GPU."""
+    pytest.importorskip("triton", reason="the fused check is a Triton kernel")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from earlyexit.engine.kernels import learned_check
+
+    pointers = {name: "*" + dtype for name in ("h", "delta", "out", "state", "adapted", "stash", "pending")}
+    pointers.update(exited="*i1", layer="*i64", ended="*i1", flags="*i1", weight="*fp32", offset="*fp32", at="*i64",
+                    limit="*fp32")
+    constants = dict(rows=8, width=576, HAS_DELTA=True, HAS_PENDING=not final, HAS_OUT=not final, HAS_ADAPTED=final,
+                     HAS_STASH=not final, HAS_FLAGS=not final, FINAL=final, BLOCK_R=8, BLOCK_D=1024)
+    source = ASTSource(fn=learned_check, signature={**pointers, **{name: "constexpr" for name in constants}},
+                       constexprs=constants)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert ".entry learned_check" in kernel.asm["ptx"]
+
+
 if __name__ == "__main__":
     _cases()
