@@ -128,6 +128,7 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("profile_decode.py", ["--device", "cpu", "--shape", "gpt-5"], "shape 'gpt-5': choose from"),
     ("profile_decode.py", ["--device", "cpu", "--report_of", "no/such.json"], "report_of no/such.json: not a run saved by --out"),
     ("time_to_loss.py", ["--every", "0"], "every = 0 is out of range"),
+    ("bench_branches.py", ["--device", "cpu", "--kernels", "[0]"], "kernels = 0 is out of range"),
     ("self_answers.py", ["--samples", "0"], "samples = 0 is out of range"),
     ("self_answers.py", ["--temperature", "0"], "temperature = 0"),
     ("time_to_loss.py", ["--candidate", "nowhere.yaml"], "config 'nowhere.yaml' not found"),
@@ -337,3 +338,17 @@ def test_bench_train_runs_both_paths_on_the_same_examples(tiny_dir, tmp_path, mo
     assert [line.split("|")[1].strip() for line in lines] == ["padded", "packed", "cached", "fused", "fast"]
     rows = [float(line.split("|")[2].split("×")[0]) for line in lines]
     assert rows[0] == 4.0 and rows[1] < 4.0  # the same 4 examples, packed into fewer rows
+
+
+def test_bench_branches_times_every_plan(monkeypatch, capsys, tmp_path):
+    """The branch benchmark's plans on the CPU (walked eagerly: the script checked, not the GPU's numbers): each plan
+    once per kernel count, a branch not taken runs nothing, and the rows are saved."""
+    out = tmp_path / "branches.json"
+    argv = ["--device", "cpu", "--kernels", "[2,3]", "--depths", "[1,2]", "--repeats", "2", "--out", str(out)]
+    assert run_command("bench_branches.py", argv, monkeypatch) == 0
+    table = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "µs" not in line]
+    plans = ["flat", "then, depth 1", "then, depth 2", "else", "not taken"]
+    assert [(p.strip(), int(k)) for p, k in table] == [(p, k) for k in (2, 3) for p in plans]
+    saved = json.loads(out.read_text())
+    assert saved["nodes"] is None and len(saved["rows"]) == 10
+
