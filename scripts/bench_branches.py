@@ -26,6 +26,7 @@ import torch
 
 from earlyexit.cli import run_function
 from earlyexit.engine.control import Branch, capture, device_decisions, walk
+from earlyexit.engine.core import gpu_seconds
 from earlyexit.errors import EarlyExitError, positive
 
 
@@ -103,16 +104,7 @@ def _time(plan, state: list[torch.Tensor], device: str, way: str | None, repeats
     replay = capture(plan, state, device, way)
     for _ in range(20):
         replay()
-    times = []
-    for _ in range(3):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(repeats):
-            replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / 1e3 / repeats)
-    return sorted(times)[1]
+    return sorted(gpu_seconds(replay, repeats) for _ in range(3))[1]
 
 
 if __name__ == "__main__":

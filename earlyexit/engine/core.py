@@ -356,15 +356,10 @@ class Core:
         the decode loop: ``repeats`` + 1 replays must fit in the answer's columns."""
         saved = [tensor.clone() for tensor in state]
         step()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(repeats):
-            step()
-        end.record()
-        end.synchronize()
+        seconds = gpu_seconds(step, repeats)
         for tensor, value in zip(state, saved):
             tensor.copy_(value)
-        return begin.elapsed_time(end) / 1e3 / repeats
+        return seconds
 
     # ------------------------------------------------------------------------------------------ set-up
     @property
@@ -703,6 +698,17 @@ def compiled(fn: Callable, how: dict) -> Callable:
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(fn, dynamic=False, **how)
     return _COMPILED[key]
+
+
+def gpu_seconds(step: Callable[[], object], repeats: int) -> float:
+    """GPU seconds one call of ``step`` takes: ``repeats`` calls between two CUDA events."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(repeats):
+        step()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3 / repeats
 
 
 def _replay(graph: torch.cuda.CUDAGraph, out):
