@@ -1,5 +1,7 @@
-"""A skipping step's learned check as one GPU kernel (Triton), in place of the three to four that ``torch.compile``
-makes of :func:`~earlyexit.engine.dynamic.decide`.
+"""A skipping step's small work as GPU kernels (Triton): its learned check as one kernel, in place of the three to
+four that ``torch.compile`` makes of :func:`~earlyexit.engine.dynamic.decide`; a skipped position kept waiting
+(:func:`fused_wait`) and the step's last bookkeeping (:func:`fused_advance`), one launch each where they were five
+and about seven.
 
 Profiled on an H100 (SmolLM2 at batch 1, docs/decoding.md), a check cost 1.28 layers, and the compiled
 :func:`decide` was three kernels a check (the per-row norm, probe and comparison; the state, stash and output writes;
@@ -27,12 +29,16 @@ TILE = 8192
 """Elements of one tile of rows a program holds at once (rows × the hidden size rounded up to a power of two)."""
 
 
-def _kernel():
-    """The Triton kernel (:mod:`earlyexit.engine.kernels`, imported at its first use: Triton is there only with CUDA
+def _kernel(name: str = "learned_check"):
+    """A Triton kernel of :mod:`earlyexit.engine.kernels`, imported at its first use (Triton is there only with CUDA
     builds of torch, and ``TRITON_INTERPRET`` set by then applies)."""
-    from earlyexit.engine.kernels import learned_check
+    from earlyexit.engine import kernels
 
-    return learned_check
+    return getattr(kernels, name)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def available(device: torch.device | str) -> bool:
@@ -75,3 +81,25 @@ def fused_decide(fallback: Callable) -> Callable:
             num_warps=4 if block_r * block_d <= 2048 else 8)
 
     return run
+
+
+def fused_wait(waiting, waiting_cos, waiting_sin, waiting_slot, waiting_from, pending, state, cos, sin, slot, step, at,
+               defer: int) -> None:
+    """:func:`~earlyexit.engine.dynamic.wait` (same arguments, the same buffers written) as one kernel; every buffer
+    contiguous, as the skipping program allocates them."""
+    rows, width, dim = state.shape[0], state.shape[-1], cos.shape[-1]
+    block_d = _pow2(width)
+    _kernel("wait_kernel")[(1,)](
+        waiting, waiting_cos, waiting_sin, waiting_slot, waiting_from, pending, state, cos, sin, slot, step, at, rows,
+        width, dim, defer, BLOCK_R=max(1, min(TILE // block_d, _pow2(rows))), BLOCK_D=block_d, BLOCK_H=_pow2(dim),
+        num_warps=4 if block_d <= 2048 else 8)
+
+
+def fused_advance(out: torch.Tensor, layers: torch.Tensor, step: torch.Tensor, slot: torch.Tensor, token: torch.Tensor,
+                  layer: torch.Tensor, ended: torch.Tensor, ends: torch.Tensor | None) -> None:
+    """``Columns.advance(token, layer)`` on a loop whose ``out`` and one extra, ``layers``, are ``[R, T]``, then
+    ``ended |= isin(token, ends)``, as one kernel."""
+    rows, columns = out.shape
+    _kernel("advance_kernel")[(1,)](out, layers, step, slot, token, layer, ended, ended if ends is None else ends, rows,
+                                    columns, 0 if ends is None else ends.numel(), BLOCK_R=_pow2(rows), num_warps=1)
+

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from earlyexit.engine.check import available as fused_check_runs
-from earlyexit.engine.check import fused_decide
+from earlyexit.engine.check import fused_advance, fused_decide, fused_wait
 from earlyexit.engine.control import Branch, resolve
 from earlyexit.engine.core import DEFER, Columns, Core, Stops, until_done
 from earlyexit.generation import GenerationArgs, Measure, options
@@ -271,6 +271,11 @@ class DynamicExits(Core):
         layers = torch.where(steps < result.n_tokens[:, None], used, 0)
         return DynamicGeneration(result.tokens, result.n_tokens, result.finished, layers, switched, checks)
 
+    def _fuses(self, args: GenerationArgs) -> bool:
+        """Whether a skipping step takes the Triton kernels of :mod:`earlyexit.engine.check`: on a GPU with CUDA graphs
+        where the device decides (in host-decided pieces the fused check measured slower)."""
+        return self.cuda_graphs and fused_check_runs(self.device) and resolve(args.decide, self.nodes)[0] == "device"
+
     def _probe(self, directory: str, checks: tuple[int, ...]) -> ExitProbe:
         """The exit probe saved in ``directory`` on this engine's device (loaded once), refused unless it was fitted
         at every check layer."""
@@ -371,9 +376,10 @@ class DynamicExits(Core):
         head_measure = measure in ("softmax", "margin")  # the check computed each exiting row's token
         state_measure = measure == "state"
         check = self._compiled(decide)
-        # learned and final decisions as one kernel each (check.py) where the device decides: measured faster there, and
-        # slower in host-decided pieces (docs/decoding.md)
-        if self.cuda_graphs and fused_check_runs(self.device) and resolve(args.decide, self.nodes)[0] == "device":
+        # learned and final decisions, a skip's waiting position and the step's last bookkeeping as one kernel each
+        # (check.py) where the device decides: the check measured faster there, and slower in host-decided pieces
+        fused = self._fuses(args)
+        if fused:
             check = fused_decide(check)
         # the learned measure decides before the shared exit block runs: only rows that exit run it (see adapt), and the
         # block's keys and values at the checks passed come from their inputs (stash), in one product a step
@@ -389,7 +395,7 @@ class DynamicExits(Core):
         pending = torch.zeros((), dtype=torch.bool, device=self.device)
         span = exits.layers[bounds[1] + 1 :] if p else exits.layers[:0]  # the blocks a flush may fill
         shared_span = exits.layers[torch.tensor(through, device=self.device)] if through else None
-        defer = self._compiled(wait)
+        defer = fused_wait if fused else self._compiled(wait)
         # one row: a piece above a check runs only while the row has not exited, so nothing is held, and its blocks are
         # the compiled graphs full depth runs (the held variant is another graph, with a select in every block)
         hold = batch > 1
@@ -406,6 +412,9 @@ class DynamicExits(Core):
                 self._shared_kv(stash[:count], rotary, cache, stashed[:count])
             if token is None:
                 token = self._decode_greedy(exits.reads()[:, -1], [(n, batch)], banned)
+            if fused:
+                fused_advance(loop.out, used, loop.step, loop.slot, token, exits.layer, ended, ends)
+                return
             loop.advance(token, exits.layer)
             if ends is not None:
                 ended.logical_or_(torch.isin(token, ends))

@@ -78,3 +78,53 @@ def learned_check(h, delta, out, state, adapted, stash, exited, layer, ended, fl
     if HAS_FLAGS:
         tl.store(flags, every != 0)
         tl.store(flags + 1, some != 0)
+
+
+@triton.jit
+def wait_kernel(waiting, waiting_cos, waiting_sin, waiting_slot, waiting_from, pending, state, cos, sin, slot, step, at,
+                rows: tl.constexpr, width: tl.constexpr, dim: tl.constexpr, defer: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """:func:`earlyexit.engine.dynamic.wait` in one program: entry ``step % defer`` of ``waiting`` ``[rows, defer,
+    width]``, ``waiting_cos``/``waiting_sin`` ``[rows, defer, dim]``, ``waiting_slot`` ``[rows, defer]`` and
+    ``waiting_from`` ``[defer]`` gets ``state`` ``[rows, width]``, ``cos``/``sin`` ``[rows, dim]``, ``slot`` ``[rows]``
+    and ``at``; ``pending`` becomes true."""
+    i = tl.load(step) % defer
+    cols = tl.arange(0, BLOCK_D)
+    half = tl.arange(0, BLOCK_H)
+    for start in range(0, rows, BLOCK_R):
+        r = start + tl.arange(0, BLOCK_R)
+        real = r < rows
+        both = real[:, None] & (cols < width)[None, :]
+        kept = tl.load(state + r[:, None] * width + cols[None, :], mask=both, other=0.0)
+        tl.store(waiting + (r[:, None] * defer + i) * width + cols[None, :], kept, mask=both)
+        rot = real[:, None] & (half < dim)[None, :]
+        at_rh = r[:, None] * dim + half[None, :]
+        into = (r[:, None] * defer + i) * dim + half[None, :]
+        tl.store(waiting_cos + into, tl.load(cos + at_rh, mask=rot, other=0.0), mask=rot)
+        tl.store(waiting_sin + into, tl.load(sin + at_rh, mask=rot, other=0.0), mask=rot)
+        tl.store(waiting_slot + r * defer + i, tl.load(slot + r, mask=real, other=0), mask=real)
+    tl.store(waiting_from + i, tl.load(at))
+    tl.store(pending, True)
+
+
+@triton.jit
+def advance_kernel(out, layers, step, slot, token, layer, ended, ends, rows: tl.constexpr, columns: tl.constexpr,
+                   n_ends: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A step's last bookkeeping in one program (:meth:`earlyexit.engine.core.Columns.advance` with one extra, and the
+    ended rows): ``token`` and ``layer`` ``[rows]`` into column ``step + 1`` of ``out`` and ``layers`` ``[rows,
+    columns]``; ``step`` ``[1]`` and ``slot`` ``[rows]`` one on; ``ended`` ``[rows]`` or-ed with ``token`` in ``ends``
+    ``[n_ends]`` (none: ``n_ends`` 0)."""
+    column = tl.load(step) + 1
+    r = tl.arange(0, BLOCK_R)
+    real = r < rows
+    chosen = tl.load(token + r, mask=real, other=0)
+    tl.store(out + r * columns + column, chosen, mask=real)
+    tl.store(layers + r * columns + column, tl.load(layer + r, mask=real, other=0), mask=real)
+    tl.store(slot + r, tl.load(slot + r, mask=real, other=0) + 1, mask=real)
+    if n_ends > 0:
+        hit = chosen < 0
+        for e in tl.static_range(n_ends):
+            hit = hit | (chosen == tl.load(ends + e))
+        tl.store(ended + r, (tl.load(ended + r, mask=real, other=0) != 0) | hit, mask=real)
+    tl.debug_barrier()  # every thread has read the step before it moves on
+    tl.store(step, column)
