@@ -103,3 +103,29 @@ def fused_advance(out: torch.Tensor, layers: torch.Tensor, step: torch.Tensor, s
     _kernel("advance_kernel")[(1,)](out, layers, step, slot, token, layer, ended, ended if ends is None else ends, rows,
                                     columns, 0 if ends is None else ends.numel(), BLOCK_R=_pow2(rows), num_warps=1)
 
+
+
+SHARED_KV_ROWS = 8
+"""The shared block's keys and values at a step's checks run as one kernel for at most this many inputs (checks ×
+rows): each of its programs reads its heads' weights once per input, which pays only for a few."""
+
+
+def fused_shared_kv(block, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor, slots: torch.Tensor) -> bool:
+    """The shared exit block's keys and values for its inputs ``states`` ``[C, R, 1, D]`` (a dynamic step's stash), as
+    :meth:`~earlyexit.engine.core.Core._shared_kv` writes them, in one kernel (a program a head) instead of a norm, a
+    matrix product, its split-K reduction and the rotated writes; ``keys``/``values`` ``[C, R, k, S, d]``. Returns
+    False, having written nothing, where it does not apply (more inputs than :data:`SHARED_KV_ROWS`, weights not in
+    float32, a head size whose half is not a power of two)."""
+    weight, bias = block.kv_rows()
+    count, rows, q, width = states.shape
+    half = block.head_dim // 2
+    tensors = [states, cos, sin, keys, values, slots, weight, block.ln1, *([] if bias is None else [bias])]
+    if (q != 1 or count * rows > SHARED_KV_ROWS or weight.dtype != torch.float32 or block.head_dim % 2
+            or half & (half - 1) or not all(t.is_contiguous() for t in tensors)):
+        return False
+    _kernel("shared_kv_kernel")[(2 * block.kv_heads,)](
+        states, block.ln1, weight, weight if bias is None else bias, cos, sin, keys, values, slots, block.eps1, count,
+        rows, width, block.kv_heads, block.head_dim, keys.shape[3], half, HAS_BIAS=bias is not None,
+        BLOCK_K=min(128, _pow2(width)), num_warps=4)
+    return True
