@@ -109,19 +109,24 @@ SHARED_KV_ROWS = 8
 """The shared block's keys and values at a step's checks run as one kernel for at most this many inputs (checks ×
 rows): each of its programs reads its heads' weights once per input, which pays only for a few."""
 
+SHARED_KV_BYTES = 8 << 20
+"""... and only where the block's k|v rows weigh at most this much (SmolLM2's 0.9 MB), so that the re-reads come from
+the L2 cache: the 7B shape's 134 MB in float32 stay with cuBLAS, which reads them once."""
+
 
 def fused_shared_kv(block, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                     values: torch.Tensor, slots: torch.Tensor) -> bool:
     """The shared exit block's keys and values for its inputs ``states`` ``[C, R, 1, D]`` (a dynamic step's stash), as
     :meth:`~earlyexit.engine.core.Core._shared_kv` writes them, in one kernel (a program a head) instead of a norm, a
     matrix product, its split-K reduction and the rotated writes; ``keys``/``values`` ``[C, R, k, S, d]``. Returns
-    False, having written nothing, where it does not apply (more inputs than :data:`SHARED_KV_ROWS`, weights not in
-    float32, a head size whose half is not a power of two)."""
+    False, having written nothing, where it does not apply (more inputs than :data:`SHARED_KV_ROWS`, more weights than
+    :data:`SHARED_KV_BYTES`, weights not in float32, a head size whose half is not a power of two)."""
     weight, bias = block.kv_rows()
     count, rows, q, width = states.shape
     half = block.head_dim // 2
     tensors = [states, cos, sin, keys, values, slots, weight, block.ln1, *([] if bias is None else [bias])]
     if (q != 1 or count * rows > SHARED_KV_ROWS or weight.dtype != torch.float32 or block.head_dim % 2
+            or weight.numel() * weight.element_size() > SHARED_KV_BYTES
             or half & (half - 1) or not all(t.is_contiguous() for t in tensors)):
         return False
     _kernel("shared_kv_kernel")[(2 * block.kv_heads,)](
