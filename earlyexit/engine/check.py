@@ -67,8 +67,8 @@ def fused_decide(fallback: Callable) -> Callable:
                             previous=previous, read=read, adapted=adapted, chosen=chosen, weight=weight, offset=offset,
                             ended=ended, flags=flags, stash=stash, pending=pending)
         rows, width = hidden.shape[0], hidden.shape[-1]
-        block_d = 1 << (width - 1).bit_length()
-        block_r = max(1, min(TILE // block_d, 1 << (rows - 1).bit_length()))
+        block_d = _pow2(width)
+        block_r = max(1, min(TILE // block_d, _pow2(rows)))
         unused = exited  # any tensor: a pointer the kernel never reads where its constexpr says so
         _kernel()[(1,)](
             hidden, unused if delta is None else delta, unused if out is None else out, state,
@@ -102,7 +102,6 @@ def fused_advance(out: torch.Tensor, layers: torch.Tensor, step: torch.Tensor, s
     rows, columns = out.shape
     _kernel("advance_kernel")[(1,)](out, layers, step, slot, token, layer, ended, ended if ends is None else ends, rows,
                                     columns, 0 if ends is None else ends.numel(), BLOCK_R=_pow2(rows), num_warps=1)
-
 
 
 SHARED_KV_ROWS = 8

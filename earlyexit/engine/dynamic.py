@@ -409,8 +409,8 @@ class DynamicExits(Core):
             the next column."""
             count = len(stashed) if kv is None else kv
             if count:
-                keys, values = cache.stacked(0, 0, [n + layer for layer in stashed[:count]])
-                if not (fused and fused_shared_kv(self.shared, stash[:count], *rotary, keys, values, cache.slots)):
+                stacked = cache.stacked(0, 0, [n + layer for layer in stashed[:count]]) if fused else None
+                if not (fused and fused_shared_kv(self.shared, stash[:count], *rotary, *stacked, cache.slots)):
                     self._shared_kv(stash[:count], rotary, cache, stashed[:count])
             if token is None:
                 token = self._decode_greedy(exits.reads()[:, -1], [(n, batch)], banned)
@@ -442,7 +442,7 @@ class DynamicExits(Core):
                 exits.decide(top, h, inputs, final=False, read=read, adapt=top not in stashed, run=check, delta=delta,
                              logits=self._decode_logits, ended=ended, flags=flags[j],
                              stash=stash[stashed.index(top)] if top in stashed else None,
-                             out=None if state_measure else hidden, **({} if carried is None else {"pending": carried}))
+                             out=None if state_measure else hidden, pending=carried)
                 if state_measure:  # its input may be the buffer hidden itself: written last
                     hidden.copy_(h if delta is None else h + delta)
 
