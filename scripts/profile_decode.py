@@ -312,8 +312,8 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
         repeats: timed decodes a setting (the median is kept).
         top: kernels listed by time for each setting as it runs.
         out: write every row here (JSON), after each setting: a run stopped early keeps what it measured.
-        report_of: print the tables of a run saved by ``--out`` (``--shape``, ``--batch``, ``--tokens``,
-            ``--check_layers`` and ``--decide`` as that run's) and profile nothing.
+        report_of: print the tables of a run saved by ``--out`` and profile nothing (its shape, batch, tokens, check
+            layers and decisions are read from the file; files saved before it kept them take the flags).
     """
     from earlyexit.engine import Engine
     from earlyexit.engine.control import resolve
@@ -340,6 +340,11 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
             rows = saved["rows"]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise EarlyExitError(f"report_of {report_of}: not a run saved by --out ({error})") from None
+        run = saved.get("run")  # the run's own settings (files saved before they were kept: the flags)
+        if run:
+            shape, dtype, batch, tokens, checks, compile, decide = (run[k] for k in (
+                "shape", "dtype", "batch", "tokens", "check_layers", "compile", "decide"))
+            n = RANDOM_SHAPES[shape]["num_hidden_layers"]
         report(rows, shape, dtype, batch, tokens, checks, compile, decide, n, where=f"{saved.get('card')}, torch {saved.get('torch')}")
         return rows
     if device not in ("cuda", "cpu"):
@@ -348,6 +353,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
         raise EarlyExitError("device cuda: no GPU here (--device cpu only checks the script)")
     for way in decide:
         resolve(way)  # refused in one line where conditional nodes cannot be built
+    run = dict(shape=shape, dtype=dtype, batch=batch, tokens=tokens, check_layers=checks, compile=compile, decide=decide)
     first = checks[0]
     model = random_with_exit_block(shape, device, getattr(torch, dtype), checks)
     ee = EarlyExitHead(model)
@@ -406,7 +412,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
             row.setdefault("layers", float(first if name.startswith("fixed") else n))
             print(f"as it runs: {name}: " + ", ".join(f"{row[f'step_us_{w}']:.1f} µs a step ({w})" for w in decide
                                                       if f"step_us_{w}" in row), flush=True)
-            save(rows, out)
+            save(rows, out, run)
         with walked(recorder) if walk else nullcontext():  # 2. graphs on, the plan walked by the host, each piece its own graph
             engine = Engine(ee, compile=walk_compile)
             for row, (name, _, decode) in zip(rows, settings) if walk else ():
@@ -425,7 +431,7 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
                 row["pieces"] = [dict(piece=p, us=walls[p] / steps, kernels=c[p] / profiled, kernel_us=t[p] / profiled)
                                  for p in walls]
                 print(f"walked: {name}: " + ", ".join(f"{piece['piece']} {piece['us']:.1f} µs" for piece in row["pieces"]), flush=True)
-                save(rows, out)
+                save(rows, out, run)
         if graphs_off:  # 3. graphs off, eager, each kernel by the part that launched it (shorter decodes: per step)
             common["max_new_tokens"] = min(tokens, eager_tokens)  # read by every setting's decode when it runs
             with walked(recorder), parts_named():
@@ -438,16 +444,17 @@ def main(shape: str = "smollm2-135m", device: str = "cuda", dtype: str = "bfloat
                     row["parts_eager"] = [dict(part=p, kernels=c[p] / steps, us=t[p] / steps)
                                           for p in sorted(t, key=t.get, reverse=True)]
                     print(f"eager: {name}", flush=True)
-                    save(rows, out)
+                    save(rows, out, run)
     report(rows, shape, dtype, batch, tokens, checks, compile, decide, n)
     return rows
 
 
-def save(rows: list[dict], out: str | None) -> None:
-    """Every row so far to ``out`` (JSON), after each setting: a run stopped early keeps what it measured."""
+def save(rows: list[dict], out: str | None, run: dict) -> None:
+    """Every row so far to ``out`` (JSON) with the ``run``'s settings, after each setting: a run stopped early keeps
+    what it measured."""
     if out:
         with open(out, "w") as f:
-            json.dump(dict(card=card(), torch=torch.__version__, rows=rows), f, indent=1)
+            json.dump(dict(card=card(), torch=torch.__version__, rows=rows, run=run), f, indent=1)
 
 
 def report(rows: list[dict], shape: str, dtype: str, batch: int, tokens: int, checks: list[int], compile: bool,
