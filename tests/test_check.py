@@ -242,8 +242,8 @@ def test_the_bookkeeping_kernels_compile_for_a_hopper_gpu_without_one(name):
     else:
         pointers = dict(states="*bf16", ln="*fp32", weight="*fp32", bias="*fp32", cos="*bf16", sin="*bf16", keys="*fp32",
                         values="*fp32", slots="*i64", eps="fp32")
-        constants = dict(count=3, rows=1, width=576, kv_heads=3, dim=64, capacity=192, half=32, HAS_BIAS=False,
-                         BLOCK_K=128)
+        constants = dict(rows=1, width=576, kv_heads=3, dim=64, capacity=192, half=32, PAIRS=8, HAS_BIAS=False,
+                         BLOCK_K=256)
     source = ASTSource(fn=getattr(kernels, name), signature={**pointers, **{k: "constexpr" for k in constants}},
                        constexprs=constants)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

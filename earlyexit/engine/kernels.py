@@ -131,50 +131,53 @@ def advance_kernel(out, layers, step, slot, token, layer, ended, ends, rows: tl.
 
 
 @triton.jit
-def shared_kv_kernel(states, ln, weight, bias, cos, sin, keys, values, slots, eps, count: tl.constexpr,
-                     rows: tl.constexpr, width: tl.constexpr, kv_heads: tl.constexpr, dim: tl.constexpr,
-                     capacity: tl.constexpr, half: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
+def shared_kv_kernel(states, ln, weight, bias, cos, sin, keys, values, slots, eps, rows: tl.constexpr,
+                     width: tl.constexpr, kv_heads: tl.constexpr, dim: tl.constexpr, capacity: tl.constexpr,
+                     half: tl.constexpr, PAIRS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
     """:func:`earlyexit.engine.fast.kv_forward` for one shared block's weights and one position a row (a dynamic step's
-    stash): program ``h`` computes head ``h`` of the keys (``h < kv_heads``, rotated) or of the values, for every input
-    ``states`` ``[count, rows, width]``, and writes it at ``slots`` ``[rows]`` of ``keys``/``values`` ``[count, rows,
-    kv_heads, capacity, dim]``. ``ln`` ``[width]`` and ``weight`` ``[2 kv_heads dim, width]`` (``bias``) in float32;
-    ``cos``/``sin`` ``[rows, dim]``; ``half`` = ``dim`` / 2."""
-    head = tl.program_id(0)
-    j = tl.arange(0, half)  # half a head: the rotation pairs dimension i with i + half
+    stash): program ``(p, i)`` computes ``PAIRS`` rotation pairs (dimensions ``j`` and ``j + half``) of head ``p //
+    (half / PAIRS)`` of the keys (``< kv_heads``, rotated) or of the values, for input ``i`` of ``states`` ``[count,
+    rows, width]``, and writes them at ``slots`` ``[rows]`` of ``keys``/``values`` ``[count, rows, kv_heads, capacity,
+    dim]``: many small programs, since one input is a matrix-vector product that a few programs would serialise. ``ln``
+    ``[width]`` and ``weight`` ``[2 kv_heads dim, width]`` (``bias``) in float32; ``cos``/``sin`` ``[rows, dim]``;
+    ``half`` = ``dim`` / 2."""
+    parts: tl.constexpr = half // PAIRS
+    head = tl.program_id(0) // parts
+    j = (tl.program_id(0) % parts) * PAIRS + tl.arange(0, PAIRS)  # the rotation pairs dimension i with i + half
     low, high = head * dim + j, head * dim + half + j
-    for c in range(count):
-        for r in range(rows):
-            base = (c * rows + r) * width
-            squares = tl.zeros((BLOCK_K,), tl.float32)
-            for k0 in range(0, width, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(states + base + k, mask=k < width, other=0.0).to(tl.float32)
-                squares += x * x
-            scale = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / width + eps)
-            acc_low = tl.zeros((half,), tl.float32)
-            acc_high = tl.zeros((half,), tl.float32)
-            for k0 in range(0, width, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                inside = k < width
-                x = tl.load(states + base + k, mask=inside, other=0.0).to(tl.float32) * scale
-                x = tl.load(ln + k, mask=inside, other=0.0) * x
-                w = tl.load(weight + low[:, None] * width + k[None, :], mask=inside[None, :], other=0.0)
-                acc_low += tl.sum(w * x[None, :], axis=1)
-                w = tl.load(weight + high[:, None] * width + k[None, :], mask=inside[None, :], other=0.0)
-                acc_high += tl.sum(w * x[None, :], axis=1)
-            if HAS_BIAS:
-                acc_low += tl.load(bias + low)
-                acc_high += tl.load(bias + high)
-            slot = tl.load(slots + r)
-            if head < kv_heads:  # keys: the rotary embedding, rotate-half convention
-                c_low = tl.load(cos + r * dim + j).to(tl.float32)
-                c_high = tl.load(cos + r * dim + half + j).to(tl.float32)
-                s_low = tl.load(sin + r * dim + j).to(tl.float32)
-                s_high = tl.load(sin + r * dim + half + j).to(tl.float32)
-                at = keys + (((c * rows + r) * kv_heads + head) * capacity + slot) * dim
-                tl.store(at + j, acc_low * c_low - acc_high * s_low)
-                tl.store(at + half + j, acc_high * c_high + acc_low * s_high)
-            else:
-                at = values + (((c * rows + r) * kv_heads + head - kv_heads) * capacity + slot) * dim
-                tl.store(at + j, acc_low)
-                tl.store(at + half + j, acc_high)
+    i = tl.program_id(1)  # input c * rows + r
+    r = i % rows
+    base = i * width
+    squares = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(states + base + k, mask=k < width, other=0.0).to(tl.float32)
+        squares += x * x
+    scale = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / width + eps)
+    acc_low = tl.zeros((PAIRS,), tl.float32)
+    acc_high = tl.zeros((PAIRS,), tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        inside = k < width
+        x = tl.load(states + base + k, mask=inside, other=0.0).to(tl.float32) * scale
+        x = tl.load(ln + k, mask=inside, other=0.0) * x
+        w = tl.load(weight + low[:, None] * width + k[None, :], mask=inside[None, :], other=0.0)
+        acc_low += tl.sum(w * x[None, :], axis=1)
+        w = tl.load(weight + high[:, None] * width + k[None, :], mask=inside[None, :], other=0.0)
+        acc_high += tl.sum(w * x[None, :], axis=1)
+    if HAS_BIAS:
+        acc_low += tl.load(bias + low)
+        acc_high += tl.load(bias + high)
+    slot = tl.load(slots + r)
+    if head < kv_heads:  # keys: the rotary embedding, rotate-half convention
+        c_low = tl.load(cos + r * dim + j).to(tl.float32)
+        c_high = tl.load(cos + r * dim + half + j).to(tl.float32)
+        s_low = tl.load(sin + r * dim + j).to(tl.float32)
+        s_high = tl.load(sin + r * dim + half + j).to(tl.float32)
+        at = keys + ((i * kv_heads + head) * capacity + slot) * dim
+        tl.store(at + j, acc_low * c_low - acc_high * s_low)
+        tl.store(at + half + j, acc_high * c_high + acc_low * s_high)
+    else:
+        at = values + ((i * kv_heads + head - kv_heads) * capacity + slot) * dim
+        tl.store(at + j, acc_low)
+        tl.store(at + half + j, acc_high)
