@@ -110,32 +110,6 @@ def _bookkeeping() -> None:
             made.append([loop.out, loop.extras[0], loop.step, loop.slot, ended])
         differ = [i for i, (a, b) in enumerate(zip(*made)) if not torch.equal(a, b)]
         print(f"advance {rows}: differ {differ} ended {int(made[0][4].sum())}")
-    from types import SimpleNamespace
-
-    from earlyexit.engine.check import fused_shared_kv
-    from earlyexit.engine.fast import kv_forward
-
-    for count, rows, width, heads, dim, bias in [(3, 1, 576, 3, 64, False), (2, 3, 40, 2, 8, True)]:
-        g.manual_seed(count + rows)
-        weight = torch.randn(2 * heads * dim, width, generator=g) / width**0.5
-        block = SimpleNamespace(kv_rows=lambda: (weight, torch.randn(2 * heads * dim, generator=g) if bias else None),
-                                ln1=1 + 0.1 * torch.randn(width, generator=g), eps1=1e-5, kv_heads=heads, head_dim=dim)
-        w, b = block.kv_rows()
-        block.kv_rows = lambda: (w, b)
-        states = torch.randn(count, rows, 1, width, generator=g).to(torch.bfloat16)
-        cos, sin = (torch.randn(rows, 1, dim, generator=g).to(torch.bfloat16) for _ in range(2))
-        slots = torch.randint(0, 10, (rows, 1), generator=g)
-        made = []
-        for fused in (False, True):
-            keys, values = (torch.zeros(count, rows, heads, 10, dim) for _ in range(2))
-            if fused:
-                assert fused_shared_kv(block, states, cos, sin, keys, values, slots)
-            else:
-                kv_forward(states, block.ln1[None], w[None], None if b is None else b[None], cos, sin, keys, values, slots,
-                           block.eps1, heads, dim)
-            made.append((keys, values))
-        close = all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(*made))
-        print(f"shared kv {count} {rows}: close {close} written {int(made[0][0].abs().sum() > 0)}")
 
 
 def _engine_cases() -> None:
@@ -156,8 +130,6 @@ def _engine_cases() -> None:
     plain = Engine(ee).generate(ids, mask, [4], max_new_tokens=40, ignore_eos=True)[4]
     eos = int(plain.tokens[0, 20])
     common = dict(min_layer=1, measure="learned", probe=probe, max_new_tokens=40, eos_token_id=eos, pad_token_id=0)
-    # three rows: the shared block's keys and values at all three checks (9 inputs) take the unfused product; two rows
-    # (6 inputs, within SHARED_KV_ROWS) take the fused one
     for rows in (3, 2):
         for threshold in (0.0, 0.5, 1.01):
             outs = []
@@ -188,8 +160,6 @@ def test_the_fused_check_writes_what_decide_writes():
     assert len(kept) == 6 and all("differ []" in line for line in kept), done.stdout
     assert all("written 1" in line for line in kept if line.startswith("wait "))
     assert any("ended 1" not in line for line in kept if line.startswith("advance ")), done.stdout  # isin matched some
-    shared = [line for line in lines if line.startswith("shared kv ")]
-    assert len(shared) == 2 and all("close True" in line and "written 1" in line for line in shared), done.stdout
     engine = [line for line in lines if line.startswith("engine ")]
     assert len(engine) == 6 and all("same True" in line for line in engine), done.stdout
     for first in (0, 3):  # exits at the first check, at several, at none
@@ -219,10 +189,9 @@ def test_the_kernel_compiles_for_a_hopper_gpu_without_one(dtype, final):
     assert ".entry learned_check" in kernel.asm["ptx"]
 
 
-@pytest.mark.parametrize("name", ["wait_kernel", "advance_kernel", "shared_kv_kernel"])
+@pytest.mark.parametrize("name", ["wait_kernel", "advance_kernel"])
 def test_the_bookkeeping_kernels_compile_for_a_hopper_gpu_without_one(name):
-    """As above, for keeping a skipped position waiting, the step's last bookkeeping and the shared block's keys and
-    values at the checks."""
+    """As above, for keeping a skipped position waiting and the step's last bookkeeping."""
     pytest.importorskip("triton", reason="the fused bookkeeping is Triton kernels")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -235,15 +204,10 @@ def test_the_bookkeeping_kernels_compile_for_a_hopper_gpu_without_one(name):
                         waiting_from="*i64", pending="*i1", state="*bf16", cos="*bf16", sin="*bf16", slot="*i64",
                         step="*i64", at="*i64")
         constants = dict(rows=32, width=576, dim=64, defer=16, BLOCK_R=8, BLOCK_D=1024, BLOCK_H=64)
-    elif name == "advance_kernel":
+    else:
         pointers = dict(out="*i64", layers="*i64", step="*i64", slot="*i64", token="*i64", layer="*i64", ended="*i1",
                         ends="*i64")
         constants = dict(rows=8, columns=129, n_ends=2, BLOCK_R=8)
-    else:
-        pointers = dict(states="*bf16", ln="*fp32", weight="*fp32", bias="*fp32", cos="*bf16", sin="*bf16", keys="*fp32",
-                        values="*fp32", slots="*i64", eps="fp32")
-        constants = dict(rows=1, width=576, kv_heads=3, dim=64, capacity=192, half=32, PAIRS=8, HAS_BIAS=False,
-                         BLOCK_K=256)
     source = ASTSource(fn=getattr(kernels, name), signature={**pointers, **{k: "constexpr" for k in constants}},
                        constexprs=constants)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

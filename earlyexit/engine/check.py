@@ -102,36 +102,3 @@ def fused_advance(out: torch.Tensor, layers: torch.Tensor, step: torch.Tensor, s
     rows, columns = out.shape
     _kernel("advance_kernel")[(1,)](out, layers, step, slot, token, layer, ended, ended if ends is None else ends, rows,
                                     columns, 0 if ends is None else ends.numel(), BLOCK_R=_pow2(rows), num_warps=1)
-
-
-SHARED_KV_ROWS = 8
-"""The shared block's keys and values at a step's checks run as one kernel for at most this many inputs (checks ×
-rows): each of its programs reads its heads' weights once per input, which pays only for a few."""
-
-SHARED_KV_BYTES = 8 << 20
-"""... and only where the block's k|v rows weigh at most this much (SmolLM2's 0.9 MB), so that the re-reads come from
-the L2 cache: the 7B shape's 134 MB in float32 stay with cuBLAS, which reads them once."""
-
-
-def fused_shared_kv(block, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                    values: torch.Tensor, slots: torch.Tensor) -> bool:
-    """The shared exit block's keys and values for its inputs ``states`` ``[C, R, 1, D]`` (a dynamic step's stash), as
-    :meth:`~earlyexit.engine.core.Core._shared_kv` writes them, in one kernel (a program for eight rotation pairs of a
-    head and one input: a program a head measured 14.8 µs a step on an H100) instead of a norm, a matrix product, its
-    split-K reduction and the rotated writes; ``keys``/``values`` ``[C, R, k, S, d]``. Returns
-    False, having written nothing, where it does not apply (more inputs than :data:`SHARED_KV_ROWS`, more weights than
-    :data:`SHARED_KV_BYTES`, weights not in float32, a head size whose half is not a power of two)."""
-    weight, bias = block.kv_rows()
-    count, rows, q, width = states.shape
-    half = block.head_dim // 2
-    tensors = [states, cos, sin, keys, values, slots, weight, block.ln1, *([] if bias is None else [bias])]
-    if (q != 1 or count * rows > SHARED_KV_ROWS or weight.dtype != torch.float32 or block.head_dim % 2
-            or weight.numel() * weight.element_size() > SHARED_KV_BYTES
-            or half & (half - 1) or not all(t.is_contiguous() for t in tensors)):
-        return False
-    pairs = min(8, half)  # rotation pairs a program: 2 kv_heads (half / pairs) programs an input
-    _kernel("shared_kv_kernel")[(2 * block.kv_heads * (half // pairs), count * rows)](
-        states, block.ln1, weight, weight if bias is None else bias, cos, sin, keys, values, slots, block.eps1, rows,
-        width, block.kv_heads, block.head_dim, keys.shape[3], half, pairs, HAS_BIAS=bias is not None,
-        BLOCK_K=min(256, _pow2(width)), num_warps=2)
-    return True

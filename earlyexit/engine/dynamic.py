@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from earlyexit.engine.check import available as fused_check_runs
-from earlyexit.engine.check import fused_advance, fused_decide, fused_shared_kv, fused_wait
+from earlyexit.engine.check import fused_advance, fused_decide, fused_wait
 from earlyexit.engine.control import Branch, resolve
 from earlyexit.engine.core import DEFER, Columns, Core, Stops, until_done
 from earlyexit.generation import GenerationArgs, Measure, options
@@ -409,9 +409,7 @@ class DynamicExits(Core):
             the next column."""
             count = len(stashed) if kv is None else kv
             if count:
-                stacked = cache.stacked(0, 0, [n + layer for layer in stashed[:count]]) if fused else None
-                if not (fused and fused_shared_kv(self.shared, stash[:count], *rotary, *stacked, cache.slots)):
-                    self._shared_kv(stash[:count], rotary, cache, stashed[:count])
+                self._shared_kv(stash[:count], rotary, cache, stashed[:count])
             if token is None:
                 token = self._decode_greedy(exits.reads()[:, -1], [(n, batch)], banned)
             if fused:
