@@ -105,13 +105,16 @@ def quality_vs_depth(fixed_depth: list[float], fixed_quality: list[float],
                      curves: dict[str, tuple[list[float], list[float], list[float]]], title: str = "",
                      quality: str = "ROUGE-L", depth: str = "mean layers per generated token") -> Figure:
     """Quality against depth: the fixed exits as squares, each curve (``label: (depth, quality, settings)``, e.g. a
-    dynamic-exit threshold sweep) as a line with each point labelled by its setting."""
+    dynamic-exit threshold sweep) as a line with each point labelled by its setting (points on one another share one
+    label, as in :func:`quality_vs_speed`)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(fixed_depth, fixed_quality, "s--", label="fixed exit at L")
+    points = []
     for label, (xs, ys, settings) in curves.items():
         ax.plot(xs, ys, "o-", label=label)
-        for x, y, setting in zip(xs, ys, settings):
-            ax.annotate(f"{setting:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        group = label.split(" (")[0].removeprefix("dynamic ")  # "dynamic learned (threshold)": learned
+        points += [(x, y, group, f"{setting:g}") for x, y, setting in zip(xs, ys, settings)]
+    _label(ax, points, [*fixed_depth, *(p[0] for p in points)], [*fixed_quality, *(p[1] for p in points)], 8)
     return _finish(fig, ax, depth, quality, title, 10, None)
 
 
@@ -125,23 +128,34 @@ def quality_vs_speed(groups: dict[str, tuple[list[float], list[float], list[str]
     for (label, (xs, ys, settings)), marker in zip(groups.items(), "so^Dvx*P"):
         ax.plot(xs, ys, marker, linestyle="none", label=label)
         points += [(x, y, label, str(setting)) for x, y, setting in zip(xs, ys, settings)]
-    span_x = max(p[0] for p in points) - min(p[0] for p in points) or 1.0
-    span_y = max(p[1] for p in points) - min(p[1] for p in points) or 1.0
+    _label(ax, points, [p[0] for p in points], [p[1] for p in points], 7)
+    return _finish(fig, ax, speed, quality, title, 9, 8)
+
+
+def _label(ax, points: list[tuple[float, float, str, str]], xs: list[float], ys: list[float], size: float) -> None:
+    """Label each point ``(x, y, group, setting)`` by its setting; points that fall on one another (within 1.5% of the
+    span of ``xs`` and ``ys``: settings that ran the same thing) share one label, naming each one's group where the
+    groups differ."""
+    span_x = (max(xs) - min(xs)) or 1.0
+    span_y = (max(ys) - min(ys)) or 1.0
     clusters: list[tuple[float, float, list[tuple[str, str]]]] = []
-    for x, y, label, setting in points:
+    for x, y, group, setting in points:
         near = (c for c in clusters if abs(c[0] - x) <= 0.015 * span_x and abs(c[1] - y) <= 0.015 * span_y)
         cluster = next(near, None)
         if cluster is None:
-            clusters.append((x, y, [(label, setting)]))
+            clusters.append((x, y, [(group, setting)]))
         else:
-            cluster[2].append((label, setting))
+            cluster[2].append((group, setting))
     for x, y, members in clusters:
         if len(members) == 1:
-            ax.annotate(members[0][1], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-        else:
-            text = textwrap.fill(", ".join(f"{label} {setting}" for label, setting in members), 48)
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, -12), fontsize=6.5, va="top", ha="center")
-    return _finish(fig, ax, speed, quality, title, 9, 8)
+            ax.annotate(members[0][1], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=size)
+            continue
+        one_group = len({group for group, _ in members}) == 1
+        names = (setting if one_group else f"{group} {setting}" for group, setting in members)
+        text = textwrap.fill(", ".join(names), 40)
+        side = (x - min(xs)) / span_x  # a shared label is centred under its point, or ends at it near the right edge
+        ha, dx = ("right", -4) if side > 0.75 else ("left", 4) if side < 0.25 else ("center", 0)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, -12), fontsize=size - 0.5, va="top", ha=ha)
 
 
 def sweep_depth(rows: list[dict], title: str = "") -> Figure:

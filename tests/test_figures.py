@@ -82,3 +82,18 @@ def test_the_three_models_figure_pairs_base_and_fine_tuned_runs_against_relative
     assert capsys.readouterr().out.split() == [out] and Path(out).stat().st_size > 10_000
     manifest.write_text(yaml.safe_dump([{"out": out, "kind": "models", "results": runs[:3], "labels": ["a", "b"]}]))
     assert "in pairs" in refusal("figures.py", ["--manifest", str(manifest)], monkeypatch, capsys)
+
+
+def test_points_on_one_another_share_one_label():
+    """The depth figure's settings that ran the same thing (full depth reached by several thresholds and measures) get
+    one label naming each, not labels drawn over each other; the speed figure's likewise."""
+    from earlyexit.plotting import quality_vs_depth, quality_vs_speed
+
+    curves = {"dynamic learned (threshold)": ([15.2, 30, 30], [0.17, 0.22, 0.22], [0.5, 0.99, 1.01]),
+              "dynamic softmax (threshold)": ([30], [0.22], [0.9])}
+    fig = quality_vs_depth([15, 30], [0.18, 0.22], curves)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert sorted(texts) == ["0.5", "learned 0.99, learned 1.01, softmax 0.9"]
+    fig = quality_vs_speed({"fixed": ([100, 200], [0.2, 0.18], ["30", "15"]),
+                            "dynamic learned": ([100.5, 150], [0.2, 0.19], ["1.01", "0.9"])})
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["0.9", "15", "fixed 30, dynamic learned 1.01"]
