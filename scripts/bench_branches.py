@@ -8,6 +8,7 @@ what the graph machinery costs apart from any kernel's work: ``kernels`` one-ele
 captured as each plan below and replayed ``repeats`` times between CUDA events.
 
     python scripts/bench_branches.py --kernels [8,32] --depths [1,2,3] --repeats 500
+    python scripts/bench_branches.py --work mv --kernels [1,4] --depths [1] --repeats 200   # large kernels in a body
 
 Plans: ``flat`` (the kernels in the graph itself), ``then, depth d`` (inside d nested taken IF nodes), ``else`` (the
 else body of an IF node not taken, as a never-exiting check's blocks above it run), ``not taken`` (an IF node whose
@@ -31,12 +32,17 @@ from earlyexit.errors import EarlyExitError, positive
 
 
 def bench_branches(kernels: list[int] = [8, 32], depths: list[int] = [1, 2, 3],  # noqa: B006 (read only)
-                   repeats: int = 500, nodes: Literal["auto", "torch", "driver"] = "auto", device: str = "cuda",
+                   repeats: int = 500, work: Literal["add", "mv"] = "add",
+                   mv_shape: list[int] = [49152, 576],  # noqa: B006 (read only)
+                   nodes: Literal["auto", "torch", "driver"] = "auto", device: str = "cuda",
                    out: str | None = None) -> list[dict]:
-    """Time each plan of small kernels as a CUDA graph with conditional nodes and print the table.
+    """Time each plan of kernels as a CUDA graph with conditional nodes and print the table.
 
     Args:
         kernels: how many one-launch kernels each plan holds.
+        work: each kernel's work: ``add``, a one-element addition (the node's own cost), or ``mv``, a bf16
+            matrix-vector product of ``mv_shape`` (SmolLM2's head by default: a large kernel, as the skip's body holds).
+        mv_shape: ``[rows, columns]`` of the ``mv`` kernels' matrix.
         depths: nesting depths of taken IF nodes to time.
         repeats: replays timed per plan (after 20 untimed).
         nodes: how conditional nodes are built (``earlyexit.engine.control``): torch's own, the driver API's, or
@@ -53,29 +59,38 @@ def bench_branches(kernels: list[int] = [8, 32], depths: list[int] = [1, 2, 3], 
     way = device_decisions(nodes) if on_gpu else None
     if on_gpu and way is None:
         raise EarlyExitError("no CUDA graph conditional nodes here: CUDA ≥ 12.4 and torch ≥ 2.12 or cuda-bindings")
+    if work == "mv" and (len(mv_shape) != 2 or min(mv_shape) < 1):
+        raise EarlyExitError(f"mv_shape {mv_shape}: [rows, columns], both positive")
     buffer = torch.zeros(1, device=device)
+    if work == "mv":
+        matrix = torch.randn(*mv_shape, device=device).to(torch.bfloat16)
+        vector, product = torch.randn(mv_shape[1], device=device).to(torch.bfloat16), matrix.new_zeros(mv_shape[0])
     taken, skipped = torch.ones((), dtype=torch.bool, device=device), torch.zeros((), dtype=torch.bool, device=device)
     rows = []
     for n in kernels:
-        def work(n=n):
+        def run(n=n):
             for _ in range(n):
-                buffer.add_(1.0)
+                if work == "mv":
+                    torch.mv(matrix, vector, out=product)
+                else:
+                    buffer.add_(1.0)
 
-        plans = {"flat": [work]}
+        plans = {"flat": [run]}
         for depth in depths:
-            plan = work
+            plan = run
             for _ in range(depth):
                 plan = Branch(taken, plan)
             plans[f"then, depth {depth}"] = [plan]
-        plans["else"] = [Branch(skipped, (), work)]
-        plans["not taken"] = [Branch(skipped, work)]
+        plans["else"] = [Branch(skipped, (), run)]
+        plans["not taken"] = [Branch(skipped, run)]
         for name, plan in plans.items():
-            seconds = _time(plan, [buffer], device, way, repeats)
+            seconds = _time(plan, [buffer] + ([product] if work == "mv" else []), device, way, repeats)
             rows.append(dict(plan=name, kernels=n, us=seconds * 1e6))
     flat = {row["kernels"]: row["us"] for row in rows if row["plan"] == "flat"}
     where = torch.cuda.get_device_name() if on_gpu else "cpu (eager: checks the script only)"
-    print(f"\n{where}, torch {torch.__version__}, conditional nodes: {way or 'none'}; µs a replay (median of 3 "
-          f"stretches of {repeats})\n")
+    kind = "one-element additions" if work == "add" else f"bf16 matrix-vector products {mv_shape[0]}x{mv_shape[1]}"
+    print(f"\n{where}, torch {torch.__version__}, conditional nodes: {way or 'none'}, kernels: {kind}; µs a replay "
+          f"(median of 3 stretches of {repeats})\n")
     print("| plan | kernels | µs a replay | µs more than flat | µs a kernel |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
@@ -83,7 +98,8 @@ def bench_branches(kernels: list[int] = [8, 32], depths: list[int] = [1, 2, 3], 
         print(f"| {row['plan']} | {row['kernels']} | {row['us']:.1f} | {row['us'] - flat[row['kernels']]:+.1f} | "
               + (f"{row['us'] / ran:.2f} |" if ran else "|"))
     if out:
-        Path(out).write_text(json.dumps(dict(card=where, torch=torch.__version__, nodes=way, rows=rows), indent=1))
+        saved = dict(card=where, torch=torch.__version__, nodes=way, work=kind, rows=rows)
+        Path(out).write_text(json.dumps(saved, indent=1))
     return rows
 
 

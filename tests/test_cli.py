@@ -129,6 +129,7 @@ def test_commands_write_their_resolved_config(tiny_dir, tmp_path, monkeypatch, c
     ("profile_decode.py", ["--device", "cpu", "--report_of", "no/such.json"], "report_of no/such.json: not a run saved by --out"),
     ("time_to_loss.py", ["--every", "0"], "every = 0 is out of range"),
     ("bench_branches.py", ["--device", "cpu", "--kernels", "[0]"], "kernels = 0 is out of range"),
+    ("bench_branches.py", ["--device", "cpu", "--work", "mv", "--mv_shape", "[3]"], "mv_shape [3]: [rows, columns]"),
     ("self_answers.py", ["--samples", "0"], "samples = 0 is out of range"),
     ("self_answers.py", ["--temperature", "0"], "temperature = 0"),
     ("time_to_loss.py", ["--candidate", "nowhere.yaml"], "config 'nowhere.yaml' not found"),
@@ -352,4 +353,8 @@ def test_bench_branches_times_every_plan(monkeypatch, capsys, tmp_path):
     assert [(p.strip(), int(k)) for p, k in table] == [(p, k) for k in (2, 3) for p in plans]
     saved = json.loads(out.read_text())
     assert saved["nodes"] is None and len(saved["rows"]) == 10
+    # large kernels in the bodies: matrix-vector products
+    argv = ["--device", "cpu", "--work", "mv", "--mv_shape", "[64,16]", "--kernels", "[1]", "--depths", "[1]", "--repeats", "2"]
+    assert run_command("bench_branches.py", argv, monkeypatch) == 0
+    assert "bf16 matrix-vector products 64x16" in capsys.readouterr().out
 
