@@ -40,11 +40,11 @@ def bench_branches(kernels: list[int] = [8, 32], depths: list[int] = [1, 2, 3], 
 
     Args:
         kernels: how many one-launch kernels each plan holds.
+        depths: nesting depths of taken IF nodes to time.
+        repeats: replays timed per plan (after 20 untimed).
         work: each kernel's work: ``add``, a one-element addition (the node's own cost), or ``mv``, a bf16
             matrix-vector product of ``mv_shape`` (SmolLM2's head by default: a large kernel, as the skip's body holds).
         mv_shape: ``[rows, columns]`` of the ``mv`` kernels' matrix.
-        depths: nesting depths of taken IF nodes to time.
-        repeats: replays timed per plan (after 20 untimed).
         nodes: how conditional nodes are built (``earlyexit.engine.control``): torch's own, the driver API's, or
             whichever this torch offers.
         device: ``cuda``; ``cpu`` only checks the script (eager, host times).
@@ -53,14 +53,14 @@ def bench_branches(kernels: list[int] = [8, 32], depths: list[int] = [1, 2, 3], 
     for option, values in (("kernels", kernels), ("depths", depths), ("repeats", [repeats])):
         for value in values:
             positive(option, value)
+    if work == "mv" and (len(mv_shape) != 2 or min(mv_shape) < 1):
+        raise EarlyExitError(f"mv_shape {mv_shape}: [rows, columns], both positive")
     on_gpu = torch.device(device).type == "cuda"
     if on_gpu and not torch.cuda.is_available():
         raise EarlyExitError("device cuda: no GPU here (--device cpu checks the script)")
     way = device_decisions(nodes) if on_gpu else None
     if on_gpu and way is None:
         raise EarlyExitError("no CUDA graph conditional nodes here: CUDA ≥ 12.4 and torch ≥ 2.12 or cuda-bindings")
-    if work == "mv" and (len(mv_shape) != 2 or min(mv_shape) < 1):
-        raise EarlyExitError(f"mv_shape {mv_shape}: [rows, columns], both positive")
     buffer = torch.zeros(1, device=device)
     if work == "mv":
         matrix = torch.randn(*mv_shape, device=device).to(torch.bfloat16)
