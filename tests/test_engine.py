@@ -440,6 +440,33 @@ def test_speculation_falls_back_to_full_depths_own_step_and_keeps_its_text(share
     assert torch.equal(spec.tokens, full.tokens) and torch.equal(spec.n_tokens, full.n_tokens)
 
 
+def test_the_fallback_judges_the_answer_so_far_not_a_stretch_alone():
+    """Speculation at acceptance 0.84 (d = 1), each cycle 1.55 full-depth steps: 1.19x full depth on average, but
+    one look in eight (4 cycles) makes fewer tokens than full depth would have. Judged a stretch at a time (the old
+    rule) most answers switched to full depth; summed over the answer (Behind) almost none do. A mode 10% slower
+    than full depth still switches at its first look (16 steps), and a slower one loses at most the margin and one
+    stretch."""
+    from earlyexit.engine.core import FALLBACK_MARGIN, SYNC_EVERY, Behind
+
+    generator = torch.Generator().manual_seed(0)
+    step, cycle, looks = 1e-3, 1.55e-3, 16  # 16 looks of 4 cycles: about 118 tokens an answer
+    accepted = torch.rand(200, looks, 4, generator=generator) < 0.84
+    tokens = (1 + accepted.float()).sum(-1)  # a row's tokens in each look
+    stretch_alone = sum(bool((tokens[a] < 4 * cycle / step).any()) for a in range(200))
+    summed = 0
+    for answer in tokens:
+        behind = Behind(step)
+        summed += any(behind.add(4 * cycle, float(made)) for made in answer)
+    assert stretch_alone > 100 and summed < 10, (stretch_alone, summed)
+
+    slower = Behind(step)  # every step 10% slower: 1.6 steps behind after the first look
+    assert slower.add(SYNC_EVERY * 1.1 * step, SYNC_EVERY)
+    ahead = Behind(step)  # ahead by 4 steps, then one stretch 3 steps behind: still ahead
+    assert not ahead.add(SYNC_EVERY * step - 4 * step, SYNC_EVERY) and not ahead.add(SYNC_EVERY * step + 3 * step, SYNC_EVERY)
+    assert ahead.add(SYNC_EVERY * step + 2.5 * step, SYNC_EVERY)  # 1.5 steps behind over the answer: past the margin
+    assert FALLBACK_MARGIN == 1.0
+
+
 @pytest.mark.parametrize("measure", ["softmax", "margin", "state"])
 def test_dynamic_threshold_zero_is_the_minimum_layer_and_unreachable_is_full_depth(tiny, measure):
     ee = EarlyExitHead(tiny)

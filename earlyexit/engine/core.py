@@ -744,10 +744,11 @@ def until_done(step: Callable, out: torch.Tensor, eos: torch.Tensor | None, full
     steps (a host sync each), every row holds one of ``eos``.
 
     ``full``: (the full-depth step, its GPU seconds a step): an adaptive step times each stretch of steps on the GPU
-    and, once it is slower than full depth, the rest of the answer runs the full-depth step. ``flush``: run before every
+    and, once the answer so far is behind full depth (:class:`Behind`), the rest of it runs the full-depth step. ``flush``: run before every
     :data:`DEFER`-th step (a dynamic exit's deferred K/V), and once where the full-depth step takes over (it defers
     nothing, so never again after). Returns the step at which it switched (None: never)."""
     timer = Stretch() if full is not None else None
+    behind = Behind(full[1]) if full is not None else None
     switched = None
     for t in range(1, out.shape[1]):
         if flush is not None and switched is None and t > 1 and (t - 1) % DEFER == 0:
@@ -758,13 +759,36 @@ def until_done(step: Callable, out: torch.Tensor, eos: torch.Tensor | None, full
         if eos is not None and bool(torch.isin(out[:, : t + 1], eos).any(1).all()):
             return switched
         if timer is not None and switched is None:
-            if timer.seconds() / SYNC_EVERY > full[1]:
+            if behind.add(timer.seconds(), SYNC_EVERY):
                 if flush is not None:
                     flush()
                 step, switched = full[0], t + 1
             else:
                 timer.restart()
     return switched
+
+
+FALLBACK_MARGIN = 1.0
+"""Full-depth steps an adaptive answer may fall behind full depth before the fallback takes over (:class:`Behind`)."""
+
+
+class Behind:
+    """Whether an adaptive answer has fallen behind full depth: the GPU seconds of every stretch so far against the
+    seconds full depth's step (``step_seconds``) would have taken for the same tokens, summed over the answer, with a
+    margin of :data:`FALLBACK_MARGIN` full-depth steps. A stretch alone is noise: 4 speculative cycles at acceptance
+    0.84 make 6 tokens or fewer (7.4 on average) about one time in eight, so judging each stretch alone moved 90% of
+    the tokens of a speculation whose answers still came out 1.03x faster than full depth's (H100, float32,
+    docs/decoding.md). Summed, a faster mode keeps its lead and a slower one falls behind at its own rate: a mode
+    slower than full depth loses at most the margin and one stretch an answer."""
+
+    def __init__(self, step_seconds: float, margin: float = FALLBACK_MARGIN):
+        self.step, self.margin, self.debt = step_seconds, margin, 0.0
+
+    def add(self, seconds: float, steps: float) -> bool:
+        """One more stretch: its GPU seconds and the full-depth steps' worth of tokens it made (per row). Whether
+        the answer is now behind by more than the margin."""
+        self.debt += seconds - steps * self.step
+        return self.debt > self.margin * self.step
 
 
 class Stretch:

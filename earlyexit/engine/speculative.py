@@ -15,7 +15,7 @@ import torch
 from typing import Callable
 
 from earlyexit.engine.control import Branch
-from earlyexit.engine.core import Core, Stops, Stretch
+from earlyexit.engine.core import Behind, Core, Stops, Stretch
 from earlyexit.errors import EarlyExitError
 from earlyexit.generation import GenerationArgs, options, probabilities, sample
 from earlyexit.model import Generation
@@ -299,10 +299,11 @@ def until_all_done(cycle: Callable[[], None], running: torch.Tensor, count: torc
     """Run speculative cycles until no row is running (each adds at least one token to every running row, so at most
     ``max_new_tokens`` of them), looking every :data:`CYCLES_BETWEEN_LOOKS` cycles.
 
-    ``full``: (the full-depth step, its GPU seconds): a stretch of cycles that made fewer tokens a second than full
-    depth would have switches the rest of the answer to the full-depth step. Returns the token count (of the longest
-    row) at which it switched (None: never)."""
+    ``full``: (the full-depth step, its GPU seconds): once the cycles so far made fewer tokens than full depth would
+    have in their time (:class:`~earlyexit.engine.core.Behind`), the rest of the answer runs the full-depth step.
+    Returns the token count (of the longest row) at which it switched (None: never)."""
     timer = Stretch() if full is not None else None
+    behind = Behind(full[1]) if full is not None else None
     switched, before = None, count.clone()
     for c in range(1, max_new_tokens + 1):
         cycle()
@@ -311,9 +312,8 @@ def until_all_done(cycle: Callable[[], None], running: torch.Tensor, count: torc
         if not bool(running):
             return switched
         if timer is not None and switched is None:
-            seconds, grown = timer.seconds(), count - before
-            would = seconds / full[1] * int((grown > 0).sum())  # the tokens full depth makes in that time
-            if int(grown.sum()) < would:
+            grown = count - before  # a row's tokens: full depth makes one a step for every row still running
+            if behind.add(timer.seconds(), int(grown.sum()) / max(int((grown > 0).sum()), 1)):
                 cycle, switched = full[0], int(count.max())
             else:
                 timer.restart()
