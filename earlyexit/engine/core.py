@@ -744,9 +744,9 @@ def until_done(step: Callable, out: torch.Tensor, eos: torch.Tensor | None, full
     steps (a host sync each), every row holds one of ``eos``.
 
     ``full``: (the full-depth step, its GPU seconds a step): an adaptive step times each stretch of steps on the GPU
-    and, once the answer so far is behind full depth (:class:`Behind`), the rest of it runs the full-depth step. ``flush``: run before every
-    :data:`DEFER`-th step (a dynamic exit's deferred K/V), and once where the full-depth step takes over (it defers
-    nothing, so never again after). Returns the step at which it switched (None: never)."""
+    and, once the answer so far is behind full depth (:class:`Behind`), the rest of it runs the full-depth step.
+    ``flush``: run before every :data:`DEFER`-th step (a dynamic exit's deferred K/V), and once where the full-depth
+    step takes over (it defers nothing, so never again after). Returns the step at which it switched (None: never)."""
     timer = Stretch() if full is not None else None
     behind = Behind(full[1]) if full is not None else None
     switched = None
