@@ -76,7 +76,10 @@ def _read(directory: str, name: str) -> dict:
     file = Path(directory) / name
     if not file.is_file():
         raise EarlyExitError(f"{file} not found")
-    return json.loads(file.read_text())
+    report = json.loads(file.read_text())
+    if report.get("complete") is False:
+        raise EarlyExitError(f"{file} is a sweep cut short ({len(report['rows'])} rows): run it to the end first")
+    return report
 
 
 def _save(fig, out: str) -> list[str]:

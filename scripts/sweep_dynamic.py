@@ -171,8 +171,26 @@ def sweep(
             lengths += out.n_tokens.tolist()
         return answers, lengths, seconds, outs
 
-    rows = []
     n = ee.n_layers
+    model_name = args.name + (f" + {args.adapter.rstrip('/').split('/')[-2]}" if args.adapter and "/" in args.adapter.rstrip("/") else "")
+    where = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    about = dict(model=model_name, card=where, batch=batch, records=f"{offset}-{offset + len(chosen) - 1}",
+                 max_new_tokens=greedy.max_new_tokens, check_layers=greedy.check_layers_of(n))
+
+    class Rows(list):
+        """The rows measured so far, each written to ``sweep.json`` as it comes: a run cut short keeps them."""
+
+        def append(self, row: dict) -> None:
+            super().append(row)
+            if out_dir:
+                import json
+                from pathlib import Path
+
+                (Path(out_dir) / "sweep.json").write_text(json.dumps(dict(about, rows=self, complete=False), indent=1) + "\n")
+            print(f"measured {row['kind']} {row['setting']}: {row['speed']:,.1f} tokens/s, ROUGE-L {row['rougeL']:.3f}",
+                  file=sys.stderr, flush=True)
+
+    rows = Rows()
     fixed = sorted(set(parse_exit_layers(fixed, n)) | {n})
     pad_id = tokenizer.pad_token_id
     with torch.inference_mode():
@@ -210,9 +228,7 @@ def sweep(
         answers, lengths, seconds, _ = timed(lambda ids, mask: engine.generate(ids, mask, [n], greedy, pad_token_id=pad_id)[n])
         rows.append(dict(kind="fixed", setting=n, depth=float(n), rougeL=score(answers), speed=sum(lengths) / seconds, again=True))
 
-    name = args.name + (f" + {args.adapter.rstrip('/').split('/')[-2]}" if args.adapter and "/" in args.adapter.rstrip("/") else "")
-    where = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"\n{name} on {where}, records {offset}..{offset + len(chosen) - 1} of {data}, greedy, at most "
+    print(f"\n{model_name} on {where}, records {offset}..{offset + len(chosen) - 1} of {data}, greedy, at most "
           f"{greedy.max_new_tokens} new tokens, batch {batch}, check layers {greedy.check_layers_of(ee.n_layers)}, "
           f"fast path {'on' if engine.fast is not None else 'off'}\n")
     full_speed = next(row["speed"] for row in rows if row["kind"] == "fixed" and row["setting"] == n)
@@ -239,8 +255,6 @@ def sweep(
         import json
         from pathlib import Path
 
-        about = dict(model=name, card=where, batch=batch, records=f"{offset}-{offset + len(chosen) - 1}",
-                     max_new_tokens=greedy.max_new_tokens, check_layers=greedy.check_layers_of(ee.n_layers))
         (Path(out_dir) / "sweep.json").write_text(json.dumps(dict(about, rows=rows), indent=1) + "\n")
     if target is not None:
         full = next(row["rougeL"] for row in rows if row["kind"] == "fixed" and row["setting"] == ee.n_layers)
@@ -256,12 +270,12 @@ def sweep(
     if plot:
         from earlyexit.plotting import sweep_depth
 
-        sweep_depth(rows, title=f"{name}: quality vs depth").savefig(plot, dpi=120)
+        sweep_depth(rows, title=f"{model_name}: quality vs depth").savefig(plot, dpi=120)
         print(f"\nplot: {plot}")
     if speed_plot:
         from earlyexit.plotting import sweep_speed
 
-        sweep_speed(rows, title=f"{name} on {where}, batch {batch}: quality vs speed").savefig(speed_plot, dpi=120)
+        sweep_speed(rows, title=f"{model_name} on {where}, batch {batch}: quality vs speed").savefig(speed_plot, dpi=120)
         print(f"plot: {speed_plot}")
     return rows
 

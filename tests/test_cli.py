@@ -290,6 +290,43 @@ def test_sweep_puts_every_mode_on_one_quality_speed_figure(tiny_dir, tmp_path, m
     assert plot.is_file() and plot.stat().st_size > 10_000 and (tmp_path / "depth.png").stat().st_size > 10_000
 
 
+def test_a_sweep_cut_short_keeps_every_row_it_measured_and_figures_refuse_it(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Each row is written to sweep.json as it is measured (a GPU machine taken back mid-run keeps them), marked
+    incomplete until the end; figures refuse an incomplete sweep in one line."""
+    import json
+
+    import yaml
+
+    from earlyexit.engine import Engine
+
+    data = tmp_path / "alpaca_data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"It is {i} {i}."} for i in range(2)]))
+    out_dir = tmp_path / "sweep"
+    argv = ["--model.name", tiny_dir, "--model.device", "cpu", "--data", str(data), "--records", "2", "--batch", "2",
+            "--generation.max_new_tokens", "4", "--generation.min_layer", "1", "--fixed", "[1]", "--thresholds", "[1.01]",
+            "--speculative", "[[1, 2]]", "--calibrate", "0", "--out_dir", str(out_dir)]
+
+    def taken_back(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Engine, "generate_speculative", taken_back)
+        try:
+            run_command("sweep_dynamic.py", argv, patch)
+        except KeyboardInterrupt:
+            pass
+    kept = json.loads((out_dir / "sweep.json").read_text())
+    assert kept["complete"] is False
+    assert [(row["kind"], row["setting"]) for row in kept["rows"]] == [("fixed", 1), ("fixed", 4), ("dynamic softmax", 1.01)]
+    assert "measured fixed 4:" in capsys.readouterr().err
+    manifest = tmp_path / "figures.yaml"
+    manifest.write_text(yaml.safe_dump([{"out": str(tmp_path / "s.png"), "kind": "speed", "results": [str(out_dir)]}]))
+    assert "cut short (3 rows)" in refusal("figures.py", ["--manifest", str(manifest)], monkeypatch, capsys)
+    assert run_command("sweep_dynamic.py", argv, monkeypatch) == 0  # to the end: complete, every row
+    done = json.loads((out_dir / "sweep.json").read_text())
+    assert "complete" not in done and len(done["rows"]) == 5
+
+
 def test_acceptance_reports_agreement_and_exact_speculation(tiny_dir, tmp_path, monkeypatch, capsys):
     import json
 
