@@ -177,26 +177,25 @@ def sweep(
     about = dict(model=model_name, card=where, batch=batch, records=f"{offset}-{offset + len(chosen) - 1}",
                  max_new_tokens=greedy.max_new_tokens, check_layers=greedy.check_layers_of(n))
 
-    class Rows(list):
-        """The rows measured so far, each written to ``sweep.json`` as it comes: a run cut short keeps them."""
+    rows = []
 
-        def append(self, row: dict) -> None:
-            super().append(row)
-            if out_dir:
-                import json
-                from pathlib import Path
+    def keep(row: dict) -> None:
+        """A measured row, written to ``sweep.json`` at once (marked incomplete): a run cut short keeps every row."""
+        rows.append(row)
+        if out_dir:
+            import json
+            from pathlib import Path
 
-                (Path(out_dir) / "sweep.json").write_text(json.dumps(dict(about, rows=self, complete=False), indent=1) + "\n")
-            print(f"measured {row['kind']} {row['setting']}: {row['speed']:,.1f} tokens/s, ROUGE-L {row['rougeL']:.3f}",
-                  file=sys.stderr, flush=True)
+            (Path(out_dir) / "sweep.json").write_text(json.dumps(dict(about, rows=rows, complete=False), indent=1) + "\n")
+        print(f"measured {row['kind']} {row['setting']}: {row['speed']:,.1f} tokens/s, ROUGE-L {row['rougeL']:.3f}",
+              file=sys.stderr, flush=True)
 
-    rows = Rows()
     fixed = sorted(set(parse_exit_layers(fixed, n)) | {n})
     pad_id = tokenizer.pad_token_id
     with torch.inference_mode():
         for layer in fixed:  # one exit at a time, so each gets its own time
             answers, lengths, seconds, _ = timed(lambda ids, mask: engine.generate(ids, mask, [layer], greedy, pad_token_id=pad_id)[layer])
-            rows.append(dict(kind="fixed", setting=layer, depth=float(layer), rougeL=score(answers), speed=sum(lengths) / seconds))
+            keep(dict(kind="fixed", setting=layer, depth=float(layer), rougeL=score(answers), speed=sum(lengths) / seconds))
             if layer == n:
                 full_answers = answers
         for measure, values in measures.items():
@@ -206,7 +205,7 @@ def sweep(
                     ids, mask, greedy, threshold=threshold, measure=measure, pad_token_id=pad_id, calibration=calibration))
                 used = [layer for out in outs for row, k in zip(out.layers, out.n_tokens) for layer in row[:k].tolist()]
                 depth = sum(used) / max(1, len(used))
-                rows.append(dict(kind=f"dynamic {measure}", setting=threshold, depth=depth, rougeL=score(answers),
+                keep(dict(kind=f"dynamic {measure}", setting=threshold, depth=depth, rougeL=score(answers),
                                  speed=len(used) / seconds, full=at_full_depth(outs), runs=schedule(outs),
                                  calibration=calibrated(engine, set(engine.calibrations) - known)))
                 print(f"{measure} threshold {threshold}: mean layers {depth:.2f}, {seconds:.1f} s, {rows[-1]['runs']}"
@@ -217,16 +216,16 @@ def sweep(
                 ids, mask, draft_layer, n_draft, greedy, draft_threshold=tau, pad_token_id=pad_id, calibration=calibration))
             accepted = sum(out.accepted for out in outs) / max(1, sum(out.drafted for out in outs))
             name = f"E={draft_layer} d={n_draft}" + (f" tau={tau:g}" if tau else "")
-            rows.append(dict(kind="speculative", setting=name, depth=float(n), rougeL=score(answers),
+            keep(dict(kind="speculative", setting=name, depth=float(n), rougeL=score(answers),
                              speed=sum(lengths) / seconds, acceptance=accepted, full=at_full_depth(outs), runs=schedule(outs),
                              same=sum(a == b for a, b in zip(answers, full_answers)) / len(answers),
                              calibration=calibrated(engine, set(engine.calibrations) - known)))
         if hf:
             answers, lengths, seconds, _ = timed(lambda ids, mask: ee.generate(ids, mask, n, greedy, pad_token_id=pad_id))
-            rows.append(dict(kind="HF generate", setting=n, depth=float(n), rougeL=score(answers), speed=sum(lengths) / seconds))
+            keep(dict(kind="HF generate", setting=n, depth=float(n), rougeL=score(answers), speed=sum(lengths) / seconds))
         # full depth once more, after every other setting: the process has not slowed down (no recompiles, no leftovers)
         answers, lengths, seconds, _ = timed(lambda ids, mask: engine.generate(ids, mask, [n], greedy, pad_token_id=pad_id)[n])
-        rows.append(dict(kind="fixed", setting=n, depth=float(n), rougeL=score(answers), speed=sum(lengths) / seconds, again=True))
+        keep(dict(kind="fixed", setting=n, depth=float(n), rougeL=score(answers), speed=sum(lengths) / seconds, again=True))
 
     print(f"\n{model_name} on {where}, records {offset}..{offset + len(chosen) - 1} of {data}, greedy, at most "
           f"{greedy.max_new_tokens} new tokens, batch {batch}, check layers {greedy.check_layers_of(ee.n_layers)}, "
