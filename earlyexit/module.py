@@ -360,22 +360,32 @@ class EarlyExitModule(L.LightningModule):
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
         n = self.ee.n_layers
         if hidden is not None:
-            return torch.log_softmax(self.ee.exit_logits(hidden[n][:, :-1][keep].detach()).float(), dim=-1).detach()
+            return self._log_probs(self.ee, hidden[n][:, :-1][keep].detach())
         ee = self.ee if self.teacher_lm is None else EarlyExitHead(self.teacher_lm)
         off = self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
         with off:
             hidden = ee.hidden_states(batch["input_ids"], batch.get("attention_mask"), exit_layers=[n],
                                       position_ids=batch.get("position_ids"))
-            logits = ee.exit_logits(hidden[n][:, :-1][keep])
-        return torch.log_softmax(logits.float(), dim=-1)
+            return self._log_probs(ee, hidden[n][:, :-1][keep])
+
+    @torch.no_grad()
+    def _log_probs(self, ee: EarlyExitHead, states: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """``[M, V]`` float32 log-probabilities of ``states`` ``[M, D]`` read through exit ``layer`` (None: the last
+        layer's norm and head), one chunk of rows at a time into one buffer: no ``[M, V]`` logits or copies beside it
+        (Gemma 3's 262k-token vocabulary makes each such block several GB at a training batch)."""
+        out = None
+        for start in range(0, states.shape[0], self.loss_args.chunk_size):
+            logits = ee.exit_logits(states[start : start + self.loss_args.chunk_size], layer)  # [chunk, V]
+            if out is None:
+                out = torch.empty(states.shape[0], logits.shape[-1], dtype=torch.float32, device=logits.device)
+            out[start : start + logits.shape[0]] = torch.log_softmax(logits.float(), dim=-1)
+        return out if out is not None else ee.exit_logits(states, layer).float()  # no rows: [0, V]
 
     @torch.no_grad()
     def _exit_logp(self, batch: dict, hidden: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
         """``[M, V]`` log-probabilities of exit ``layer`` of the model being trained at the answer positions, detached."""
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
-        states = hidden[layer][:, :-1][keep].detach()
-        pieces = states.split(self.loss_args.chunk_size)
-        return torch.cat([torch.log_softmax(self.ee.exit_logits(piece, layer).float(), dim=-1) for piece in pieces])
+        return self._log_probs(self.ee, hidden[layer][:, :-1][keep].detach(), layer)
 
     def on_fit_start(self) -> None:
         if self.hparams["gradient_checkpointing"]:

@@ -199,8 +199,9 @@ def test_full_finetuning_trains_the_blocks_only_against_a_frozen_copy_and_export
 
 
 def test_full_finetuning_distils_from_the_model_as_loaded(tiny_dir):
+    """The teacher is the model as loaded, its log-probabilities filled 5 rows at a time (16 rows: a short last chunk)."""
     module = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), full_finetune=True,
-                             loss=ExitLossArgs(exit_layers="all", distill=0.5))
+                             loss=ExitLossArgs(exit_layers="all", distill=0.5, chunk_size=5))
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     assert trainable and all(".layers." in name and "teacher" not in name for name in trainable)
     with torch.no_grad():
@@ -220,7 +221,7 @@ def test_pull_distils_the_last_layer_towards_the_exit(tiny_dir, fused, exit_teac
     gradients equal a naive computation in probability space."""
     module = EarlyExitModule(base=ModelArgs(name=tiny_dir, device="cpu"), lora=LoraArgs(r=2),
                              loss=ExitLossArgs(exit_layers="2", weights="uniform", distill=0.5, pull=0.3, fused=fused,
-                                               exit_teacher=exit_teacher))
+                                               exit_teacher=exit_teacher, chunk_size=5))  # 12 rows: 3 chunks
     assert module.pull_exit == 2
     with torch.no_grad():  # LoRA's B starts at zero; move it so the trained model differs from its base
         for name, p in module.named_parameters():
