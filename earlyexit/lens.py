@@ -438,9 +438,9 @@ def run(cfg, parser=None) -> None:
     if cfg.limit:
         data.hparams.limit = cfg.limit
         records = [r for _, r in data.eval_records()]
-        from earlyexit.data import encode_example
+        from earlyexit.data import encode_examples
 
-        examples = [encode_example(r, tokenizer, cfg.data.template, cfg.data.max_length) for r in records]
+        examples = encode_examples(records, tokenizer, cfg.data.template, cfg.data.max_length)
         batches = [data.collate_train(examples[i : i + data.hparams.batch_size])
                    for i in range(0, len(examples), data.hparams.batch_size)]
         stats = {name: dataset_lens(ee, batches, lens) for name, lens in lenses.items()}

@@ -7,7 +7,7 @@ from earlyexit.data import (
     ALPACA_PROMPT_NO_INPUT,
     IGNORE_INDEX,
     AlpacaDataModule,
-    encode_example,
+    encode_examples,
     pad,
     read_records,
     render_prompt,
@@ -69,14 +69,27 @@ def test_chat_template_is_used_for_instruct_tokenizers(tokenizer):
 
 
 def test_labels_mask_the_prompt(tokenizer):
-    example = encode_example(RECORDS[1], tokenizer, "alpaca", max_length=512)
+    (example,) = encode_examples([RECORDS[1]], tokenizer, "alpaca", max_length=512)
     n_prompt = sum(label == IGNORE_INDEX for label in example["labels"])
     answer = example["input_ids"][n_prompt:]
     assert tokenizer.decode(answer) == "5</s>"
     assert example["labels"][n_prompt:] == answer
     assert tokenizer.decode(example["input_ids"][:n_prompt]).endswith("### Response:\n")
-    short = encode_example(RECORDS[1], tokenizer, "alpaca", max_length=10)
+    (short,) = encode_examples([RECORDS[1]], tokenizer, "alpaca", max_length=10)
     assert len(short["input_ids"]) == len(short["labels"]) == 10
+    assert encode_examples([], tokenizer) == []
+
+
+@pytest.mark.parametrize("template", ["auto", "alpaca"])
+def test_batched_encoding_gives_the_ids_of_one_call_a_text(smollm2, alpaca_path, template):
+    """The real tokenizer (its chat template under auto) on 300 records of the shipped sample, some truncated."""
+    _, tok = smollm2
+    records = read_records(alpaca_path)[:300]
+    special = template == "alpaca"  # a chat template writes its own special tokens
+    for record, example in zip(records, encode_examples(records, tok, template, max_length=96)):
+        prompt = tok(render_prompt(record, tok, template), add_special_tokens=special)["input_ids"]
+        answer = tok(record["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert example == {"input_ids": (prompt + answer)[:96], "labels": ([IGNORE_INDEX] * len(prompt) + answer)[:96]}
 
 
 def test_pad_sides():
@@ -120,7 +133,7 @@ def test_one_record_a_prompt_splits_as_shuffling_the_records(data_file, tokenize
     dm.setup("fit")
     rest = validate(RECORDS).records[5:]
     random.Random(3).shuffle(rest)
-    kept = [e for e in (encode_example(r, tokenizer, "alpaca", dm.hparams.max_length) for r in rest) if supervised_tokens(e)]
+    kept = [e for e in encode_examples(rest, tokenizer, "alpaca", dm.hparams.max_length) if supervised_tokens(e)]
     assert dm.val_set == kept[:4] and dm.train_set == kept[4:]
 
 

@@ -54,11 +54,11 @@ def test_kl_matches_torch(tiny):
 def batches(model_type="llama"):
     tok = char_tokenizer()
     records = [{"instruction": f"Say {i}.", "input": "", "output": f"It is {i}, yes."} for i in range(12)]
-    from earlyexit.data import encode_example
+    from earlyexit.data import encode_examples
 
     dm = AlpacaDataModule(template="alpaca")
     dm.attach_tokenizer(tok)
-    examples = [encode_example(r, tok, "alpaca", 256) for r in records]
+    examples = encode_examples(records, tok, "alpaca", 256)
     return [dm.collate_train(examples[i : i + 4]) for i in range(0, 12, 4)]
 
 
