@@ -61,7 +61,6 @@ STUDY_MODEL_qwen2 := qwen2.5-coder-0.5b-instruct
 STUDY_RECIPE_smollm2 := smollm2_quarters_ee
 STUDY_RECIPE_gemma3 := gemma3_ee
 STUDY_RECIPE_qwen2 := qwen2_ee
-STUDY_TUNED_gemma3 := --generation.engine false   # a shared block on Gemma 3: the model's own generate decodes it
 
 data/gemma3_self_answers.json data/qwen2_self_answers.json: data/%_self_answers.json: | install
 	$(BIN)/python scripts/self_answers.py --model.name $(STUDY_MODEL_$*) --model.dtype float32 --batch_size 64 \
@@ -72,7 +71,7 @@ study-smollm2 study-gemma3 study-qwen2: study-%: install data/%_self_answers.jso
 	$(BIN)/python -m earlyexit.evaluate --config configs/study_layers.yaml --model.name $(STUDY_MODEL_$*) \
 		--out_dir results/study_$*_base
 	$(BIN)/python -m earlyexit.evaluate --config configs/study_layers.yaml --model.name $(STUDY_MODEL_$*) \
-		--model.adapter checkpoints/$(STUDY_RECIPE_$*)/adapter $(STUDY_TUNED_$*) --out_dir results/study_$*_ee
+		--model.adapter checkpoints/$(STUDY_RECIPE_$*)/adapter --out_dir results/study_$*_ee
 
 clean-results:
 	rm -rf results/demo

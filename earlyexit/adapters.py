@@ -95,7 +95,7 @@ class ExitAdapters(nn.Module):
         """The shared block on ``hidden`` ``[B, T, D]`` (an exit's states) with the keyword arguments the model passes
         its blocks (masks, rotary tables, positions; no cache), in the adapter's dtype."""
         dtype = next(self.block.parameters()).dtype
-        cast = {name: _cast(value, dtype) for name, value in block_kwargs.items()}
+        cast = {name: cast_floats(value, dtype) for name, value in block_kwargs.items()}
         out = self.block(hidden.to(dtype), **cast)
         return (out[0] if isinstance(out, tuple) else out).to(hidden.dtype)
 
@@ -183,12 +183,12 @@ def block_template(model: nn.Module) -> nn.Module:
     return copy.deepcopy(block)
 
 
-def _cast(value, dtype: torch.dtype):
+def cast_floats(value, dtype: torch.dtype):
     """Floating tensors (nested in tuples) in ``dtype``; anything else unchanged."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.to(dtype)
     if isinstance(value, tuple):
-        return tuple(_cast(item, dtype) for item in value)
+        return tuple(cast_floats(item, dtype) for item in value)
     return value
 
 

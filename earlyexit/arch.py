@@ -110,6 +110,12 @@ def set_submodule(root: nn.Module, path: str, value: nn.Module) -> None:
     setattr(parent, name, value)
 
 
+def fast_path(config) -> bool:
+    """Whether the engine's fast path runs this model's blocks: a llama-style family (:attr:`ArchSpec.fast_block`)
+    with the SwiGLU MLP's own activation."""
+    return spec_for(config.model_type).fast_block and getattr(config, "hidden_act", "silu") == "silu"
+
+
 def post_head(logits: torch.Tensor, config) -> torch.Tensor:
     """Apply the family's transform after the output head (Gemma-2 soft-capping); identity otherwise."""
     attr = spec_for(config.model_type).softcap_attr

@@ -317,23 +317,41 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+ADAPTIVE_MODES = ("dynamic", "speculative")
+
+
 def shared_block_modes(model_args: ModelArgs, generation: GenerationArgs, bench: BenchArgs) -> BenchArgs:
-    """The engine decodes a shared exit block (exit adapters of kind ``block``) on its fast path only, so
-    ``generic`` (the model's own blocks) and ``--generation.fast false`` cannot time an adapter that has one. The
-    default modes then leave ``generic`` out (said on stderr); asking for either is refused before loading."""
+    """The engine decodes a shared exit block (exit adapters of kind ``block``) at fixed exits on any path, but reads
+    it in dynamic exits and self-speculation on its fast path only (llama-style families, ``--generation.fast`` not
+    false). Where that path does not run, the default modes leave those two out (said on stderr); asking for either is
+    refused before loading."""
     adapter = model_args.adapter
     if not adapter or not (Path(adapter) / EXIT_ADAPTERS_CONFIG).is_file() or not shared_block(adapter):
         return bench
-    if generation.fast is False:
-        raise EarlyExitError(f"--model.adapter {adapter} has a shared exit block, which the engine decodes on its fast "
-                             "path only: leave out --generation.fast false")
-    if "generic" not in bench.modes:
+    adaptive = [mode for mode in bench.modes if mode in ADAPTIVE_MODES]
+    if not adaptive:
         return bench
+    if generation.fast is False:
+        why = "--generation.fast false"
+    elif bench.random_config is not None:  # the random shapes are llama-style
+        return bench
+    else:
+        from transformers import AutoConfig
+
+        from earlyexit.arch import fast_path
+        from earlyexit.names import resolve_model_path
+
+        config = AutoConfig.from_pretrained(resolve_model_path(model_args.name))
+        if fast_path(config):
+            return bench
+        why = f"{config.model_type}'s blocks"
     if list(bench.modes) != list(MODES):
-        raise EarlyExitError(f"--modes generic runs the model's own blocks, which cannot decode the shared exit block of "
-                             f"--model.adapter {adapter}: leave generic out of --modes")
-    print(f"mode generic left out: the shared exit block of {adapter} runs on the fast path only", file=sys.stderr)
-    return replace(bench, modes=[mode for mode in bench.modes if mode != "generic"])
+        raise EarlyExitError(f"--modes {', '.join(adaptive)}: the shared exit block of --model.adapter {adapter} is read "
+                             f"by dynamic exits and self-speculation on the engine's fast path only, which {why} do not "
+                             "take: leave them out of --modes")
+    print(f"modes dynamic and speculative left out: the shared exit block of {adapter} is read by them on the engine's "
+          f"fast path only, which {why} do not take", file=sys.stderr)
+    return replace(bench, modes=[mode for mode in bench.modes if mode not in ADAPTIVE_MODES])
 
 
 @report_errors

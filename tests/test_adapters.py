@@ -281,14 +281,19 @@ def test_the_shared_block_is_saved_loaded_and_trained(tiny_dir, tmp_path):
     assert_close(EarlyExitHead(loaded)(ids, exit_layer=2), module.ee(ids, exit_layer=2))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
-def test_the_engine_decodes_the_shared_block_like_generate(model_type):
+@pytest.mark.parametrize("model_type,fast", [("llama", None), ("mistral", None), ("qwen2", None), ("llama", False),
+                                             ("gemma3_text", None)])
+def test_the_engine_decodes_the_shared_block_like_generate(model_type, fast):
     """The engine's fixed exits (all in one pass, and one at a time) through the shared block equal the model's own
-    generate with the block as block L + 1; padded prompts of three lengths, 12 tokens (past mistral's window)."""
+    generate with the block as block L + 1; padded prompts of three lengths, 12 tokens (past mistral's window). Off
+    the fast path (Gemma 3 always) the block runs as its own module, with the last block's mask and rotary table."""
     ee = shared(model_type)
     ids, mask = prompts()
-    engine = Engine(ee)
-    assert engine.fast is not None and engine.shared is not None
+    engine = Engine(ee, fast=fast)
+    if fast is False or model_type == "gemma3_text":
+        assert engine.fast is None and engine.shared is None and sorted(engine.own_shared) == [1, 2, 3]
+    else:
+        assert engine.fast is not None and engine.shared is not None
     together = engine.generate(ids, mask, [1, 2, 3, 4], max_new_tokens=12, ignore_eos=True)
     for layer in (1, 2, 3, 4):
         reference = ee.generate(ids, mask, layer, max_new_tokens=12, ignore_eos=True)
@@ -376,7 +381,12 @@ def test_the_shared_block_is_refused_where_it_cannot_run(tiny_dir):
     from earlyexit.adapters import block_template
     from earlyexit.errors import EarlyExitError
 
-    with pytest.raises(EarlyExitError, match="on its fast path only"):
-        Engine(shared("llama"), fast=False)
+    ids, mask = prompts()
+    for model_type, fast in (("llama", False), ("gemma3_text", None)):  # fixed exits run (above); these do not
+        engine = Engine(shared(model_type), fast=fast)
+        with pytest.raises(EarlyExitError, match="dynamic exits through a shared exit block need the engine's fast path"):
+            engine.generate_dynamic(ids, mask, threshold=0.5, max_new_tokens=4)
+        with pytest.raises(EarlyExitError, match="self-speculative drafts through a shared exit block need"):
+            engine.generate_speculative(ids, mask, 2, 2, max_new_tokens=4)
     with pytest.raises(EarlyExitError, match="has no|have no"):
         block_template(tiny_model("gpt2"))

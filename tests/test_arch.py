@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from earlyexit.arch import ARCHITECTURES, get_submodule, spec_for
+from earlyexit.arch import ARCHITECTURES, fast_path, get_submodule, spec_for
 from earlyexit.errors import EarlyExitError
 from earlyexit.model import EarlyExitHead
 from tiny import TINY_CONFIGS
@@ -10,6 +10,13 @@ from tiny import TINY_CONFIGS
 
 def test_every_family_has_a_tiny_model():
     assert set(TINY_CONFIGS) == set(ARCHITECTURES)
+
+
+def test_the_fast_path_takes_the_llama_style_families_with_their_own_activation():
+    configs = {family: AutoConfig.for_model(family) for family in ("llama", "mistral", "qwen2", "gemma3_text", "gpt2")}
+    assert [family for family, config in configs.items() if fast_path(config)] == ["llama", "mistral", "qwen2"]
+    configs["llama"].hidden_act = "gelu"  # another MLP activation: the model's own blocks
+    assert not fast_path(configs["llama"])
 
 
 def test_unknown_family_lists_supported_ones():

@@ -64,19 +64,24 @@ def block_adapter(tiny_dir, tmp_path_factory):
     return str(directory)
 
 
-def test_a_shared_exit_block_is_timed_without_the_generic_mode(tiny_dir, data_file, block_adapter, tmp_path, capsys):
-    """The default modes leave out generic (the model's own blocks cannot run the block) and say so; the rest run."""
-    main(["--model.name", tiny_dir, "--model.adapter", block_adapter, "--model.device", "cpu", "--data", data_file,
-          "--generation.max_new_tokens", "4", "--repeats", "1", "--draft_layer", "[2]", "--n_draft", "[2]",
-          "--out_dir", str(tmp_path)])
-    modes = [row["mode"] for row in json.loads((tmp_path / "bench.json").read_text())["rows"]]
-    assert "generic" not in modes and {"full", "hf", "exit 2", "speculative E=2 d=2"} <= set(modes)
-    assert "mode generic left out" in capsys.readouterr().err
+def test_a_shared_exit_block_is_timed_on_every_path(tiny_dir, data_file, block_adapter, tmp_path, capsys):
+    """Every mode runs with a shared exit block, the generic one too (the block as its own module: the same text);
+    off the fast path the default modes leave out dynamic exits and speculation, and say so."""
+    common = ["--model.name", tiny_dir, "--model.adapter", block_adapter, "--model.device", "cpu", "--data", data_file,
+              "--generation.max_new_tokens", "4", "--repeats", "1", "--draft_layer", "[2]", "--n_draft", "[2]"]
+    main([*common, "--out_dir", str(tmp_path / "fast")])
+    rows = json.loads((tmp_path / "fast" / "bench.json").read_text())["rows"]
+    assert {"full", "generic", "hf", "exit 2", "speculative E=2 d=2"} <= {row["mode"] for row in rows}
+    assert next(row for row in rows if row["mode"] == "check" and row["reference"] == "generic")["identical"] == 1.0
+    main([*common, "--generation.fast", "false", "--out_dir", str(tmp_path / "generic")])
+    modes = {row["mode"] for row in json.loads((tmp_path / "generic" / "bench.json").read_text())["rows"]}
+    assert {"full", "generic", "exit 2"} <= modes and not any(m.startswith(("dynamic", "speculative")) for m in modes)
+    assert "modes dynamic and speculative left out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--modes", "[full,generic]"], "--modes generic runs the model's own blocks, which cannot decode the shared exit block"),
-    (["--generation.fast", "false"], "has a shared exit block, which the engine decodes on its fast path only"),
+    (["--generation.fast", "false", "--modes", "[full,dynamic]"], "--modes dynamic: the shared exit block of --model.adapter"),
+    (["--generation.fast", "false", "--modes", "[speculative]"], "fast path only, which --generation.fast false do not take"),
 ])
 def test_what_cannot_decode_a_shared_exit_block_is_refused(tiny_dir, data_file, block_adapter, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from earlyexit.adapters import cast_floats
 from earlyexit.arch import ARCHITECTURES, CACHE_ARGS, UNBATCHED_ARGS, sliding_windows
 from earlyexit.engine.cache import StaticKV, additive_mask
 from earlyexit.engine.control import Nodes, Plan, capture, pieces, resolve, walk
@@ -89,12 +90,14 @@ class Core:
                 raise EarlyExitError(f"no fast path for {ee.config.model_type} blocks: it serves llama-style families "
                                      f"({', '.join(sorted(t for t, s in ARCHITECTURES.items() if s.fast_block))})")
         self.shared = None  # the shared exit block (exit adapters of kind block) on the fast path, one per exit's cache
+        self.own_shared: dict[int, torch.nn.Module] = {}  # elsewhere: its own module, by exit (each its cache layer)
         adapters = ee.adapters
         if adapters is not None and adapters.block is not None:
-            if self.fast is None:
-                raise EarlyExitError("the engine decodes a shared exit block (exit adapters of kind block) on its fast "
-                                     "path only: set generation.engine false (the model's own generate)")
-            self.shared = FusedBlock(adapters.block, ee.config)
+            if self.fast is not None:
+                self.shared = FusedBlock(adapters.block, ee.config)
+            else:
+                self.own_shared = {layer: at_cache_layer(adapters.block, self.n_layers + layer)
+                                   for layer in adapters.layers if adapters.has_block(layer)}
         self.nodes = nodes
         self._decode_inputs, self._decode_head, self._decode_greedy, self._decode_logits = (
             self._inputs, self._head, self._greedy, self._logits)
@@ -192,7 +195,8 @@ class Core:
             if isinstance(call.get("position_embeddings"), dict):  # one rotary table per layer type (Gemma 3)
                 call["position_embeddings"] = call["position_embeddings"][self._layer_types[layer - 1]]
             if n < total:
-                call = {name: value if name in UNBATCHED_ARGS else take_rows(value, n, total) for name, value in call.items()}
+                call = {name: value if name in UNBATCHED_ARGS else take_rows(value, slice(0, n), total)
+                        for name, value in call.items()}
             out = block(hidden[:n], **call)
             out = out[0] if isinstance(out, tuple) else out
             hidden = out if n == total else torch.cat([out, hidden[n:]])
@@ -226,6 +230,8 @@ class Core:
         """The shared exit block on the rows of each exit that reads through it (``groups``: ``(layer, rows)`` in row
         order), each exit with its own cache layer after the model's; in the block's dtype (float32). Identity without
         one. ``run``: :func:`block_forward` or its compiled version."""
+        if self.own_shared:
+            return self._own_shared_block(hidden, kwargs, masks, groups)
         if self.shared is None:
             return hidden
         adapters, cache = self.ee.adapters, kwargs[self._cache_name]
@@ -244,6 +250,36 @@ class Core:
             start += count
         cache.slots = slots
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _own_shared_block(self, hidden, kwargs, masks, groups: list[tuple[int, int]]) -> torch.Tensor:
+        """:meth:`_shared_block` off the fast path (Gemma 3): the block's own forward in float32 on each exit's rows,
+        with the last block's mask and rotary table (the block is a copy of it), as the model's own generate runs it."""
+        cache, total = kwargs[self._cache_name], hidden.shape[0]
+        slots, parts, start = cache.slots, [], 0
+        for layer, count in groups:
+            rows = slice(start, start + count)
+            part = hidden[rows]
+            if layer in self.own_shared:
+                call = {**kwargs, "attention_mask": masks[self.windows[-1]]}
+                if isinstance(call.get("position_embeddings"), dict):  # one rotary table per layer type
+                    call["position_embeddings"] = call["position_embeddings"][self._layer_types[-1]]
+                call = {name: value if name in UNBATCHED_ARGS else cast_floats(take_rows(value, rows, total), torch.float32)
+                        for name, value in call.items()}
+                cache.slots = slots[rows]
+                out = self.own_shared[layer](part.float(), **call)
+                part = (out[0] if isinstance(out, tuple) else out).to(hidden.dtype)
+            parts.append(part)
+            start += count
+        cache.slots = slots
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _fast_shared_only(self, mode: str) -> None:
+        """Refuse ``mode`` where the shared exit block runs as its own module: its checks and drafts need the fast path's
+        fused block (its keys and values without running it)."""
+        if self.own_shared:
+            fast = ", ".join(sorted(t for t, s in ARCHITECTURES.items() if s.fast_block))
+            raise EarlyExitError(f"{mode} through a shared exit block need the engine's fast path ({fast}); "
+                                 f"{self.ee.config.model_type} decodes it with fixed exits only")
 
     def _shared_at(self, layer: int) -> FusedBlock:
         """The shared exit block writing exit ``layer``'s own cache layer (after the model's layers)."""
@@ -719,13 +755,23 @@ def _replay(graph: torch.cuda.CUDAGraph, out):
     return replay
 
 
-def take_rows(value, n: int, total: int):
-    """The first n rows of every tensor (nested in tuples) whose leading dimension is the batch."""
+def take_rows(value, rows: slice, total: int):
+    """``rows`` of every tensor (nested in tuples) whose leading dimension is the batch (``total`` rows)."""
     if isinstance(value, torch.Tensor):
-        return value[:n] if value.dim() and value.shape[0] == total else value
+        return value[rows] if value.dim() and value.shape[0] == total else value
     if isinstance(value, tuple):
-        return tuple(take_rows(item, n, total) for item in value)
+        return tuple(take_rows(item, rows, total) for item in value)
     return value
+
+
+def at_cache_layer(block: torch.nn.Module, layer_idx: int) -> torch.nn.Module:
+    """``block`` (the same weights) writing cache layer ``layer_idx``: a shallow copy whose attention module is its own
+    shallow copy, so the original keeps its index."""
+    attention = copy.copy(block.self_attn)
+    attention.layer_idx = layer_idx
+    moved = copy.copy(block)
+    moved._modules = {**block._modules, "self_attn": attention}
+    return moved
 
 
 SYNC_EVERY = 16

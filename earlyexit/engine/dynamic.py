@@ -230,6 +230,7 @@ class DynamicExits(Core):
                 (``generation.schedule auto``; default: these prompts), at the first call of a setting and batch size.
         """
         args = options(generation, **changes)
+        self._fast_shared_only("dynamic exits")
         self.ee.check_layer(args.min_layer_of(self.n_layers))
         checks = tuple(args.check_layers_of(self.n_layers))
         stops = self.stops(eos_token_id, pad_token_id, ignore_eos)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from earlyexit.arch import fast_path
 from earlyexit.engine.cache import write
 from earlyexit.errors import EarlyExitError
 
@@ -209,8 +210,7 @@ def fast_blocks(ee) -> tuple[list[FusedBlock], KVFill] | None:
     None); merges LoRA adapters. Every block's fused q|k|v weight is one slice of a stacked ``[n, (h + 2k) d, D]``
     tensor, so :class:`KVFill` reads them all without a copy (while it is built, the model's q/k/v weights are held
     twice: 3.2 GB more for a moment at Llama-2-7B's size in bf16)."""
-    spec = ee.spec
-    if not spec.fast_block or getattr(ee.config, "hidden_act", "silu") != "silu":
+    if not fast_path(ee.config):
         return None
     lm = ee.lm
     if hasattr(lm, "merge_adapter") and any(hasattr(m, "lora_A") for m in lm.modules()):

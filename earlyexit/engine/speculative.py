@@ -81,6 +81,7 @@ class SelfSpeculation(Core):
                 these prompts), at the first call of a setting and batch size.
         """
         args = options(generation, **changes)
+        self._fast_shared_only("self-speculative drafts")
         exit_layer = self.ee.check_layer(draft_layer)
         if exit_layer >= self.n_layers:
             raise EarlyExitError(f"draft layer {draft_layer} must be below the last layer {self.n_layers}")
