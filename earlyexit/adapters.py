@@ -155,7 +155,10 @@ class ExitAdapters(nn.Module):
 
 
 def shared_block(directory: str | Path) -> bool:
-    """Whether the exit adapters saved in ``directory`` are of the block kind (they need :func:`block_template`)."""
+    """Whether ``directory`` holds exit adapters of the block kind (they need :func:`block_template`); False where it
+    holds none."""
+    if not (Path(directory) / CONFIG).is_file():
+        return False
     try:
         return json.loads((Path(directory) / CONFIG).read_text()).get("kind") == "block"
     except (OSError, ValueError) as err:

@@ -38,7 +38,6 @@ from typing import Literal
 
 import torch
 
-from earlyexit.adapters import CONFIG as EXIT_ADAPTERS_CONFIG
 from earlyexit.adapters import shared_block
 from earlyexit.cli import make_parser, save_config
 from earlyexit.data import SAMPLE
@@ -326,7 +325,7 @@ def shared_block_modes(model_args: ModelArgs, generation: GenerationArgs, bench:
     false). Where that path does not run, the default modes leave those two out (said on stderr); asking for either is
     refused before loading."""
     adapter = model_args.adapter
-    if not adapter or not (Path(adapter) / EXIT_ADAPTERS_CONFIG).is_file() or not shared_block(adapter):
+    if not adapter or not shared_block(adapter):
         return bench
     adaptive = [mode for mode in bench.modes if mode in ADAPTIVE_MODES]
     if not adaptive:

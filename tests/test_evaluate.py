@@ -133,6 +133,22 @@ def test_bad_input_is_one_clear_error(tiny_dir, data_file, tmp_path, capsys, ext
     assert re.search(message, err[-1]), err[-1]
 
 
+def test_a_dynamic_exit_through_a_shared_block_off_the_fast_path_is_refused_before_loading(tiny_dir, data_file, tmp_path,
+                                                                                          capsys):
+    """The engine reads a shared exit block in dynamic exits on its fast path only: off it (here --generation.fast
+    false; Gemma 3 always), refused in one line before the model loads and before the results directory is made."""
+    from earlyexit.adapters import ExitAdapters, block_template
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    adapters = ExitAdapters([1, 2], model.config.hidden_size, kind="block", template=block_template(model))
+    adapters.save(tmp_path / "adapter")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args(tiny_dir, data_file, tmp_path / "run", "--model.adapter", str(tmp_path / "adapter"),
+                  "--generation.exit", "dynamic", "--generation.fast", "false"))
+    assert exit_info.value.code == 2 and not (tmp_path / "run").exists()
+    assert "read by dynamic exits on the engine's fast path only" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_unwritable_results_directory(tiny_dir, data_file, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
