@@ -98,16 +98,15 @@ def fit_answer_prompts(model_args: ModelArgs, data: AlpacaDataModule, examples: 
     its window with ``generation.max_new_tokens`` (:mod:`earlyexit.context`), refused in one line or, with
     ``generation.context truncate``, cut from the left (``data`` then keeps the last tokens of each prompt that fit)."""
     from earlyexit.adapters import shared_block
-    from earlyexit.arch import fast_path
+    from earlyexit.arch import off_fast_path
     from earlyexit.context import fit_prompts, window_of
     from earlyexit.loading import load_tokenizer, preflight
 
     path, config = preflight(model_args)  # the model's and its adapter's files, and what the adapter was trained on
-    if (generation.exit == "dynamic" and generation.engine and model_args.adapter and shared_block(model_args.adapter)
-            and (generation.fast is False or not fast_path(config))):
+    why = off_fast_path(config, generation.fast)
+    if generation.exit == "dynamic" and generation.engine and why and model_args.adapter and shared_block(model_args.adapter):
         raise EarlyExitError(f"generation.exit dynamic: the shared exit block of {model_args.adapter} is read by dynamic "
-                             f"exits on the engine's fast path only, which {config.model_type}'s blocks (or "
-                             "generation.fast false) do not take: use fixed exits")
+                             f"exits on the engine's fast path only, which {why} do not take: use fixed exits")
     window = window_of(config)
     if window is None:
         return

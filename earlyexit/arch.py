@@ -116,6 +116,18 @@ def fast_path(config) -> bool:
     return spec_for(config.model_type).fast_block and getattr(config, "hidden_act", "silu") == "silu"
 
 
+def off_fast_path(config, fast: bool | None = None) -> str | None:
+    """Why the engine's fast path does not run (``generation.fast`` false, or the family's blocks), None where it does;
+    ``config`` is not read when ``fast`` is false."""
+    if fast is False:
+        return "generation.fast false"
+    return None if fast_path(config) else f"{config.model_type}'s blocks"
+
+
+FAST_FAMILIES = ", ".join(sorted(t for t, s in ARCHITECTURES.items() if s.fast_block))
+"""The families whose blocks the engine's fast path runs, for messages."""
+
+
 def post_head(logits: torch.Tensor, config) -> torch.Tensor:
     """Apply the family's transform after the output head (Gemma-2 soft-capping); identity otherwise."""
     attr = spec_for(config.model_type).softcap_attr

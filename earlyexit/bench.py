@@ -330,20 +330,20 @@ def shared_block_modes(model_args: ModelArgs, generation: GenerationArgs, bench:
     adaptive = [mode for mode in bench.modes if mode in ADAPTIVE_MODES]
     if not adaptive:
         return bench
-    if generation.fast is False:
-        why = "--generation.fast false"
-    elif bench.random_config is not None:  # the random shapes are llama-style
+    if generation.fast is not False and bench.random_config is not None:  # the random shapes are llama-style
         return bench
-    else:
+    from earlyexit.arch import off_fast_path
+
+    config = None
+    if generation.fast is not False:
         from transformers import AutoConfig
 
-        from earlyexit.arch import fast_path
         from earlyexit.names import resolve_model_path
 
         config = AutoConfig.from_pretrained(resolve_model_path(model_args.name))
-        if fast_path(config):
-            return bench
-        why = f"{config.model_type}'s blocks"
+    why = off_fast_path(config, generation.fast)
+    if why is None:
+        return bench
     if list(bench.modes) != list(MODES):
         raise EarlyExitError(f"--modes {', '.join(adaptive)}: the shared exit block of --model.adapter {adapter} is read "
                              f"by dynamic exits and self-speculation on the engine's fast path only, which {why} do not "

@@ -81,7 +81,7 @@ def test_a_shared_exit_block_is_timed_on_every_path(tiny_dir, data_file, block_a
 
 @pytest.mark.parametrize("extra, message", [
     (["--generation.fast", "false", "--modes", "[full,dynamic]"], "--modes dynamic: the shared exit block of --model.adapter"),
-    (["--generation.fast", "false", "--modes", "[speculative]"], "fast path only, which --generation.fast false do not take"),
+    (["--generation.fast", "false", "--modes", "[speculative]"], "fast path only, which generation.fast false do not take"),
 ])
 def test_what_cannot_decode_a_shared_exit_block_is_refused(tiny_dir, data_file, block_adapter, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:

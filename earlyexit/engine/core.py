@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from earlyexit.adapters import cast_floats
-from earlyexit.arch import ARCHITECTURES, CACHE_ARGS, UNBATCHED_ARGS, sliding_windows
+from earlyexit.arch import CACHE_ARGS, FAST_FAMILIES, UNBATCHED_ARGS, sliding_windows
 from earlyexit.engine.cache import StaticKV, additive_mask
 from earlyexit.engine.control import Nodes, Plan, capture, pieces, resolve, walk
 from earlyexit.engine.fast import FusedBlock, block_forward, fast_blocks, fast_inputs, kv_forward
@@ -88,7 +88,7 @@ class Core:
                 self.fast, self.kv_fill = fused
             if fast and self.fast is None:
                 raise EarlyExitError(f"no fast path for {ee.config.model_type} blocks: it serves llama-style families "
-                                     f"({', '.join(sorted(t for t, s in ARCHITECTURES.items() if s.fast_block))})")
+                                     f"({FAST_FAMILIES})")
         self.shared = None  # the shared exit block (exit adapters of kind block) on the fast path, one per exit's cache
         self.own_shared: dict[int, torch.nn.Module] = {}  # elsewhere: its own module, by exit (each its cache layer)
         adapters = ee.adapters
@@ -277,8 +277,7 @@ class Core:
         """Refuse ``mode`` where the shared exit block runs as its own module: its checks and drafts need the fast path's
         fused block (its keys and values without running it)."""
         if self.own_shared:
-            fast = ", ".join(sorted(t for t, s in ARCHITECTURES.items() if s.fast_block))
-            raise EarlyExitError(f"{mode} through a shared exit block need the engine's fast path ({fast}); "
+            raise EarlyExitError(f"{mode} through a shared exit block need the engine's fast path ({FAST_FAMILIES}); "
                                  f"{self.ee.config.model_type} decodes it with fixed exits only")
 
     def _shared_at(self, layer: int) -> FusedBlock:
